@@ -1,0 +1,129 @@
+//! Alerts: the model rules raise, its identity, and the book that turns a
+//! stream of assertions into firing / resolved notifications.
+
+mod book;
+
+pub use book::{AlertBook, Transition};
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// How bad it is; ordered so routes can say "at least major".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Info,
+    Warning,
+    Major,
+    Critical,
+}
+
+impl Severity {
+    pub fn parse(s: &str) -> Option<Severity> {
+        match s.to_ascii_lowercase().as_str() {
+            "info" => Some(Severity::Info),
+            "warning" => Some(Severity::Warning),
+            "major" => Some(Severity::Major),
+            "critical" => Some(Severity::Critical),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Major => "major",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Firing,
+    Resolved,
+}
+
+/// Where the message that raised an alert came from, so a receiver can find it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Origin {
+    pub stream: String,
+    pub id: String,
+    pub group: String,
+}
+
+/// One alert notification, as written to the outbox and read by every sink.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Hex fingerprint of rule + name + labels: the alert's identity.
+    pub fingerprint: String,
+    /// The rule (path under `rules/` without `.rhai`) that raised it.
+    pub rule: String,
+    pub name: String,
+    pub severity: Severity,
+    pub status: Status,
+    pub labels: BTreeMap<String, String>,
+    /// `summary`, `description` and any other annotation.
+    pub annotations: BTreeMap<String, String>,
+    /// RFC 3339; when the alert started firing.
+    pub starts_at: String,
+    /// RFC 3339; set when resolved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ends_at: Option<String>,
+    pub origin: Origin,
+}
+
+impl Alert {
+    pub fn summary(&self) -> &str {
+        self.annotations
+            .get("summary")
+            .map(String::as_str)
+            .unwrap_or(&self.name)
+    }
+}
+
+/// Identity of an alert: FNV-1a over rule, name and the sorted labels.
+/// Stable across processes and versions, unlike `DefaultHasher`.
+pub fn fingerprint(rule: &str, name: &str, labels: &BTreeMap<String, String>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h ^= 0xff;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    };
+    eat(rule.as_bytes());
+    eat(name.as_bytes());
+    for (k, v) in labels {
+        eat(k.as_bytes());
+        eat(v.as_bytes());
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_depends_on_every_part() {
+        let mut l = BTreeMap::new();
+        l.insert("host".to_string(), "r1".to_string());
+        let a = fingerprint("r", "n", &l);
+        assert_eq!(a, fingerprint("r", "n", &l.clone()));
+        assert_ne!(a, fingerprint("r2", "n", &l));
+        assert_ne!(a, fingerprint("r", "n2", &l));
+        l.insert("if".into(), "x".into());
+        assert_ne!(a, fingerprint("r", "n", &l));
+        // Boundaries matter: ("ab","c") is not ("a","bc").
+        assert_ne!(
+            fingerprint("ab", "c", &BTreeMap::new()),
+            fingerprint("a", "bc", &BTreeMap::new())
+        );
+    }
+}

@@ -1,0 +1,423 @@
+//! The configuration file (`tripline.yaml`), its defaults and validation.
+//!
+//! Parsing is strict: an unknown key is an error naming the key and its line,
+//! because a misspelt `batch_sise` silently falling back to a default is the
+//! kind of surprise an operator finds at 3 a.m.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration shipped with tripline, used when no file is given and
+/// `tripline.yaml` does not exist in the working directory. It reproduces the
+/// seed system: two groups on `packet-counter-errors` plus the transceiver
+/// stream.
+pub const DEFAULT_CONFIG: &str = include_str!("../tripline.yaml");
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where Redis is; `REDIS_ADDR` overrides it so the seed's deployments
+    /// keep working unchanged.
+    pub redis: RedisConfig,
+    /// Directory holding `**/*.rhai` rules, relative to the config file.
+    pub rules_dir: PathBuf,
+    /// Directory holding `*.yaml` sink manifests, relative to the config file.
+    pub plugins_dir: PathBuf,
+    /// Base of the consumer names; default is the host name. Two instances on
+    /// one host get distinct names through the consumer lease, not this.
+    pub instance: Option<String>,
+    /// Where alerts wait for the sinks.
+    pub outbox: OutboxConfig,
+    /// Sandbox limits for every rule.
+    pub limits: Limits,
+    /// Alert notification policy.
+    pub alerts: AlertPolicy,
+    /// HTTP listener (metrics, health, gateway).
+    pub http: HttpConfig,
+    /// How long SIGINT/SIGTERM waits for in-flight batches and sinks.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// The consumer groups this instance joins.
+    pub subscriptions: Vec<Subscription>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `host:port`, `redis://[user:pass@]host:port[/db]`, `rediss://…` or
+    /// `unix:///path`.
+    pub url: String,
+    /// How long one connection attempt may take before backing off.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    /// The outbox of stream `S` is `<prefix>:{S}`: the braces keep it in S's
+    /// hash slot so it can share a MULTI with S's XACK on Redis Cluster.
+    pub prefix: String,
+    /// Approximate cap on each outbox stream (XADD MAXLEN ~), so a sink that
+    /// is down for days cannot exhaust Redis memory.
+    pub max_len: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Rhai operations one rule may spend on one message; stops `loop {}`.
+    pub max_operations: u64,
+    /// Maximum function call depth (runaway recursion).
+    pub max_call_levels: usize,
+    /// Largest string a rule may build, in bytes.
+    pub max_string_size: usize,
+    /// Largest array a rule may build.
+    pub max_array_size: usize,
+    /// Largest map a rule may build.
+    pub max_map_size: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertPolicy {
+    /// A still-firing alert is sent to the sinks again at most this often.
+    #[serde(with = "humantime_serde")]
+    pub repeat_interval: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the listener for /metrics, /healthz, /readyz and the gateway.
+    pub listen: String,
+    /// Turning it off is for tests and one-shot tools, not production.
+    pub enabled: bool,
+}
+
+/// One consumer group over one or more streams, with its own rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subscription {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Consumer group; defaults to the subscription name.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Streams read as one.
+    pub streams: Vec<String>,
+    /// Globs (relative to `rules_dir`) choosing the rules; default all.
+    #[serde(default = "default_rule_globs")]
+    pub rules: Vec<String>,
+    /// Entries per XREADGROUP.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Parallel read/evaluate/commit loops; default one per core.
+    #[serde(default)]
+    pub concurrency: Option<usize>,
+    /// Id the group starts from when it is created.
+    #[serde(default = "default_start_id")]
+    pub start_id: String,
+    /// Consumer name base; default `<instance>` (the host name).
+    #[serde(default)]
+    pub consumer: Option<String>,
+    /// How long one XREADGROUP blocks; also bounds how long shutdown waits
+    /// for a read in progress.
+    #[serde(default = "default_block", with = "humantime_serde")]
+    pub block: Duration,
+    /// Pending entries idle this long belong to a dead consumer and are claimed.
+    #[serde(default = "default_claim_min_idle", with = "humantime_serde")]
+    pub claim_min_idle: Duration,
+    /// How often to look for such entries.
+    #[serde(default = "default_claim_interval", with = "humantime_serde")]
+    pub claim_interval: Duration,
+    /// Deliveries after which an entry is dead-lettered instead of retried.
+    #[serde(default = "default_max_deliveries")]
+    pub max_deliveries: u64,
+}
+
+fn default_rule_globs() -> Vec<String> {
+    vec!["**/*.rhai".into()]
+}
+fn default_batch_size() -> usize {
+    100
+}
+fn default_start_id() -> String {
+    "0".into()
+}
+fn default_block() -> Duration {
+    Duration::from_millis(1000)
+}
+fn default_claim_min_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_claim_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_deliveries() -> u64 {
+    5
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis: RedisConfig::default(),
+            rules_dir: "rules".into(),
+            plugins_dir: "plugins".into(),
+            instance: None,
+            outbox: OutboxConfig::default(),
+            limits: Limits::default(),
+            alerts: AlertPolicy::default(),
+            http: HttpConfig::default(),
+            shutdown_timeout: Duration::from_secs(10),
+            subscriptions: Vec::new(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            url: "127.0.0.1:6379".into(),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            prefix: "tripline:alerts".into(),
+            max_len: 1_000_000,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 100_000,
+            max_call_levels: 32,
+            max_string_size: 64 * 1024,
+            max_array_size: 10_000,
+            max_map_size: 10_000,
+        }
+    }
+}
+
+impl Default for AlertPolicy {
+    fn default() -> Self {
+        AlertPolicy {
+            repeat_interval: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: "127.0.0.1:9464".into(),
+            enabled: true,
+        }
+    }
+}
+
+impl Subscription {
+    pub fn group(&self) -> &str {
+        self.group.as_deref().unwrap_or(&self.name)
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+impl Config {
+    /// Loads `path`, or `./tripline.yaml` when it exists, or the built-in
+    /// defaults; then applies `REDIS_ADDR` and validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let implicit = Path::new("tripline.yaml");
+        let chosen = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None if implicit.exists() => Some(implicit.to_path_buf()),
+            None => None,
+        };
+        let mut config = match &chosen {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                let mut c = Config::parse(&text, &p.display().to_string())?;
+                let base = p.parent().unwrap_or(Path::new("."));
+                c.rules_dir = base.join(&c.rules_dir);
+                c.plugins_dir = base.join(&c.plugins_dir);
+                c
+            }
+            None => Config::parse(DEFAULT_CONFIG, "<built-in tripline.yaml>")?,
+        };
+        if let Ok(addr) = std::env::var("REDIS_ADDR")
+            && !addr.trim().is_empty()
+        {
+            config.redis.url = addr.trim().to_string();
+        }
+        config.validate(
+            &chosen
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "<built-in tripline.yaml>".into()),
+        )?;
+        Ok(config)
+    }
+
+    /// Parses YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source,
+        })
+    }
+
+    /// Checks what types cannot: names unique, numbers in range, URL usable.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            message,
+        };
+        redis_url(&self.redis.url).map_err(invalid)?;
+        if self.subscriptions.is_empty() {
+            return Err(invalid("`subscriptions` is empty: nothing to consume".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut groups = std::collections::HashSet::new();
+        for s in &self.subscriptions {
+            let at = format!("subscription `{}`", s.name);
+            if s.name.trim().is_empty() {
+                return Err(invalid("a subscription has an empty `name`".into()));
+            }
+            if !names.insert(s.name.clone()) {
+                return Err(invalid(format!("{at}: duplicate subscription name")));
+            }
+            if s.streams.is_empty() || s.streams.iter().any(|x| x.trim().is_empty()) {
+                return Err(invalid(format!("{at}: `streams` must list stream names")));
+            }
+            for stream in &s.streams {
+                if !groups.insert((s.group().to_string(), stream.clone())) {
+                    return Err(invalid(format!(
+                        "{at}: group `{}` on stream `{stream}` is already used by another subscription",
+                        s.group()
+                    )));
+                }
+            }
+            if s.batch_size == 0 || s.batch_size > 10_000 {
+                return Err(invalid(format!("{at}: `batch_size` must be 1..=10000")));
+            }
+            if s.concurrency == Some(0) {
+                return Err(invalid(format!("{at}: `concurrency` must be at least 1")));
+            }
+            if s.max_deliveries == 0 {
+                return Err(invalid(format!("{at}: `max_deliveries` must be at least 1")));
+            }
+            if s.block.is_zero() {
+                return Err(invalid(format!(
+                    "{at}: `block` must be positive (0 would block forever)"
+                )));
+            }
+            if s.claim_interval.is_zero() {
+                return Err(invalid(format!("{at}: `claim_interval` must be positive")));
+            }
+            for g in &s.rules {
+                globset::Glob::new(g)
+                    .map_err(|e| invalid(format!("{at}: bad rule glob `{g}`: {e}")))?;
+            }
+        }
+        if self.limits.max_operations == 0 {
+            return Err(invalid("`limits.max_operations` must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Turns the accepted address forms into a URL the redis crate understands:
+/// the seed's bare `host:port`, or a `redis://`, `rediss://`, `unix://` URL.
+pub fn redis_url(addr: &str) -> Result<String, String> {
+    let addr = addr.trim();
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        let (host, port) = addr
+            .rsplit_once(':')
+            .ok_or_else(|| format!("Redis address `{addr}` is neither host:port nor a URL"))?;
+        port.parse::<u16>()
+            .map_err(|_| format!("Redis address `{addr}`: `{port}` is not a port number"))?;
+        if host.is_empty() {
+            return Err(format!("Redis address `{addr}` has no host"));
+        }
+        format!("redis://{addr}/")
+    };
+    redis::Client::open(url.as_str())
+        .map_err(|e| format!("Redis address `{addr}` is not usable: {e}"))?;
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_validates() {
+        let c = Config::parse(DEFAULT_CONFIG, "shipped").unwrap();
+        c.validate("shipped").unwrap();
+        assert!(c.subscriptions.len() >= 3);
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let text = "subscriptions:\n  - name: a\n    streams: [s]\n    batch_sise: 3\n";
+        let err = Config::parse(text, "t.yaml").unwrap_err().to_string();
+        assert!(err.contains("batch_sise"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn redis_addr_forms() {
+        assert_eq!(redis_url("10.0.0.1:6380").unwrap(), "redis://10.0.0.1:6380/");
+        assert_eq!(
+            redis_url("redis://u:p@h:1/2").unwrap(),
+            "redis://u:p@h:1/2".to_string()
+        );
+        assert!(redis_url("nohostport").is_err());
+        assert!(redis_url("h:notaport").is_err());
+    }
+
+    #[test]
+    fn duplicate_group_on_stream_is_rejected() {
+        let text = "subscriptions:\n  - {name: a, group: g, streams: [s]}\n  - {name: b, group: g, streams: [s]}\n";
+        let c = Config::parse(text, "t").unwrap();
+        let err = c.validate("t").unwrap_err().to_string();
+        assert!(err.contains("already used"), "{err}");
+    }
+}

@@ -1,0 +1,234 @@
+//! Turns a stream entry's fields into the map a rule sees.
+//!
+//! Three shapes are accepted, tried in this order:
+//! 1. Watermill's envelope: `_watermill_message_uuid`, `metadata` (a msgpack
+//!    map of string → string) and `payload` (JSON bytes). This is what the
+//!    seed's Go publishers write.
+//! 2. A single `payload` or `data` field holding a JSON object.
+//! 3. Flat fields, where values that look like numbers become numbers, so
+//!    `XADD s * hostname r1 input_errors 600` works from `redis-cli`.
+//!
+//! Anything else is a [`DecodeError`] whose text becomes the dead-letter reason.
+
+use rhai::{Dynamic, Map};
+
+/// Field names of Watermill's default Redis Streams marshaller.
+pub const WATERMILL_UUID: &str = "_watermill_message_uuid";
+pub const WATERMILL_METADATA: &str = "metadata";
+pub const WATERMILL_PAYLOAD: &str = "payload";
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    #[error("empty entry: no fields")]
+    Empty,
+    #[error("field `{field}` is not valid JSON: {reason}")]
+    Json { field: String, reason: String },
+    #[error("field `{field}` is JSON but not an object (got {got})")]
+    NotObject { field: String, got: &'static str },
+    #[error("Watermill `metadata` is not a msgpack map of strings: {0}")]
+    Metadata(String),
+    #[error("field name is not UTF-8")]
+    FieldName,
+}
+
+/// A decoded message: the body rules read plus the envelope's extras.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The reading itself (always a map).
+    pub body: Dynamic,
+    /// Watermill metadata, empty for other shapes.
+    pub metadata: Map,
+    /// Watermill message UUID, when the envelope carried one.
+    pub uuid: Option<String>,
+}
+
+pub fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Decoded, DecodeError> {
+    if fields.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    let find = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    };
+    if let Some(payload) = find(WATERMILL_PAYLOAD)
+        && (find(WATERMILL_UUID).is_some() || find(WATERMILL_METADATA).is_some())
+    {
+        let metadata = match find(WATERMILL_METADATA) {
+            Some(raw) => decode_metadata(raw)?,
+            None => Map::new(),
+        };
+        let uuid = find(WATERMILL_UUID).map(|u| String::from_utf8_lossy(u).into_owned());
+        return Ok(Decoded {
+            body: json_object(WATERMILL_PAYLOAD, payload)?,
+            metadata,
+            uuid,
+        });
+    }
+    if fields.len() == 1 && (fields[0].0 == b"payload" || fields[0].0 == b"data") {
+        let name = String::from_utf8_lossy(&fields[0].0).into_owned();
+        return Ok(Decoded {
+            body: json_object(&name, &fields[0].1)?,
+            metadata: Map::new(),
+            uuid: None,
+        });
+    }
+    let mut map = Map::new();
+    for (k, v) in fields {
+        let key = std::str::from_utf8(k).map_err(|_| DecodeError::FieldName)?;
+        map.insert(key.into(), scalar(v));
+    }
+    Ok(Decoded {
+        body: Dynamic::from_map(map),
+        metadata: Map::new(),
+        uuid: None,
+    })
+}
+
+fn json_object(field: &str, raw: &[u8]) -> Result<Dynamic, DecodeError> {
+    let value: Dynamic = serde_json::from_slice(raw).map_err(|e| DecodeError::Json {
+        field: field.to_string(),
+        reason: e.to_string(),
+    })?;
+    if value.is_map() {
+        Ok(value)
+    } else {
+        Err(DecodeError::NotObject {
+            field: field.to_string(),
+            got: value.type_name(),
+        })
+    }
+}
+
+/// A flat field value: integer, then float, then boolean, else string.
+fn scalar(raw: &[u8]) -> Dynamic {
+    let Ok(s) = std::str::from_utf8(raw) else {
+        return Dynamic::from(String::from_utf8_lossy(raw).into_owned());
+    };
+    if let Ok(i) = s.parse::<i64>() {
+        return Dynamic::from_int(i);
+    }
+    if let Ok(f) = s.parse::<f64>()
+        && f.is_finite()
+        && s.bytes().any(|b| b.is_ascii_digit())
+    {
+        return Dynamic::from_float(f);
+    }
+    match s {
+        "true" => Dynamic::from_bool(true),
+        "false" => Dynamic::from_bool(false),
+        _ => Dynamic::from(s.to_string()),
+    }
+}
+
+fn decode_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
+    let mut cursor = raw;
+    let value = rmpv::decode::read_value(&mut cursor)
+        .map_err(|e| DecodeError::Metadata(e.to_string()))?;
+    if !cursor.is_empty() {
+        return Err(DecodeError::Metadata(format!(
+            "{} trailing bytes after the map",
+            cursor.len()
+        )));
+    }
+    let rmpv::Value::Map(entries) = value else {
+        return Err(DecodeError::Metadata(format!("expected a map, got {value}")));
+    };
+    let mut map = Map::new();
+    for (k, v) in entries {
+        let key = k
+            .as_str()
+            .ok_or_else(|| DecodeError::Metadata(format!("key {k} is not a string")))?;
+        let text = match v {
+            rmpv::Value::String(s) => s.into_str().unwrap_or_default(),
+            rmpv::Value::Nil => String::new(),
+            other => other.to_string(),
+        };
+        map.insert(key.into(), Dynamic::from(text));
+    }
+    Ok(map)
+}
+
+/// Encodes Watermill metadata, for publishers (`simulate`, the gateway,
+/// the `redis_stream` sink) that speak the envelope.
+pub fn encode_metadata(pairs: &[(&str, &str)]) -> Vec<u8> {
+    let map = rmpv::Value::Map(
+        pairs
+            .iter()
+            .map(|(k, v)| (rmpv::Value::from(*k), rmpv::Value::from(*v)))
+            .collect(),
+    );
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, &map).expect("writing to a Vec cannot fail");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(pairs: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn watermill_envelope() {
+        let meta = encode_metadata(&[("source", "collector-1")]);
+        let d = decode(&f(&[
+            (WATERMILL_UUID, b"u-1"),
+            (WATERMILL_METADATA, &meta),
+            (WATERMILL_PAYLOAD, br#"{"hostname":"r1","input_errors":600}"#),
+        ]))
+        .unwrap();
+        assert_eq!(d.uuid.as_deref(), Some("u-1"));
+        assert_eq!(d.metadata["source"].clone().into_string().unwrap(), "collector-1");
+        let body = d.body.cast::<Map>();
+        assert_eq!(body["input_errors"].as_int().unwrap(), 600);
+    }
+
+    #[test]
+    fn broken_msgpack_is_an_error() {
+        let err = decode(&f(&[
+            (WATERMILL_UUID, b"u"),
+            (WATERMILL_METADATA, &[0xc1, 0xff]),
+            (WATERMILL_PAYLOAD, b"{}"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, DecodeError::Metadata(_)), "{err}");
+    }
+
+    #[test]
+    fn non_json_payload_names_field() {
+        let err = decode(&f(&[(WATERMILL_UUID, b"u"), (WATERMILL_PAYLOAD, b"not json")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("`payload` is not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn single_data_field_and_non_object() {
+        assert!(decode(&f(&[("data", br#"{"a":1}"#)])).is_ok());
+        let err = decode(&f(&[("data", b"[1,2]")])).unwrap_err();
+        assert!(matches!(err, DecodeError::NotObject { .. }));
+    }
+
+    #[test]
+    fn flat_fields_parse_numbers() {
+        let d = decode(&f(&[("hostname", b"r1"), ("input_errors", b"600"), ("rx", b"-40.5")]))
+            .unwrap();
+        let m = d.body.cast::<Map>();
+        assert_eq!(m["input_errors"].as_int().unwrap(), 600);
+        assert_eq!(m["rx"].as_float().unwrap(), -40.5);
+        assert_eq!(m["hostname"].clone().into_string().unwrap(), "r1");
+        assert!(decode(&f(&[("name", b"inf")])).unwrap().body.cast::<Map>()["name"].is_string());
+    }
+
+    #[test]
+    fn empty_entry() {
+        assert_eq!(decode(&[]).unwrap_err(), DecodeError::Empty);
+    }
+}

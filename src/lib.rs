@@ -1,0 +1,33 @@
+//! tripline: a rule engine for streaming network telemetry.
+//!
+//! # Layout
+//! Read top-down, the modules follow one message through the engine:
+//!
+//! - [`config`]: the YAML file, its defaults and `validate()`.
+//! - [`redis_conn`]: connection helpers (reply timeouts, reconnect backoff).
+//! - [`source`]: one consumer-group loop per subscription worker: read a batch,
+//!   evaluate it, commit it; claiming stale entries; dead-lettering.
+//! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
+//! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
+//! - [`alert`]: alert model, fingerprint and the firing/resolved book-keeping.
+//! - [`outbox`]: the alert hand-off committed in the same MULTI as the XACK.
+//! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
+//! - [`http`]: /metrics, /healthz, /readyz.
+//! - [`process`]: one entry through decode, rules and the alert book.
+//! - [`metrics`]: one function per event, writing the log line and the metric.
+//! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
+//! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.
+
+pub mod alert;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod http;
+pub mod metrics;
+pub mod outbox;
+pub mod process;
+pub mod redis_conn;
+pub mod rules;
+pub mod sinks;
+pub mod source;

@@ -1,0 +1,87 @@
+//! `console`: one human-readable line per alert on standard output.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use serde::Deserialize;
+
+use super::{DeliverFuture, Sink, SinkError};
+use crate::alert::{Alert, Status};
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Print the alert as one JSON object instead of a readable line.
+    #[serde(default)]
+    pub json: bool,
+}
+
+/// Generic over the writer so tests can read what was printed.
+pub struct ConsoleSink<W> {
+    out: Mutex<W>,
+    json: bool,
+}
+
+pub fn build(v: &serde_yaml::Value) -> Result<Box<dyn Sink>, String> {
+    let s: ConsoleSettings = if v.is_null() {
+        ConsoleSettings::default()
+    } else {
+        super::settings(v)?
+    };
+    Ok(Box::new(ConsoleSink::new(std::io::stdout(), s.json)))
+}
+
+impl<W: Write + Send> ConsoleSink<W> {
+    pub fn new(out: W, json: bool) -> Self {
+        ConsoleSink {
+            out: Mutex::new(out),
+            json,
+        }
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out.into_inner().expect("console writer poisoned")
+    }
+}
+
+/// `FIRING critical HighInputErrors {hostname=r1, interface=et-0/0/1} ALERT! …`
+pub fn line(a: &Alert) -> String {
+    let status = match a.status {
+        Status::Firing => "FIRING",
+        Status::Resolved => "RESOLVED",
+    };
+    let labels = a
+        .labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "{status} {} {} {{{labels}}} {} [rule {}]",
+        a.severity.as_str(),
+        a.name,
+        a.summary(),
+        a.rule
+    )
+}
+
+impl<W: Write + Send> Sink for ConsoleSink<W> {
+    fn deliver<'a>(&'a self, alerts: &'a [Alert]) -> DeliverFuture<'a> {
+        Box::pin(async move {
+            let mut out = self
+                .out
+                .lock()
+                .map_err(|_| SinkError::Failed("console writer poisoned".into()))?;
+            for a in alerts {
+                let text = if self.json {
+                    serde_json::to_string(a).expect("alerts always serialize")
+                } else {
+                    line(a)
+                };
+                writeln!(out, "{text}")?;
+            }
+            out.flush()?;
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,235 @@
+//! The per-sink delivery loop: read the outbox through the sink's own
+//! consumer group, deliver what its route matches, acknowledge after
+//! delivery. Failures are retried with exponential backoff and jitter; after
+//! `max_attempts` the batch goes to the sink's dead-letter stream
+//! (`<outbox>:dead:<sink>`, same hash slot as the outbox) and the sink moves on.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{Manifest, Sink};
+use crate::alert::Alert;
+use crate::metrics;
+use crate::outbox::ALERT_FIELD;
+use crate::redis_conn::{
+    Backoff, LazyConn, RedisTarget, StreamEntry, note_error, parse_read_reply, pause,
+};
+
+/// How long one XREADGROUP on the outbox blocks.
+const BLOCK: Duration = Duration::from_millis(1000);
+/// Upper bound on one `deliver` call, whatever the kind does.
+const DELIVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn group_name(sink: &str) -> String {
+    format!("tripline-sink:{sink}")
+}
+
+pub fn sink_dead_key(outbox: &str, sink: &str) -> String {
+    format!("{outbox}:dead:{sink}")
+}
+
+/// Creates the sink's group on every outbox stream. `start` is `$` when the
+/// sink is new (it wants alerts from now on, not the outbox's history), `0`
+/// when recreating a group that Redis lost along with its data.
+pub async fn ensure_groups(
+    conn: &mut MultiplexedConnection,
+    sink: &str,
+    outboxes: &[String],
+    start: &str,
+) -> Result<(), RedisError> {
+    for outbox in outboxes {
+        crate::redis_conn::ensure_group(conn, outbox, &group_name(sink), start).await?;
+    }
+    Ok(())
+}
+
+/// Runs one sink until `shutdown`; in-flight deliveries finish first, and
+/// anything unacknowledged stays pending for the next start.
+pub async fn run(
+    sink: Arc<dyn Sink>,
+    manifest: Arc<Manifest>,
+    outboxes: Vec<String>,
+    consumer: String,
+    target: RedisTarget,
+    shutdown: CancellationToken,
+) {
+    let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
+    let mut write = LazyConn::new(target, Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut draining: HashMap<String, String> =
+        outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
+    let group = group_name(&manifest.name);
+    loop {
+        // After `shutdown`, keep delivering until the outbox has nothing new
+        // for us: that is the flush on exit.
+        let finishing = shutdown.is_cancelled();
+        let step = step(
+            &*sink, &manifest, &outboxes, &group, &consumer, &mut read, &mut write,
+            &mut draining, &shutdown,
+        )
+        .await;
+        match step {
+            Ok(n) => {
+                backoff.reset();
+                if finishing && n == 0 {
+                    break;
+                }
+            }
+            Err(e) => {
+                if e.code() == Some("NOGROUP")
+                    && let Ok(c) = write.get().await
+                {
+                    let _ = ensure_groups(c, &manifest.name, &outboxes, "0").await;
+                }
+                note_error(&format!("sink {}", manifest.name), &e);
+                read.reset();
+                write.reset();
+                draining = outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
+                if finishing || !pause(&mut backoff, &shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn step(
+    sink: &dyn Sink,
+    manifest: &Manifest,
+    outboxes: &[String],
+    group: &str,
+    consumer: &str,
+    read: &mut LazyConn,
+    write: &mut LazyConn,
+    draining: &mut HashMap<String, String>,
+    shutdown: &CancellationToken,
+) -> Result<usize, RedisError> {
+    let is_draining = !draining.is_empty();
+    let (streams, ids): (Vec<String>, Vec<String>) = if is_draining {
+        draining.iter().map(|(s, i)| (s.clone(), i.clone())).unzip()
+    } else {
+        (outboxes.to_vec(), vec![">".into(); outboxes.len()])
+    };
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(manifest.batch_size);
+    if !is_draining && !shutdown.is_cancelled() {
+        cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
+    }
+    cmd.arg("STREAMS").arg(&streams).arg(&ids);
+    let reply: Value = cmd.query_async(read.get().await?).await?;
+    let batches = parse_read_reply(reply);
+    if is_draining {
+        for s in &streams {
+            match batches.iter().find(|(n, _)| n == s) {
+                Some((_, e)) if !e.is_empty() => {
+                    draining.insert(s.clone(), e.last().expect("not empty").id.clone());
+                }
+                _ => {
+                    draining.remove(s);
+                }
+            }
+        }
+    }
+    let mut seen = 0;
+    for (outbox, entries) in batches {
+        if entries.is_empty() {
+            continue;
+        }
+        seen += entries.len();
+        deliver_batch(sink, manifest, &outbox, group, entries, write, shutdown).await?;
+    }
+    Ok(seen)
+}
+
+fn parse_alert(e: &StreamEntry) -> Result<Alert, String> {
+    let fields = e.fields.as_ref().ok_or("entry was deleted")?;
+    let raw = fields
+        .iter()
+        .find(|(k, _)| k == ALERT_FIELD.as_bytes())
+        .map(|(_, v)| v)
+        .ok_or("no `alert` field")?;
+    serde_json::from_slice(raw).map_err(|e| format!("bad alert JSON: {e}"))
+}
+
+async fn deliver_batch(
+    sink: &dyn Sink,
+    manifest: &Manifest,
+    outbox: &str,
+    group: &str,
+    entries: Vec<StreamEntry>,
+    write: &mut LazyConn,
+    shutdown: &CancellationToken,
+) -> Result<(), RedisError> {
+    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+    let mut alerts = Vec::new();
+    for e in &entries {
+        match parse_alert(e) {
+            Ok(a) if manifest.route.matches(&a) => alerts.push(a),
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::error!(sink = %manifest.name, outbox, id = %e.id, "skipping unreadable outbox entry: {reason}")
+            }
+        }
+    }
+    let mut attempt = 0;
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    while !alerts.is_empty() {
+        attempt += 1;
+        let result = match tokio::time::timeout(DELIVER_TIMEOUT, sink.deliver(&alerts)).await {
+            Ok(r) => r,
+            Err(_) => Err(super::SinkError::Timeout(DELIVER_TIMEOUT)),
+        };
+        match result {
+            Ok(()) => {
+                metrics::sink_delivered(&manifest.name, alerts.len() as u64);
+                break;
+            }
+            Err(e) if attempt >= manifest.max_attempts => {
+                metrics::sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                let dead = sink_dead_key(outbox, &manifest.name);
+                for a in &alerts {
+                    pipe.cmd("XADD")
+                        .arg(&dead)
+                        .arg("MAXLEN")
+                        .arg("~")
+                        .arg(100_000)
+                        .arg("*")
+                        .arg(ALERT_FIELD)
+                        .arg(serde_json::to_string(a).expect("alerts always serialize"))
+                        .arg("reason")
+                        .arg(e.to_string())
+                        .ignore();
+                }
+                pipe.cmd("XACK").arg(outbox).arg(group).arg(&ids).ignore();
+                let _: Value = pipe.query_async(write.get().await?).await?;
+                return Ok(());
+            }
+            Err(e) => {
+                metrics::sink_failed(&manifest.name, attempt, &e.to_string());
+                if !pause(&mut backoff, shutdown).await {
+                    // Shutting down: leave the batch pending for next start.
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let _: Value = redis::cmd("XACK")
+        .arg(outbox)
+        .arg(group)
+        .arg(&ids)
+        .query_async(write.get().await?)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,324 @@
+//! Plugin manifests: `plugins/*.yaml`, one sink instance per file.
+//!
+//! ```yaml
+//! name: oncall-webhook        # unique; names the sink's consumer group
+//! kind: webhook               # one of sinks::KINDS
+//! enabled: true               # default true
+//! route:                      # optional; default: every alert
+//!   min_severity: major
+//!   labels: {site: ams1}      # label equals
+//!   label_regex: {hostname: "^core-"}
+//! max_attempts: 10            # then the batch goes to the sink's dead-letter stream
+//! batch_size: 100
+//! # everything else is the kind's own settings
+//! url: http://…
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::alert::{Alert, Severity};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PluginError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Which alerts a sink wants.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default)]
+    pub min_severity: Option<Severity>,
+    /// Every listed label must equal the value.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Every listed label must exist and match the regex.
+    #[serde(default, with = "regex_map")]
+    pub label_regex: Vec<(String, regex::Regex)>,
+}
+
+mod regex_map {
+    use serde::{Deserialize, Deserializer};
+    use std::collections::BTreeMap;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, regex::Regex)>, D::Error> {
+        let raw = BTreeMap::<String, String>::deserialize(d)?;
+        raw.into_iter()
+            .map(|(k, v)| {
+                regex::Regex::new(&v)
+                    .map(|r| (k.clone(), r))
+                    .map_err(|e| serde::de::Error::custom(format!("label_regex `{k}`: {e}")))
+            })
+            .collect()
+    }
+}
+
+impl Route {
+    pub fn matches(&self, a: &Alert) -> bool {
+        if let Some(min) = self.min_severity
+            && a.severity < min
+        {
+            return false;
+        }
+        self.labels
+            .iter()
+            .all(|(k, v)| a.labels.get(k) == Some(v))
+            && self
+                .label_regex
+                .iter()
+                .all(|(k, re)| a.labels.get(k).is_some_and(|v| re.is_match(v)))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Common {
+    name: String,
+    kind: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+    #[serde(default)]
+    route: Route,
+    #[serde(default = "default_attempts")]
+    max_attempts: u32,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_attempts() -> u32 {
+    10
+}
+fn default_batch() -> usize {
+    100
+}
+
+const COMMON_KEYS: [&str; 6] = ["name", "kind", "enabled", "route", "max_attempts", "batch_size"];
+
+/// A parsed, validated manifest.
+#[derive(Debug)]
+pub struct Manifest {
+    pub path: PathBuf,
+    pub name: String,
+    pub kind: String,
+    pub enabled: bool,
+    pub route: Route,
+    /// Delivery attempts of one batch before it is dead-lettered.
+    pub max_attempts: u32,
+    pub batch_size: usize,
+    /// The kind's own settings, as written (after `${ENV}` substitution).
+    pub settings: serde_yaml::Value,
+    /// Hash of the file text, so a reload restarts only changed sinks.
+    pub source_hash: u64,
+}
+
+/// Replaces `${NAME}` with the environment variable; a missing variable is an
+/// error naming it (the value itself is never logged).
+fn expand_env(text: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "unterminated `${` in manifest".to_string())?;
+        let name = &after[..end];
+        let value = std::env::var(name)
+            .map_err(|_| format!("environment variable `{name}` is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
+    let invalid = |message: String| PluginError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let expanded = expand_env(text).map_err(invalid)?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&expanded).map_err(|e| invalid(e.to_string()))?;
+    let serde_yaml::Value::Mapping(map) = value else {
+        return Err(invalid("a manifest must be a YAML mapping".into()));
+    };
+    let mut common = serde_yaml::Mapping::new();
+    let mut settings = serde_yaml::Mapping::new();
+    for (k, v) in map {
+        let is_common = k.as_str().is_some_and(|k| COMMON_KEYS.contains(&k));
+        if is_common {
+            common.insert(k, v);
+        } else {
+            settings.insert(k, v);
+        }
+    }
+    let common: Common = serde_yaml::from_value(serde_yaml::Value::Mapping(common))
+        .map_err(|e| invalid(e.to_string()))?;
+    if common.name.trim().is_empty()
+        || !common
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(invalid(format!(
+            "name `{}` must be non-empty letters, digits, `-`, `_` or `.`",
+            common.name
+        )));
+    }
+    if common.max_attempts == 0 || common.batch_size == 0 {
+        return Err(invalid("`max_attempts` and `batch_size` must be at least 1".into()));
+    }
+    let build = super::builder(&common.kind).ok_or_else(|| {
+        let kinds: Vec<&str> = super::KINDS.iter().map(|(k, _)| *k).collect();
+        invalid(format!(
+            "unknown kind `{}` (known: {})",
+            common.kind,
+            kinds.join(", ")
+        ))
+    })?;
+    let settings = if settings.is_empty() {
+        serde_yaml::Value::Null
+    } else {
+        serde_yaml::Value::Mapping(settings)
+    };
+    // Validate the kind's settings now, so `check` and reload catch them.
+    build(&settings).map_err(|e| invalid(format!("kind `{}`: {e}", common.kind)))?;
+    Ok(Manifest {
+        path: path.to_path_buf(),
+        name: common.name,
+        kind: common.kind,
+        enabled: common.enabled,
+        route: common.route,
+        max_attempts: common.max_attempts,
+        batch_size: common.batch_size,
+        settings,
+        source_hash: {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            text.hash(&mut h);
+            h.finish()
+        },
+    })
+}
+
+/// Every `*.yaml`/`*.yml` in `dir` (not recursive), in name order. A missing
+/// directory means no sinks. All errors are reported together.
+pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>, Vec<PluginError>> {
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut paths: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                !name.starts_with('.')
+                    && (name.ends_with(".yaml") || name.ends_with(".yml"))
+                    && p.is_file()
+            })
+            .collect(),
+        Err(source) => {
+            return Err(vec![PluginError::Io {
+                path: dir.to_path_buf(),
+                source,
+            }]);
+        }
+    };
+    paths.sort();
+    let mut manifests = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        match std::fs::read_to_string(&p) {
+            Ok(text) => match parse(&p, &text) {
+                Ok(m) => manifests.push(m),
+                Err(e) => errors.push(e),
+            },
+            Err(source) => errors.push(PluginError::Io { path: p, source }),
+        }
+    }
+    let mut seen = std::collections::HashMap::new();
+    for m in &manifests {
+        if let Some(first) = seen.insert(m.name.clone(), m.path.clone()) {
+            errors.push(PluginError::Invalid {
+                path: m.path.clone(),
+                message: format!(
+                    "sink name `{}` is already used by {}",
+                    m.name,
+                    first.display()
+                ),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(manifests)
+    } else {
+        Err(errors)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_kind_and_setting_are_named() {
+        let e = parse(Path::new("p.yaml"), "name: a\nkind: pager\n").unwrap_err();
+        assert!(e.to_string().contains("unknown kind `pager`"), "{e}");
+        let e = parse(Path::new("p.yaml"), "name: a\nkind: file\npath: x\nfsinc: true\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("fsinc"), "{e}");
+    }
+
+    #[test]
+    fn env_substitution_names_missing_variable() {
+        let e = parse(
+            Path::new("p.yaml"),
+            "name: a\nkind: file\npath: ${TRIPLINE_SURELY_UNSET_VAR}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("TRIPLINE_SURELY_UNSET_VAR"), "{e}");
+    }
+
+    #[test]
+    fn route_matching() {
+        let m = parse(
+            Path::new("p.yaml"),
+            "name: a\nkind: console\nroute:\n  min_severity: major\n  label_regex: {hostname: '^core-'}\n",
+        )
+        .unwrap();
+        let mut a = Alert {
+            fingerprint: "f".into(),
+            rule: "r".into(),
+            name: "n".into(),
+            severity: Severity::Critical,
+            status: crate::alert::Status::Firing,
+            labels: [("hostname".to_string(), "core-1".to_string())].into(),
+            annotations: Default::default(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Default::default(),
+        };
+        assert!(m.route.matches(&a));
+        a.severity = Severity::Warning;
+        assert!(!m.route.matches(&a));
+        a.severity = Severity::Major;
+        a.labels.insert("hostname".into(), "edge-1".into());
+        assert!(!m.route.matches(&a));
+    }
+}

@@ -1,0 +1,466 @@
+//! The consumer side: per subscription, `concurrency` worker loops (read a
+//! batch, judge it on a blocking thread, commit it), one claimer that takes
+//! over entries abandoned by dead consumers, and a reporter of pending/lag.
+//!
+//! Every worker has its own consumer name (`<instance>-w<i>`), so on start or
+//! after a Redis error it can safely re-read *its own* pending entries (id
+//! `0`) before new ones (`>`): nobody else is working on them.
+
+pub mod lease;
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{RedisError, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Subscription;
+use crate::metrics;
+use crate::outbox::{self, DeadLetter, Settlement};
+use crate::process::{Input, Processor, Verdict, now_ms};
+use crate::redis_conn::{
+    Backoff, LazyConn, RedisTarget, StreamEntry, ensure_group, note_error, parse_entries,
+    parse_groups, parse_pending, parse_read_reply, pause,
+};
+
+/// Reply timeout of connections that never block.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every loop of every subscription shares.
+pub struct Shared {
+    pub processor: Processor,
+    pub target: RedisTarget,
+    /// Outbox key prefix; see [`outbox::outbox_key`].
+    pub outbox_prefix: String,
+    /// Approximate cap of each outbox stream.
+    pub outbox_max_len: u64,
+}
+
+/// An entry handed to us, with which delivery of it this is.
+struct Delivered {
+    id: String,
+    fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    deliveries: u64,
+}
+
+/// The judged batch of one stream, ready to commit.
+struct Judged {
+    settlement: Settlement,
+    transitions: Vec<crate::alert::Transition>,
+    processed: u64,
+    dropped: u64,
+    errored: u64,
+}
+
+fn backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+}
+
+/// One read/judge/commit loop. Returns when `shutdown` fires, after the
+/// batch in hand is committed.
+pub async fn run_worker(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    consumer: String,
+    shutdown: CancellationToken,
+) {
+    let read_timeout = sub.block + Duration::from_secs(2).max(sub.block / 2);
+    let mut read = LazyConn::new(shared.target.clone(), read_timeout);
+    let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
+    let mut backoff = backoff();
+    let mut state = WorkerState {
+        groups_ready: false,
+        draining: initial_drain(&sub),
+    };
+    tracing::debug!(subscription = %sub.name, consumer, "worker started");
+    while !shutdown.is_cancelled() {
+        match worker_step(&shared, &sub, &consumer, &mut read, &mut write, &mut state).await {
+            Ok(()) => {
+                if backoff.attempts() > 0 {
+                    metrics::redis_reachable();
+                    backoff.reset();
+                }
+            }
+            Err(e) => {
+                note_error(&format!("subscription {}", sub.name), &e);
+                read.reset();
+                write.reset();
+                state.groups_ready = false;
+                state.draining = initial_drain(&sub);
+                if !pause(&mut backoff, &shutdown).await {
+                    break;
+                }
+            }
+        }
+    }
+    tracing::debug!(subscription = %sub.name, consumer, "worker stopped");
+}
+
+struct WorkerState {
+    /// Groups are (re)created after every (re)connect: a Redis that restarted
+    /// without persistence has lost them.
+    groups_ready: bool,
+    /// While re-reading our own pending entries: the last id seen per stream
+    /// still being drained. Empty once all are drained.
+    draining: HashMap<String, String>,
+}
+
+fn initial_drain(sub: &Subscription) -> HashMap<String, String> {
+    sub.streams.iter().map(|s| (s.clone(), "0".to_string())).collect()
+}
+
+async fn worker_step(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    consumer: &str,
+    read: &mut LazyConn,
+    write: &mut LazyConn,
+    state: &mut WorkerState,
+) -> Result<(), RedisError> {
+    if !state.groups_ready {
+        let conn = write.get().await?;
+        for stream in &sub.streams {
+            ensure_group(conn, stream, sub.group(), &sub.start_id).await?;
+        }
+        state.groups_ready = true;
+        metrics::redis_reachable();
+    }
+    let draining = !state.draining.is_empty();
+    let (streams, ids): (Vec<String>, Vec<String>) = if draining {
+        state
+            .draining
+            .iter()
+            .map(|(s, id)| (s.clone(), id.clone()))
+            .unzip()
+    } else {
+        (sub.streams.clone(), vec![">".to_string(); sub.streams.len()])
+    };
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(sub.group())
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(sub.batch_size);
+    if !draining {
+        cmd.arg("BLOCK").arg(sub.block.as_millis() as u64);
+    }
+    cmd.arg("STREAMS").arg(&streams).arg(&ids);
+    let reply: Value = cmd.query_async(read.get().await?).await?;
+    let batches = parse_read_reply(reply);
+    if draining {
+        for stream in &streams {
+            match batches.iter().find(|(s, _)| s == stream) {
+                Some((_, entries)) if !entries.is_empty() => {
+                    let last = entries.last().expect("not empty").id.clone();
+                    state.draining.insert(stream.clone(), last);
+                }
+                _ => {
+                    state.draining.remove(stream);
+                }
+            }
+        }
+    }
+    for (stream, entries) in batches {
+        if entries.is_empty() {
+            continue;
+        }
+        let deliveries = if draining {
+            delivery_counts(write.get().await?, &stream, sub.group(), consumer, &entries).await?
+        } else {
+            HashMap::new()
+        };
+        let delivered = entries
+            .into_iter()
+            .map(|e| Delivered {
+                deliveries: deliveries.get(&e.id).copied().unwrap_or(1),
+                id: e.id,
+                fields: e.fields,
+            })
+            .collect();
+        settle(shared, sub, &stream, delivered, write).await?;
+    }
+    Ok(())
+}
+
+/// Delivery counts of entries re-read from our own pending list.
+async fn delivery_counts(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    entries: &[StreamEntry],
+) -> Result<HashMap<String, u64>, RedisError> {
+    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+        return Ok(HashMap::new());
+    };
+    let reply: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg(&first.id)
+        .arg(&last.id)
+        .arg(entries.len())
+        .arg(consumer)
+        .query_async(conn)
+        .await?;
+    Ok(parse_pending(reply)
+        .into_iter()
+        .map(|p| (p.id, p.deliveries))
+        .collect())
+}
+
+/// Judges a batch of one stream and commits its outcome.
+async fn settle(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    stream: &str,
+    batch: Vec<Delivered>,
+    write: &mut LazyConn,
+) -> Result<(), RedisError> {
+    let judged = {
+        let shared = shared.clone();
+        let sub = sub.clone();
+        let stream = stream.to_string();
+        tokio::task::spawn_blocking(move || judge(&shared, &sub, &stream, batch))
+            .await
+            .expect("judge catches rule panics itself")
+    };
+    let committed = outbox::commit(
+        write.get().await?,
+        stream,
+        sub.group(),
+        &shared.outbox_prefix,
+        shared.outbox_max_len,
+        &judged.settlement,
+    )
+    .await;
+    if let Err(e) = committed {
+        shared.processor.book.rollback(judged.transitions);
+        return Err(e);
+    }
+    let group = sub.group();
+    metrics::messages(stream, group, "processed", judged.processed);
+    metrics::messages(stream, group, "dropped", judged.dropped);
+    metrics::messages(stream, group, "error", judged.errored);
+    for d in &judged.settlement.dead {
+        metrics::dead_lettered(stream, group, &d.id, &d.reason);
+    }
+    for a in &judged.settlement.alerts {
+        metrics::alert_notified(a);
+    }
+    Ok(())
+}
+
+fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered>) -> Judged {
+    let loaded = shared.processor.rules.load();
+    let mut j = Judged {
+        settlement: Settlement::default(),
+        transitions: Vec::new(),
+        processed: 0,
+        dropped: 0,
+        errored: 0,
+    };
+    let now = now_ms();
+    for d in batch {
+        j.settlement.acks.push(d.id.clone());
+        let Some(fields) = d.fields else {
+            // Deleted while pending: nothing to judge, only to acknowledge.
+            continue;
+        };
+        if d.deliveries > sub.max_deliveries {
+            j.settlement.dead.push(DeadLetter {
+                reason: format!(
+                    "delivered {} times, more than max_deliveries ({})",
+                    d.deliveries, sub.max_deliveries
+                ),
+                id: d.id,
+                fields,
+            });
+            continue;
+        }
+        let input = Input {
+            subscription: &sub.name,
+            group: sub.group(),
+            stream,
+            id: &d.id,
+            deliveries: d.deliveries,
+            fields: &fields,
+            now_ms: now,
+        };
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            shared.processor.process(&loaded, &input)
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                j.settlement.dead.push(DeadLetter {
+                    reason: format!("rule engine panicked: {what}"),
+                    id: d.id,
+                    fields,
+                });
+                continue;
+            }
+        };
+        for (rule, level, text) in &out.logs {
+            metrics::rule_log(rule, stream, &d.id, *level, text);
+        }
+        match out.verdict {
+            Verdict::Undecodable(reason) => {
+                j.settlement.dead.push(DeadLetter {
+                    id: d.id,
+                    fields,
+                    reason,
+                });
+            }
+            Verdict::Processed { dropped, rule_errors } => {
+                if rule_errors > 0 {
+                    j.errored += 1;
+                } else if dropped {
+                    j.dropped += 1;
+                } else {
+                    j.processed += 1;
+                }
+            }
+        }
+        j.settlement.alerts.extend(out.notifications);
+        j.transitions.extend(out.transitions);
+    }
+    j
+}
+
+/// Takes over entries idle longer than `claim_min_idle` (their consumer is
+/// dead or stuck) and judges them here; entries delivered too often are
+/// dead-lettered instead.
+pub async fn run_claimer(
+    shared: Arc<Shared>,
+    sub: Arc<Subscription>,
+    consumer: String,
+    shutdown: CancellationToken,
+) {
+    let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(sub.claim_interval) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        for stream in &sub.streams {
+            if let Err(e) = claim_stream(&shared, &sub, stream, &consumer, &mut write).await {
+                note_error(&format!("claiming on {stream}"), &e);
+                write.reset();
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+        }
+    }
+}
+
+async fn claim_stream(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    stream: &str,
+    consumer: &str,
+    write: &mut LazyConn,
+) -> Result<(), RedisError> {
+    let min_idle = sub.claim_min_idle.as_millis() as u64;
+    loop {
+        let reply: Result<Value, RedisError> = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(sub.group())
+            .arg("IDLE")
+            .arg(min_idle)
+            .arg("-")
+            .arg("+")
+            .arg(sub.batch_size)
+            .query_async(write.get().await?)
+            .await;
+        let stale = match reply {
+            Ok(v) => parse_pending(v),
+            // The group or stream vanished (Redis restarted empty): the
+            // workers recreate it; nothing is pending.
+            Err(e) if e.code() == Some("NOGROUP") => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if stale.is_empty() {
+            return Ok(());
+        }
+        let full = stale.len() >= sub.batch_size;
+        let counts: HashMap<String, u64> = stale
+            .iter()
+            .map(|p| (p.id.clone(), p.deliveries))
+            .collect();
+        let reply: Value = redis::cmd("XCLAIM")
+            .arg(stream)
+            .arg(sub.group())
+            .arg(consumer)
+            .arg(min_idle)
+            .arg(stale.iter().map(|p| p.id.as_str()).collect::<Vec<_>>())
+            .query_async(write.get().await?)
+            .await?;
+        let claimed: Vec<Delivered> = parse_entries(reply)
+            .into_iter()
+            .map(|e| Delivered {
+                deliveries: counts.get(&e.id).copied().unwrap_or(0) + 1,
+                id: e.id,
+                fields: e.fields,
+            })
+            .collect();
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            subscription = %sub.name,
+            stream,
+            n = claimed.len(),
+            from = %stale[0].consumer,
+            "claimed entries idle longer than claim_min_idle"
+        );
+        settle(shared, sub, stream, claimed, write).await?;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Refreshes the pending and lag gauges of every group on an interval (not
+/// per scrape: a scrape must not cost Redis round trips).
+pub async fn run_position_reporter(
+    target: RedisTarget,
+    subs: Vec<Arc<Subscription>>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut conn = LazyConn::new(target, WRITE_TIMEOUT);
+    loop {
+        for sub in &subs {
+            for stream in &sub.streams {
+                let reply: Result<Value, RedisError> = match conn.get().await {
+                    Ok(c) => redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(c).await,
+                    Err(e) => Err(e),
+                };
+                match reply {
+                    Ok(v) => {
+                        for (group, pending, lag) in parse_groups(v) {
+                            if group == sub.group() {
+                                metrics::consumer_position(stream, &group, pending, lag);
+                            }
+                        }
+                    }
+                    Err(e) if e.code().is_some() => {}
+                    Err(_) => conn.reset(),
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
