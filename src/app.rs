@@ -117,7 +117,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         return Ok(());
     };
     tracing::info!(instance, "instance name acquired");
-    tail_tasks.spawn(lease::keep(target.clone(), instance.clone(), token, tail.clone()));
+    tail_tasks.spawn(lease::keep(
+        target.clone(),
+        instance.clone(),
+        token,
+        tail.clone(),
+    ));
 
     let outboxes = outbox_streams(&config);
     let sinks_enabled: Vec<Manifest> = prepared.plugins.into_iter().filter(|m| m.enabled).collect();
@@ -177,13 +182,23 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     tracing::info!("shutting down: finishing in-flight batches");
     workers_stop.cancel();
-    if tokio::time::timeout_at(deadline, drain(&mut workers)).await.is_err() {
-        tracing::warn!("shutdown timeout reached with batches in flight; they stay pending and will be redelivered");
+    if tokio::time::timeout_at(deadline, drain(&mut workers))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown timeout reached with batches in flight; they stay pending and will be redelivered"
+        );
     }
     tracing::info!("flushing sinks");
     sinks_finish.cancel();
-    if tokio::time::timeout_at(deadline, drain(&mut sink_tasks)).await.is_err() {
-        tracing::warn!("shutdown timeout reached before sinks finished; undelivered alerts stay queued in the outbox");
+    if tokio::time::timeout_at(deadline, drain(&mut sink_tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "shutdown timeout reached before sinks finished; undelivered alerts stay queued in the outbox"
+        );
     }
     tail.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), drain(&mut tail_tasks)).await;

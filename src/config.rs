@@ -309,7 +309,9 @@ impl Config {
         };
         redis_url(&self.redis.url).map_err(invalid)?;
         if self.subscriptions.is_empty() {
-            return Err(invalid("`subscriptions` is empty: nothing to consume".into()));
+            return Err(invalid(
+                "`subscriptions` is empty: nothing to consume".into(),
+            ));
         }
         let mut names = std::collections::HashSet::new();
         let mut groups = std::collections::HashSet::new();
@@ -339,7 +341,9 @@ impl Config {
                 return Err(invalid(format!("{at}: `concurrency` must be at least 1")));
             }
             if s.max_deliveries == 0 {
-                return Err(invalid(format!("{at}: `max_deliveries` must be at least 1")));
+                return Err(invalid(format!(
+                    "{at}: `max_deliveries` must be at least 1"
+                )));
             }
             if s.block.is_zero() {
                 return Err(invalid(format!(
@@ -404,7 +408,10 @@ mod tests {
 
     #[test]
     fn redis_addr_forms() {
-        assert_eq!(redis_url("10.0.0.1:6380").unwrap(), "redis://10.0.0.1:6380/");
+        assert_eq!(
+            redis_url("10.0.0.1:6380").unwrap(),
+            "redis://10.0.0.1:6380/"
+        );
         assert_eq!(
             redis_url("redis://u:p@h:1/2").unwrap(),
             "redis://u:p@h:1/2".to_string()

@@ -125,8 +125,8 @@ fn scalar(raw: &[u8]) -> Dynamic {
 
 fn decode_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
     let mut cursor = raw;
-    let value = rmpv::decode::read_value(&mut cursor)
-        .map_err(|e| DecodeError::Metadata(e.to_string()))?;
+    let value =
+        rmpv::decode::read_value(&mut cursor).map_err(|e| DecodeError::Metadata(e.to_string()))?;
     if !cursor.is_empty() {
         return Err(DecodeError::Metadata(format!(
             "{} trailing bytes after the map",
@@ -134,7 +134,9 @@ fn decode_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
         )));
     }
     let rmpv::Value::Map(entries) = value else {
-        return Err(DecodeError::Metadata(format!("expected a map, got {value}")));
+        return Err(DecodeError::Metadata(format!(
+            "expected a map, got {value}"
+        )));
     };
     let mut map = Map::new();
     for (k, v) in entries {
@@ -182,11 +184,17 @@ mod tests {
         let d = decode(&f(&[
             (WATERMILL_UUID, b"u-1"),
             (WATERMILL_METADATA, &meta),
-            (WATERMILL_PAYLOAD, br#"{"hostname":"r1","input_errors":600}"#),
+            (
+                WATERMILL_PAYLOAD,
+                br#"{"hostname":"r1","input_errors":600}"#,
+            ),
         ]))
         .unwrap();
         assert_eq!(d.uuid.as_deref(), Some("u-1"));
-        assert_eq!(d.metadata["source"].clone().into_string().unwrap(), "collector-1");
+        assert_eq!(
+            d.metadata["source"].clone().into_string().unwrap(),
+            "collector-1"
+        );
         let body = d.body.cast::<Map>();
         assert_eq!(body["input_errors"].as_int().unwrap(), 600);
     }
@@ -204,9 +212,15 @@ mod tests {
 
     #[test]
     fn non_json_payload_names_field() {
-        let err = decode(&f(&[(WATERMILL_UUID, b"u"), (WATERMILL_PAYLOAD, b"not json")]))
-            .unwrap_err();
-        assert!(err.to_string().contains("`payload` is not valid JSON"), "{err}");
+        let err = decode(&f(&[
+            (WATERMILL_UUID, b"u"),
+            (WATERMILL_PAYLOAD, b"not json"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("`payload` is not valid JSON"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -218,8 +232,12 @@ mod tests {
 
     #[test]
     fn flat_fields_parse_numbers() {
-        let d = decode(&f(&[("hostname", b"r1"), ("input_errors", b"600"), ("rx", b"-40.5")]))
-            .unwrap();
+        let d = decode(&f(&[
+            ("hostname", b"r1"),
+            ("input_errors", b"600"),
+            ("rx", b"-40.5"),
+        ]))
+        .unwrap();
         let m = d.body.cast::<Map>();
         assert_eq!(m["input_errors"].as_int().unwrap(), 600);
         assert_eq!(m["rx"].as_float().unwrap(), -40.5);

@@ -116,11 +116,7 @@ impl Metrics {
             "Alerts a sink gave up on after its attempts",
             m.sink_dead.clone(),
         );
-        registry.register(
-            "reloads",
-            "Reloads by kind and result",
-            m.reloads.clone(),
-        );
+        registry.register("reloads", "Reloads by kind and result", m.reloads.clone());
         registry.register(
             "last_reload_success_timestamp_seconds",
             "Unix time of the last successful reload, by kind",
@@ -172,7 +168,10 @@ impl RuleMetrics {
         let m = get();
         let counter = |d: &str| {
             m.rule_evaluations
-                .get_or_create(&vec![("rule", rule.to_string()), ("decision", d.to_string())])
+                .get_or_create(&vec![
+                    ("rule", rule.to_string()),
+                    ("decision", d.to_string()),
+                ])
                 .clone()
         };
         RuleMetrics {
@@ -275,7 +274,10 @@ static REDIS_DOWN: AtomicBool = AtomicBool::new(false);
 pub fn redis_unreachable(what: &str, error: &redis::RedisError) {
     get().redis_up.set(0);
     if !REDIS_DOWN.swap(true, Ordering::SeqCst) {
-        tracing::error!(during = what, "Redis unreachable, retrying with backoff: {error}");
+        tracing::error!(
+            during = what,
+            "Redis unreachable, retrying with backoff: {error}"
+        );
     }
 }
 
@@ -311,7 +313,11 @@ pub fn sink_failed(sink: &str, attempt: u32, error: &str) {
 }
 
 pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
-    tracing::error!(sink, n, "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}");
+    tracing::error!(
+        sink,
+        n,
+        "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
+    );
     get()
         .sink_dead
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -331,7 +337,10 @@ pub fn reload(kind: &str, ok: bool, detail: &str) {
     let m = get();
     let result = if ok { "success" } else { "failure" };
     m.reloads
-        .get_or_create(&vec![("kind", kind.to_string()), ("result", result.to_string())])
+        .get_or_create(&vec![
+            ("kind", kind.to_string()),
+            ("result", result.to_string()),
+        ])
         .inc();
     if ok {
         let now = std::time::SystemTime::now()
@@ -356,7 +365,9 @@ mod tests {
         messages("s", "g", "processed", 3);
         let text = get().encode();
         assert!(
-            text.contains("tripline_messages_total{stream=\"s\",group=\"g\",outcome=\"processed\"} 3"),
+            text.contains(
+                "tripline_messages_total{stream=\"s\",group=\"g\",outcome=\"processed\"} 3"
+            ),
             "{text}"
         );
         assert!(text.contains("tripline_build_info"));

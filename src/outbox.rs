@@ -103,7 +103,11 @@ pub async fn commit(
             pipe.add_command(cmd).ignore();
         }
     }
-    pipe.cmd("XACK").arg(stream).arg(group).arg(&s.acks).ignore();
+    pipe.cmd("XACK")
+        .arg(stream)
+        .arg(group)
+        .arg(&s.acks)
+        .ignore();
     let _: Value = pipe.query_async(conn).await?;
     Ok(())
 }
@@ -117,8 +121,14 @@ mod tests {
         assert_eq!(hash_tag("plain"), "plain");
         assert_eq!(hash_tag("S:{3}"), "3");
         assert_eq!(hash_tag("a{}b"), "a{}b");
-        assert_eq!(outbox_key("tripline:alerts", "plain"), "tripline:alerts:{plain}");
-        assert_eq!(outbox_key("tripline:alerts", "S:{3}"), "tripline:alerts:{3}");
+        assert_eq!(
+            outbox_key("tripline:alerts", "plain"),
+            "tripline:alerts:{plain}"
+        );
+        assert_eq!(
+            outbox_key("tripline:alerts", "S:{3}"),
+            "tripline:alerts:{3}"
+        );
         assert_eq!(hash_tag(&dead_key("S:{3}")), "3");
     }
 }

@@ -95,9 +95,10 @@ impl Processor {
         };
         let ctx = context(input, decoded.metadata, decoded.uuid);
         let msg = decoded.body.into_shared();
-        let results = loaded
-            .set
-            .evaluate(&self.engine, selected, input.stream, &msg, &ctx, input.id);
+        let results =
+            loaded
+                .set
+                .evaluate(&self.engine, selected, input.stream, &msg, &ctx, input.id);
         let mut dropped = false;
         let mut rule_errors = 0;
         let now = rfc3339(input.now_ms);
@@ -171,7 +172,10 @@ fn context(input: &Input, metadata: Map, uuid: Option<String>) -> Dynamic {
         "uuid".into(),
         uuid.map(Dynamic::from).unwrap_or(Dynamic::UNIT),
     );
-    ctx.insert("timestamp_ms".into(), Dynamic::from_int(input.now_ms as i64));
+    ctx.insert(
+        "timestamp_ms".into(),
+        Dynamic::from_int(input.now_ms as i64),
+    );
     Dynamic::from_map(ctx)
 }
 

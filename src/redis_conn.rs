@@ -28,7 +28,10 @@ impl RedisTarget {
         })
     }
 
-    pub async fn connect(&self, response_timeout: Duration) -> Result<MultiplexedConnection, RedisError> {
+    pub async fn connect(
+        &self,
+        response_timeout: Duration,
+    ) -> Result<MultiplexedConnection, RedisError> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.connect_timeout))
             .set_response_timeout(Some(response_timeout));

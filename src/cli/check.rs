@@ -21,14 +21,22 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
             .rules
             .selections
             .get(&sub.name)
-            .map(|ix| ix.iter().map(|&i| prepared.rules.set.rules[i].name.as_str()).collect())
+            .map(|ix| {
+                ix.iter()
+                    .map(|&i| prepared.rules.set.rules[i].name.as_str())
+                    .collect()
+            })
             .unwrap_or_default();
         println!(
             "  {} (group {}, streams {}): {}",
             sub.name,
             sub.group(),
             sub.streams.join(", "),
-            if names.is_empty() { "no rules".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "no rules".to_string()
+            } else {
+                names.join(", ")
+            }
         );
     }
     Ok(())

@@ -37,13 +37,17 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the engine: consume the configured streams until SIGINT/SIGTERM.
-    #[command(after_help = "Example:\n  REDIS_ADDR=127.0.0.1:6379 tripline run --config tripline.yaml")]
+    #[command(
+        after_help = "Example:\n  REDIS_ADDR=127.0.0.1:6379 tripline run --config tripline.yaml"
+    )]
     Run,
     /// Validate the config, every rule and every plugin manifest, as `run` would load them.
     #[command(after_help = "Example:\n  tripline check --config tripline.yaml")]
     Check,
     /// Publish realistic telemetry to Redis (for demos and load).
-    #[command(after_help = "Examples:\n  tripline simulate --rate 200 --duration 1m\n  tripline simulate --count 100000 --rate 0 --format json")]
+    #[command(
+        after_help = "Examples:\n  tripline simulate --rate 200 --duration 1m\n  tripline simulate --count 100000 --rate 0 --format json"
+    )]
     Simulate(simulate::Args),
 }
 

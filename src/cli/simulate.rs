@@ -209,13 +209,12 @@ async fn publish(url: String, args: Args) -> anyhow::Result<()> {
         };
         let mut pipe = redis::pipe();
         for _ in 0..n {
-            let (stream, body) = if !args.transceiver_stream.is_empty()
-                && mix.random_bool(args.transceiver_share)
-            {
-                (&args.transceiver_stream, net.power_reading())
-            } else {
-                (&args.stream, net.counter_reading())
-            };
+            let (stream, body) =
+                if !args.transceiver_stream.is_empty() && mix.random_bool(args.transceiver_share) {
+                    (&args.transceiver_stream, net.power_reading())
+                } else {
+                    (&args.stream, net.counter_reading())
+                };
             let mut cmd = redis::cmd("XADD");
             cmd.arg(stream).arg("*");
             for (k, v) in encode(args.format, &body) {
@@ -270,7 +269,10 @@ mod tests {
             }
             prev = v;
         }
-        assert!(resets > 10 && bursts > 50, "resets {resets} bursts {bursts}");
+        assert!(
+            resets > 10 && bursts > 50,
+            "resets {resets} bursts {bursts}"
+        );
     }
 
     #[test]

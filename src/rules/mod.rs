@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rhai::{CallFnOptions, Dynamic, Engine, Scope, AST};
+use rhai::{AST, CallFnOptions, Dynamic, Engine, Scope};
 
 use crate::config::Limits;
 use crate::metrics::RuleMetrics;
@@ -295,12 +295,15 @@ fn compile_rule(
     let topics = match scope.get(TOPICS_CONST) {
         None => None,
         Some(v) => {
-            let list = v.clone().into_typed_array::<rhai::ImmutableString>().map_err(|_| {
-                error(
-                    rhai::Position::NONE,
-                    format!("`{TOPICS_CONST}` must be an array of stream names"),
-                )
-            })?;
+            let list = v
+                .clone()
+                .into_typed_array::<rhai::ImmutableString>()
+                .map_err(|_| {
+                    error(
+                        rhai::Position::NONE,
+                        format!("`{TOPICS_CONST}` must be an array of stream names"),
+                    )
+                })?;
             Some(list.into_iter().map(|s| s.to_string()).collect())
         }
     };
@@ -344,7 +347,14 @@ mod tests {
         let engine = build_engine(&Limits::default());
         let msg: Dynamic = serde_json::from_str(body).unwrap();
         let all: Vec<usize> = (0..set.rules.len()).collect();
-        set.evaluate(&engine, &all, stream, &msg, &Dynamic::from_map(Default::default()), "1-0")
+        set.evaluate(
+            &engine,
+            &all,
+            stream,
+            &msg,
+            &Dynamic::from_map(Default::default()),
+            "1-0",
+        )
     }
 
     #[test]
@@ -394,7 +404,11 @@ mod tests {
             ("2.rhai", "fn on_message(m, c) { alert(#{name: \"x\"}); }"),
         ]);
         let r = run(&set.unwrap(), "s", "{}");
-        assert!(r[0].outcome.as_ref().unwrap_err().contains("operations"), "{:?}", r[0]);
+        assert!(
+            r[0].outcome.as_ref().unwrap_err().contains("operations"),
+            "{:?}",
+            r[0]
+        );
         assert_eq!(r[1].outcome.as_ref().unwrap().alerts.len(), 1);
     }
 

@@ -69,8 +69,15 @@ pub async fn run(
         // for us: that is the flush on exit.
         let finishing = shutdown.is_cancelled();
         let step = step(
-            &*sink, &manifest, &outboxes, &group, &consumer, &mut read, &mut write,
-            &mut draining, &shutdown,
+            &*sink,
+            &manifest,
+            &outboxes,
+            &group,
+            &consumer,
+            &mut read,
+            &mut write,
+            &mut draining,
+            &shutdown,
         )
         .await;
         match step {

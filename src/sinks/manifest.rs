@@ -72,9 +72,7 @@ impl Route {
         {
             return false;
         }
-        self.labels
-            .iter()
-            .all(|(k, v)| a.labels.get(k) == Some(v))
+        self.labels.iter().all(|(k, v)| a.labels.get(k) == Some(v))
             && self
                 .label_regex
                 .iter()
@@ -107,7 +105,14 @@ fn default_batch() -> usize {
     100
 }
 
-const COMMON_KEYS: [&str; 6] = ["name", "kind", "enabled", "route", "max_attempts", "batch_size"];
+const COMMON_KEYS: [&str; 6] = [
+    "name",
+    "kind",
+    "enabled",
+    "route",
+    "max_attempts",
+    "batch_size",
+];
 
 /// A parsed, validated manifest.
 #[derive(Debug)]
@@ -138,8 +143,8 @@ fn expand_env(text: &str) -> Result<String, String> {
             .find('}')
             .ok_or_else(|| "unterminated `${` in manifest".to_string())?;
         let name = &after[..end];
-        let value = std::env::var(name)
-            .map_err(|_| format!("environment variable `{name}` is not set"))?;
+        let value =
+            std::env::var(name).map_err(|_| format!("environment variable `{name}` is not set"))?;
         out.push_str(&value);
         rest = &after[end + 1..];
     }
@@ -182,7 +187,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         )));
     }
     if common.max_attempts == 0 || common.batch_size == 0 {
-        return Err(invalid("`max_attempts` and `batch_size` must be at least 1".into()));
+        return Err(invalid(
+            "`max_attempts` and `batch_size` must be at least 1".into(),
+        ));
     }
     let build = super::builder(&common.kind).ok_or_else(|| {
         let kinds: Vec<&str> = super::KINDS.iter().map(|(k, _)| *k).collect();
@@ -280,8 +287,11 @@ mod tests {
     fn unknown_kind_and_setting_are_named() {
         let e = parse(Path::new("p.yaml"), "name: a\nkind: pager\n").unwrap_err();
         assert!(e.to_string().contains("unknown kind `pager`"), "{e}");
-        let e = parse(Path::new("p.yaml"), "name: a\nkind: file\npath: x\nfsinc: true\n")
-            .unwrap_err();
+        let e = parse(
+            Path::new("p.yaml"),
+            "name: a\nkind: file\npath: x\nfsinc: true\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("fsinc"), "{e}");
     }
 

@@ -109,7 +109,10 @@ struct WorkerState {
 }
 
 fn initial_drain(sub: &Subscription) -> HashMap<String, String> {
-    sub.streams.iter().map(|s| (s.clone(), "0".to_string())).collect()
+    sub.streams
+        .iter()
+        .map(|s| (s.clone(), "0".to_string()))
+        .collect()
 }
 
 async fn worker_step(
@@ -136,7 +139,10 @@ async fn worker_step(
             .map(|(s, id)| (s.clone(), id.clone()))
             .unzip()
     } else {
-        (sub.streams.clone(), vec![">".to_string(); sub.streams.len()])
+        (
+            sub.streams.clone(),
+            vec![">".to_string(); sub.streams.len()],
+        )
     };
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP")
@@ -319,7 +325,10 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
                     reason,
                 });
             }
-            Verdict::Processed { dropped, rule_errors } => {
+            Verdict::Processed {
+                dropped,
+                rule_errors,
+            } => {
                 if rule_errors > 0 {
                     j.errored += 1;
                 } else if dropped {
@@ -392,10 +401,8 @@ async fn claim_stream(
             return Ok(());
         }
         let full = stale.len() >= sub.batch_size;
-        let counts: HashMap<String, u64> = stale
-            .iter()
-            .map(|p| (p.id.clone(), p.deliveries))
-            .collect();
+        let counts: HashMap<String, u64> =
+            stale.iter().map(|p| (p.id.clone(), p.deliveries)).collect();
         let reply: Value = redis::cmd("XCLAIM")
             .arg(stream)
             .arg(sub.group())
@@ -442,7 +449,13 @@ pub async fn run_position_reporter(
         for sub in &subs {
             for stream in &sub.streams {
                 let reply: Result<Value, RedisError> = match conn.get().await {
-                    Ok(c) => redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(c).await,
+                    Ok(c) => {
+                        redis::cmd("XINFO")
+                            .arg("GROUPS")
+                            .arg(stream)
+                            .query_async(c)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 match reply {
