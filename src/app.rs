@@ -13,8 +13,10 @@ use crate::alert::AlertBook;
 use crate::config::{Config, redis_url};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
-use crate::redis_conn::{Backoff, LazyConn, RedisTarget, note_error, pause};
+use crate::redis_conn::RedisTarget;
+use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, build_engine};
+use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
 use crate::source::{self, Shared, lease};
 use crate::{http, metrics};
@@ -88,25 +90,28 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         redis = %redact(&url),
         "tripline starting"
     );
+    let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
     let processor = Processor {
-        engine: prepared.engine,
-        rules: Arc::new(ArcSwap::from_pointee(prepared.rules)),
+        engine: prepared.engine.clone(),
+        rules: live_rules.clone(),
         book: Arc::new(AlertBook::new(config.alerts.repeat_interval)),
     };
 
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
     let tail = CancellationToken::new();
     let mut tail_tasks = JoinSet::new();
-    if config.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&config.http.listen)
+    let listener = if config.http.enabled {
+        let l = tokio::net::TcpListener::bind(&config.http.listen)
             .await
             .map_err(|source| AppError::Listen {
                 addr: config.http.listen.clone(),
                 source,
             })?;
         tracing::info!(listen = %config.http.listen, "HTTP listening");
-        tail_tasks.spawn(http::serve(listener, http::State::new(), tail.clone()));
-    }
+        Some(l)
+    } else {
+        None
+    };
 
     let base = config
         .instance
@@ -124,24 +129,38 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         tail.clone(),
     ));
 
-    let outboxes = outbox_streams(&config);
-    let sinks_enabled: Vec<Manifest> = prepared.plugins.into_iter().filter(|m| m.enabled).collect();
-    if !create_sink_groups(&target, &sinks_enabled, &outboxes, &shutdown).await {
-        return Ok(());
+    // Sinks start (and their groups exist) before any worker can write an
+    // alert, so no alert is queued before the group that delivers it.
+    let sinks = Arc::new(Supervisor::new(
+        outbox_streams(&config),
+        instance.clone(),
+        target.clone(),
+        CancellationToken::new(),
+    ));
+    tokio::select! {
+        _ = sinks.apply(prepared.plugins) => {}
+        _ = shutdown.cancelled() => {
+            sinks.stop_all().await;
+            return Ok(());
+        }
     }
-    let sinks_finish = CancellationToken::new();
-    let mut sink_tasks = JoinSet::new();
-    for m in sinks_enabled {
-        let build = sinks::builder(&m.kind).expect("validated at load");
-        let sink: Arc<dyn sinks::Sink> = Arc::from(build(&m.settings).expect("validated at load"));
-        tracing::info!(sink = %m.name, kind = %m.kind, "sink started");
-        sink_tasks.spawn(sinks::dispatch::run(
-            sink,
-            Arc::new(m),
-            outboxes.clone(),
-            instance.clone(),
-            target.clone(),
-            sinks_finish.clone(),
+    let reloader = Arc::new(Reloader {
+        engine: prepared.engine,
+        rules: live_rules,
+        sinks: sinks.clone(),
+        rules_dir: config.rules_dir.clone(),
+        plugins_dir: config.plugins_dir.clone(),
+        subscriptions: config.subscriptions.clone(),
+        lock: tokio::sync::Mutex::new(()),
+    });
+    metrics::reload("rules", true, "initial load");
+    metrics::reload("plugins", true, "initial load");
+    tail_tasks.spawn(reload_on_sighup(reloader.clone(), tail.clone()));
+    if let Some(listener) = listener {
+        tail_tasks.spawn(http::serve(
+            listener,
+            http::State::new(Some(reloader.clone())),
+            tail.clone(),
         ));
     }
 
@@ -191,8 +210,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         );
     }
     tracing::info!("flushing sinks");
-    sinks_finish.cancel();
-    if tokio::time::timeout_at(deadline, drain(&mut sink_tasks))
+    if tokio::time::timeout_at(deadline, sinks.stop_all())
         .await
         .is_err()
     {
@@ -206,45 +224,22 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     Ok(())
 }
 
-async fn drain(set: &mut JoinSet<()>) {
-    while set.join_next().await.is_some() {}
-}
-
-/// Creates every sink's group before any worker can write an alert, so no
-/// alert is written before the group that should deliver it exists.
-async fn create_sink_groups(
-    target: &RedisTarget,
-    sinks: &[Manifest],
-    outboxes: &[String],
-    shutdown: &CancellationToken,
-) -> bool {
-    let mut conn = LazyConn::new(target.clone(), Duration::from_secs(5));
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+async fn reload_on_sighup(reloader: Arc<Reloader>, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the file watcher or HTTP");
+        return;
+    };
     loop {
-        let mut result = Ok(());
-        for m in sinks {
-            result = match conn.get().await {
-                Ok(c) => sinks::dispatch::ensure_groups(c, &m.name, outboxes, "$").await,
-                Err(e) => Err(e),
-            };
-            if result.is_err() {
-                break;
-            }
-        }
-        match result {
-            Ok(()) => {
-                metrics::redis_reachable();
-                return true;
-            }
-            Err(e) => {
-                note_error("creating sink groups", &e);
-                conn.reset();
-                if !pause(&mut backoff, shutdown).await {
-                    return false;
-                }
-            }
+        tokio::select! {
+            _ = hup.recv() => { reloader.reload("SIGHUP").await; }
+            _ = stop.cancelled() => return,
         }
     }
+}
+
+async fn drain(set: &mut JoinSet<()>) {
+    while set.join_next().await.is_some() {}
 }
 
 /// The URL without its password, for logs.

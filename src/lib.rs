@@ -14,6 +14,7 @@
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz.
 //! - [`process`]: one entry through decode, rules and the alert book.
+//! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod process;
 pub mod redis_conn;
+pub mod reload;
 pub mod rules;
 pub mod sinks;
 pub mod source;

@@ -39,6 +39,7 @@ pub struct Metrics {
     sink_dead: Family<Labels, Counter>,
     reloads: Family<Labels, Counter>,
     last_reload: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    config_in_sync: Family<Labels, Gauge>,
     consumer_pending: Family<Labels, Gauge>,
     consumer_lag: Family<Labels, Gauge>,
     redis_up: Gauge,
@@ -66,6 +67,7 @@ impl Metrics {
             sink_dead: Family::default(),
             reloads: Family::default(),
             last_reload: Family::default(),
+            config_in_sync: Family::default(),
             consumer_pending: Family::default(),
             consumer_lag: Family::default(),
             redis_up: Gauge::default(),
@@ -121,6 +123,11 @@ impl Metrics {
             "last_reload_success_timestamp_seconds",
             "Unix time of the last successful reload, by kind",
             m.last_reload.clone(),
+        );
+        registry.register(
+            "config_in_sync",
+            "1 when what runs matches the files on disk; 0 while a reload failed, by kind",
+            m.config_in_sync.clone(),
         );
         registry.register(
             "consumer_pending",
@@ -336,6 +343,9 @@ pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: i64) {
 pub fn reload(kind: &str, ok: bool, detail: &str) {
     let m = get();
     let result = if ok { "success" } else { "failure" };
+    m.config_in_sync
+        .get_or_create(&vec![("kind", kind.to_string())])
+        .set(i64::from(ok));
     m.reloads
         .get_or_create(&vec![
             ("kind", kind.to_string()),

@@ -49,7 +49,8 @@ pub async fn ensure_groups(
 }
 
 /// Runs one sink until `shutdown`; in-flight deliveries finish first, and
-/// anything unacknowledged stays pending for the next start.
+/// anything unacknowledged stays pending for the next start. `ready` fires
+/// once the sink's groups exist, i.e. from when on no alert can miss it.
 pub async fn run(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
@@ -57,10 +58,32 @@ pub async fn run(
     consumer: String,
     target: RedisTarget,
     shutdown: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
     let mut write = LazyConn::new(target, Duration::from_secs(5));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        let created = match write.get().await {
+            Ok(c) => ensure_groups(c, &manifest.name, &outboxes, "$").await,
+            Err(e) => Err(e),
+        };
+        match created {
+            Ok(()) => break,
+            Err(e) => {
+                note_error(
+                    &format!("creating the groups of sink {}", manifest.name),
+                    &e,
+                );
+                write.reset();
+                if !pause(&mut backoff, &shutdown).await {
+                    return;
+                }
+            }
+        }
+    }
+    backoff.reset();
+    let _ = ready.send(());
     let mut draining: HashMap<String, String> =
         outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
     let group = group_name(&manifest.name);

@@ -10,6 +10,7 @@ pub mod console;
 pub mod dispatch;
 pub mod file;
 pub mod manifest;
+pub mod supervisor;
 
 use std::future::Future;
 use std::pin::Pin;
