@@ -94,7 +94,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let processor = Processor {
         engine: prepared.engine.clone(),
         rules: live_rules.clone(),
-        book: Arc::new(AlertBook::new(config.alerts.repeat_interval)),
+        book: Arc::new(AlertBook::new(config.alerts.policy())),
     };
 
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
@@ -190,6 +190,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             workers_stop.clone(),
         ));
     }
+    let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
+    streams.sort();
+    streams.dedup();
+    workers.spawn(source::timers::run(
+        shared.clone(),
+        streams,
+        config.alerts.timer_interval,
+        workers_stop.clone(),
+    ));
     workers.spawn(source::run_position_reporter(
         target.clone(),
         subs.clone(),

@@ -104,6 +104,29 @@ pub struct AlertPolicy {
     /// A still-firing alert is sent to the sinks again at most this often.
     #[serde(with = "humantime_serde")]
     pub repeat_interval: Duration,
+    /// A firing alert not re-asserted for this long resolves by itself;
+    /// `0s` turns that off (alerts then resolve only through `resolve`).
+    #[serde(with = "humantime_serde")]
+    pub resolve_timeout: Duration,
+    /// An alert changing state more often than this within `flap_window`
+    /// is held (no notifications) until it settles; 0 turns detection off.
+    pub flap_max_changes: u32,
+    #[serde(with = "humantime_serde")]
+    pub flap_window: Duration,
+    /// How often timers (auto-resolve, deadman, flap release) are checked.
+    #[serde(with = "humantime_serde")]
+    pub timer_interval: Duration,
+}
+
+impl AlertPolicy {
+    pub fn policy(&self) -> crate::alert::Policy {
+        crate::alert::Policy {
+            repeat_ms: self.repeat_interval.as_millis() as u64,
+            resolve_after_ms: self.resolve_timeout.as_millis() as u64,
+            flap_max_changes: self.flap_max_changes,
+            flap_window_ms: self.flap_window.as_millis() as u64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +252,10 @@ impl Default for AlertPolicy {
     fn default() -> Self {
         AlertPolicy {
             repeat_interval: Duration::from_secs(4 * 3600),
+            resolve_timeout: Duration::ZERO,
+            flap_max_changes: 0,
+            flap_window: Duration::from_secs(600),
+            timer_interval: Duration::from_secs(1),
         }
     }
 }
@@ -357,6 +384,14 @@ impl Config {
                 globset::Glob::new(g)
                     .map_err(|e| invalid(format!("{at}: bad rule glob `{g}`: {e}")))?;
             }
+        }
+        if self.alerts.timer_interval.is_zero() {
+            return Err(invalid("`alerts.timer_interval` must be positive".into()));
+        }
+        if self.alerts.flap_max_changes > 0 && self.alerts.flap_window.is_zero() {
+            return Err(invalid(
+                "`alerts.flap_window` must be positive when `flap_max_changes` is set".into(),
+            ));
         }
         if self.limits.max_operations == 0 {
             return Err(invalid("`limits.max_operations` must be positive".into()));

@@ -149,6 +149,7 @@ impl Metrics {
             env!("CARGO_PKG_VERSION").to_string(),
         )]);
         registry.register("build", "tripline build information", build);
+        registry.register_collector(Box::new(crate::rules::state::RuleGauges));
         Metrics { registry, ..m }
     }
 
@@ -271,6 +272,19 @@ pub fn alert_notified(alert: &Alert) {
                 }
                 .to_string(),
             ),
+        ])
+        .inc();
+}
+
+/// An alert from a rule in shadow mode: counted, never sent.
+pub fn alert_shadowed(alert: &Alert) {
+    tracing::debug!(rule = %alert.rule, alert = %alert.name, "shadow rule asserted an alert (not sent)");
+    get()
+        .alerts
+        .get_or_create(&vec![
+            ("rule", alert.rule.clone()),
+            ("severity", alert.severity.as_str().to_string()),
+            ("status", "shadow".to_string()),
         ])
         .inc();
 }

@@ -1,6 +1,7 @@
 //! The alert hand-off: alerts raised by a batch are appended to the outbox in
-//! the same MULTI/EXEC as the XACK of the entries that raised them, together
-//! with any dead-letters. A crash therefore loses neither: either the entries
+//! the same atomic step (one Lua script run) as the XACK of the entries that
+//! raised them, together with any dead-letters and the alert-state writes
+//! the alerts depend on. A crash therefore loses neither: either the entries
 //! are still pending (and will be judged again) or their alerts are queued.
 //!
 //! Keys are Redis Cluster-safe: everything in one MULTI hashes to the source
@@ -9,7 +10,7 @@
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 
-use crate::alert::Alert;
+use crate::alert::{Alert, Write};
 
 /// The part of a key Redis Cluster hashes: the first non-empty `{…}`, else
 /// the whole key.
@@ -38,6 +39,12 @@ pub fn dead_key(stream: &str) -> String {
 /// Field of an outbox entry that holds the alert as JSON.
 pub const ALERT_FIELD: &str = "alert";
 
+/// Hash holding the alert lifecycle state of alerts raised from `stream`
+/// (see `alert::book`), in the stream's slot.
+pub fn state_key(stream: &str) -> String {
+    format!("tripline:state:{{{}}}", hash_tag(stream))
+}
+
 /// An entry that goes to the dead-letter stream instead of the rules.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -48,68 +55,156 @@ pub struct DeadLetter {
 
 /// Everything one batch settles for one stream.
 #[derive(Debug, Default)]
-pub struct Settlement {
-    pub acks: Vec<String>,
-    pub alerts: Vec<Alert>,
-    pub dead: Vec<DeadLetter>,
+pub struct Settlement<'a> {
+    pub acks: &'a [String],
+    pub alerts: &'a [Alert],
+    pub dead: &'a [DeadLetter],
+    /// Versioned alert-state writes the alerts depend on.
+    pub writes: &'a [Write],
 }
 
-/// Writes alerts and dead-letters and acknowledges, atomically.
+/// How a commit ended.
+#[derive(Debug, PartialEq)]
+pub enum Committed {
+    Done,
+    /// Another instance changed these state fields since we read them;
+    /// nothing was written.
+    Conflict(Vec<String>),
+}
+
+/// Checks the state versions, then writes state, alerts and dead-letters and
+/// acknowledges — all or nothing, in one script run.
+const COMMIT_SCRIPT: &str = r"
+local state, outbox, dead, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local group, maxlen = ARGV[1], ARGV[2]
+local i = 3
+local ncas = tonumber(ARGV[i]); i = i + 1
+local conflicts = {}
+for c = 1, ncas do
+  local cur = redis.call('HGET', state, ARGV[i])
+  local ver = 0
+  if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
+  if ver ~= tonumber(ARGV[i + 1]) then conflicts[#conflicts + 1] = ARGV[i] end
+  i = i + 3
+end
+if #conflicts > 0 then
+  table.insert(conflicts, 1, 'conflict')
+  return conflicts
+end
+i = 4
+for c = 1, ncas do
+  if ARGV[i + 2] == '' then
+    redis.call('HDEL', state, ARGV[i])
+  else
+    redis.call('HSET', state, ARGV[i], ARGV[i + 2])
+  end
+  i = i + 3
+end
+local nnotes = tonumber(ARGV[i]); i = i + 1
+for n = 1, nnotes do
+  redis.call('XADD', outbox, 'MAXLEN', '~', maxlen, '*', 'alert', ARGV[i])
+  i = i + 1
+end
+local ndead = tonumber(ARGV[i]); i = i + 1
+for d = 1, ndead do
+  local nf = tonumber(ARGV[i + 2])
+  local args = {'XADD', dead, '*', 'tripline_source_stream', stream, 'tripline_source_id',
+    ARGV[i], 'tripline_group', group, 'tripline_reason', ARGV[i + 1]}
+  i = i + 3
+  for f = 1, nf * 2 do
+    args[#args + 1] = ARGV[i]
+    i = i + 1
+  end
+  redis.call(unpack(args))
+end
+local nacks = tonumber(ARGV[i]); i = i + 1
+local ids = {}
+for a = 1, nacks do
+  ids[#ids + 1] = ARGV[i]
+  i = i + 1
+  if #ids == 500 or a == nacks then
+    redis.call('XACK', stream, group, unpack(ids))
+    ids = {}
+  end
+end
+return {'done'}
+";
+
+fn script() -> &'static redis::Script {
+    static S: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    S.get_or_init(|| redis::Script::new(COMMIT_SCRIPT))
+}
+
+/// Commits one batch of `stream` (or, with no acks, a timer's decisions).
 pub async fn commit(
     conn: &mut MultiplexedConnection,
     stream: &str,
     group: &str,
     outbox_prefix: &str,
     outbox_max_len: u64,
-    s: &Settlement,
-) -> Result<(), RedisError> {
-    if s.acks.is_empty() {
-        return Ok(());
-    }
-    let mut pipe = redis::pipe();
-    pipe.atomic();
-    if !s.alerts.is_empty() {
-        let outbox = outbox_key(outbox_prefix, stream);
-        for alert in &s.alerts {
-            let json = serde_json::to_string(alert).expect("alerts always serialize");
-            pipe.cmd("XADD")
-                .arg(&outbox)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(outbox_max_len)
-                .arg("*")
-                .arg(ALERT_FIELD)
-                .arg(json)
-                .ignore();
-        }
-    }
-    if !s.dead.is_empty() {
-        let dead = dead_key(stream);
-        for d in &s.dead {
-            let mut cmd = redis::cmd("XADD");
-            cmd.arg(&dead)
-                .arg("*")
-                .arg("tripline_source_stream")
+    s: &Settlement<'_>,
+) -> Result<Committed, RedisError> {
+    if s.alerts.is_empty() && s.dead.is_empty() && s.writes.is_empty() {
+        if !s.acks.is_empty() {
+            let _: Value = redis::cmd("XACK")
                 .arg(stream)
-                .arg("tripline_source_id")
-                .arg(&d.id)
-                .arg("tripline_group")
                 .arg(group)
-                .arg("tripline_reason")
-                .arg(&d.reason);
-            for (k, v) in &d.fields {
-                cmd.arg(k.as_slice()).arg(v.as_slice());
-            }
-            pipe.add_command(cmd).ignore();
+                .arg(s.acks)
+                .query_async(conn)
+                .await?;
+        }
+        return Ok(Committed::Done);
+    }
+    let mut inv = script().prepare_invoke();
+    inv.key(state_key(stream))
+        .key(outbox_key(outbox_prefix, stream))
+        .key(dead_key(stream))
+        .key(stream)
+        .arg(group)
+        .arg(outbox_max_len)
+        .arg(s.writes.len());
+    for w in s.writes {
+        inv.arg(&w.field)
+            .arg(w.expected)
+            .arg(w.value.as_deref().unwrap_or(""));
+    }
+    inv.arg(s.alerts.len());
+    for a in s.alerts {
+        inv.arg(serde_json::to_string(a).expect("alerts always serialize"));
+    }
+    inv.arg(s.dead.len());
+    for d in s.dead {
+        inv.arg(&d.id).arg(&d.reason).arg(d.fields.len());
+        for (k, v) in &d.fields {
+            inv.arg(k.as_slice()).arg(v.as_slice());
         }
     }
-    pipe.cmd("XACK")
-        .arg(stream)
-        .arg(group)
-        .arg(&s.acks)
-        .ignore();
-    let _: Value = pipe.query_async(conn).await?;
-    Ok(())
+    inv.arg(s.acks.len());
+    for id in s.acks {
+        inv.arg(id);
+    }
+    let reply: Vec<String> = inv.invoke_async(conn).await?;
+    match reply.split_first() {
+        Some((tag, fields)) if tag == "conflict" => Ok(Committed::Conflict(fields.to_vec())),
+        _ => Ok(Committed::Done),
+    }
+}
+
+/// Current values of alert-state fields (after a conflict).
+pub async fn read_state(
+    conn: &mut MultiplexedConnection,
+    stream: &str,
+    fields: &[String],
+) -> Result<Vec<(String, Option<String>)>, RedisError> {
+    if fields.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values: Vec<Option<String>> = redis::cmd("HMGET")
+        .arg(state_key(stream))
+        .arg(fields)
+        .query_async(conn)
+        .await?;
+    Ok(fields.iter().cloned().zip(values).collect())
 }
 
 #[cfg(test)]

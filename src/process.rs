@@ -9,9 +9,10 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rhai::{Dynamic, Engine, Map};
 
-use crate::alert::{Alert, AlertBook, Origin, Status, Transition, fingerprint};
+use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, Transition, fingerprint};
 use crate::decode;
-use crate::rules::{LogLevel, RuleSet};
+use crate::metrics;
+use crate::rules::{LogLevel, Message, RawAlert, RuleSet};
 
 /// A compiled rule set plus, per subscription, which of its rules apply.
 /// Swapped whole on reload, so a batch sees one consistent version.
@@ -61,26 +62,50 @@ pub enum Verdict {
     Undecodable(String),
 }
 
-/// The result of judging one entry.
+/// What the rules made of one entry, before the alert lifecycle decides
+/// what to notify.
+pub struct Evaluated {
+    pub verdict: Verdict,
+    /// Alert assertions, in rule order, for [`AlertBook::decide`].
+    pub actions: Vec<Action>,
+    /// Log lines the rules asked for: (rule, level, text).
+    pub logs: Vec<(String, LogLevel, String)>,
+}
+
+/// The result of judging one entry, lifecycle included (offline use).
 pub struct Output {
     pub verdict: Verdict,
-    /// Notifications to commit to the outbox with this entry's ack.
+    /// Notifications to send.
     pub notifications: Vec<Alert>,
-    /// Alert-book changes to undo if that commit fails.
+    /// Alert-book changes to undo if they cannot be committed.
     pub transitions: Vec<Transition>,
     /// Log lines the rules asked for: (rule, level, text).
     pub logs: Vec<(String, LogLevel, String)>,
 }
 
 impl Processor {
+    /// Judges one entry and runs the alert lifecycle on the cached state:
+    /// what `test` and `replay` use. The consumer loop calls
+    /// [`Processor::evaluate`] and decides per batch instead, so it can
+    /// retry the decisions when another instance changed the state.
     pub fn process(&self, loaded: &LoadedRules, input: &Input) -> Output {
-        let mut out = Output {
+        let e = self.evaluate(loaded, input);
+        let d = self.book.decide(&e.actions);
+        Output {
+            verdict: e.verdict,
+            notifications: d.notifications,
+            transitions: d.undo,
+            logs: e.logs,
+        }
+    }
+
+    pub fn evaluate(&self, loaded: &LoadedRules, input: &Input) -> Evaluated {
+        let mut out = Evaluated {
             verdict: Verdict::Processed {
                 dropped: false,
                 rule_errors: 0,
             },
-            notifications: Vec::new(),
-            transitions: Vec::new(),
+            actions: Vec::new(),
             logs: Vec::new(),
         };
         let decoded = match decode::decode(input.fields) {
@@ -93,15 +118,27 @@ impl Processor {
         let Some(selected) = loaded.selections.get(input.subscription) else {
             return out;
         };
-        let ctx = context(input, decoded.metadata, decoded.uuid);
+        let event_ms = event_time(&decoded.body).unwrap_or(input.now_ms);
+        let ctx = context(input, decoded.metadata, decoded.uuid, event_ms);
         let msg = decoded.body.into_shared();
-        let results =
-            loaded
-                .set
-                .evaluate(&self.engine, selected, input.stream, &msg, &ctx, input.id);
+        let results = loaded.set.evaluate(
+            &self.engine,
+            selected,
+            &Message {
+                stream: input.stream,
+                body: &msg,
+                ctx: &ctx,
+                id: input.id,
+                now_ms: event_ms,
+            },
+        );
         let mut dropped = false;
         let mut rule_errors = 0;
-        let now = rfc3339(input.now_ms);
+        let origin = Origin {
+            stream: input.stream.to_string(),
+            id: input.id.to_string(),
+            group: input.group.to_string(),
+        };
         for r in results {
             let rule = &loaded.set.rules[r.rule];
             let Ok(actions) = r.outcome else {
@@ -112,42 +149,42 @@ impl Processor {
             for (level, text) in actions.logs {
                 out.logs.push((rule.name.clone(), level, text));
             }
-            for raw in actions.alerts {
-                let name = raw.name.unwrap_or_else(|| rule.name.clone());
-                let fp = fingerprint(&rule.name, &name, &raw.labels);
-                let alert = Alert {
-                    fingerprint: format!("{fp:016x}"),
-                    rule: rule.name.clone(),
-                    name,
-                    severity: raw.severity,
-                    status: Status::Firing,
-                    labels: raw.labels,
-                    annotations: raw.annotations,
-                    starts_at: now.clone(),
-                    ends_at: None,
-                    origin: Origin {
-                        stream: input.stream.to_string(),
-                        id: input.id.to_string(),
-                        group: input.group.to_string(),
-                    },
-                };
-                if let Some((n, t)) = self.book.fire(fp, alert, input.now_ms) {
-                    out.notifications.push(n);
-                    out.transitions.push(t);
-                }
-            }
-            for raw in actions.resolves {
-                let name = raw.name.unwrap_or_else(|| rule.name.clone());
-                let fp = fingerprint(&rule.name, &name, &raw.labels);
-                if let Some((mut n, t)) = self.book.resolve(fp, now.clone()) {
-                    n.origin = Origin {
-                        stream: input.stream.to_string(),
-                        id: input.id.to_string(),
-                        group: input.group.to_string(),
+            let asserted = actions
+                .alerts
+                .into_iter()
+                .map(|raw| {
+                    let kind = ActionKind::Fire {
+                        for_ms: raw.for_ms,
+                        resolve_after_ms: raw.resolve_after_ms,
                     };
-                    out.notifications.push(n);
-                    out.transitions.push(t);
+                    (kind, raw)
+                })
+                .chain(
+                    actions
+                        .resolves
+                        .into_iter()
+                        .map(|raw| (ActionKind::Resolve, raw)),
+                )
+                .chain(
+                    actions
+                        .deadmen
+                        .into_iter()
+                        .map(|(raw, after_ms)| (ActionKind::Deadman { after_ms }, raw)),
+                );
+            for (kind, raw) in asserted {
+                let (fp, alert) = build_alert(&rule.name, raw, &origin);
+                if rule.shadow {
+                    if kind != ActionKind::Resolve {
+                        metrics::alert_shadowed(&alert);
+                    }
+                    continue;
                 }
+                out.actions.push(Action {
+                    fp,
+                    kind,
+                    alert,
+                    now_ms: input.now_ms,
+                });
             }
         }
         out.verdict = Verdict::Processed {
@@ -158,7 +195,94 @@ impl Processor {
     }
 }
 
-fn context(input: &Input, metadata: Map, uuid: Option<String>) -> Dynamic {
+/// Gives a rule's alert its identity and fills `{{label}}`, `{{value}}` and
+/// `{{name}}` placeholders in its annotations.
+fn build_alert(rule: &str, raw: RawAlert, origin: &Origin) -> (u64, Alert) {
+    let name = raw.name.unwrap_or_else(|| rule.to_string());
+    let fp = fingerprint(rule, &name, &raw.labels);
+    let annotations = raw
+        .annotations
+        .into_iter()
+        .map(|(k, v)| {
+            let filled = template(&v, &name, &raw.labels, raw.value.as_deref());
+            (k, filled)
+        })
+        .collect();
+    let alert = Alert {
+        fingerprint: format!("{fp:016x}"),
+        rule: rule.to_string(),
+        name,
+        severity: raw.severity,
+        status: Status::Firing,
+        labels: raw.labels,
+        annotations,
+        starts_at: String::new(),
+        ends_at: None,
+        origin: origin.clone(),
+    };
+    (fp, alert)
+}
+
+fn template(
+    text: &str,
+    name: &str,
+    labels: &std::collections::BTreeMap<String, String>,
+    value: Option<&str>,
+) -> String {
+    if !text.contains("{{") {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else {
+            out.push_str(&rest[start..]);
+            return out;
+        };
+        let key = after[..end].trim();
+        let key = key.strip_prefix("labels.").unwrap_or(key);
+        match key {
+            "value" => out.push_str(value.unwrap_or("")),
+            "name" | "alertname" => out.push_str(name),
+            k => match labels.get(k) {
+                Some(v) => out.push_str(v),
+                None => out.push_str(&rest[start..start + 2 + end + 2]),
+            },
+        }
+        rest = &after[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The message's own time, from a `timestamp`, `ts` or `time` field: epoch
+/// seconds, milliseconds, microseconds or nanoseconds, or RFC 3339.
+fn event_time(body: &Dynamic) -> Option<u64> {
+    let map = body.read_lock::<Map>()?;
+    let v = ["timestamp", "ts", "time"]
+        .iter()
+        .find_map(|k| map.get(*k))?;
+    if let Ok(i) = v.as_int() {
+        let i = u64::try_from(i).ok()?;
+        return Some(match i {
+            0..100_000_000_000 => i * 1000,
+            100_000_000_000..100_000_000_000_000 => i,
+            100_000_000_000_000..100_000_000_000_000_000 => i / 1000,
+            _ => i / 1_000_000,
+        });
+    }
+    if let Ok(f) = v.as_float() {
+        return (f > 0.0 && f < 1e11).then_some((f * 1000.0) as u64);
+    }
+    let s = v.clone().into_string().ok()?;
+    chrono::DateTime::parse_from_rfc3339(&s)
+        .ok()
+        .and_then(|d| u64::try_from(d.timestamp_millis()).ok())
+}
+
+fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) -> Dynamic {
     let mut ctx = Map::new();
     ctx.insert("stream".into(), input.stream.into());
     ctx.insert("id".into(), input.id.into());
@@ -172,10 +296,8 @@ fn context(input: &Input, metadata: Map, uuid: Option<String>) -> Dynamic {
         "uuid".into(),
         uuid.map(Dynamic::from).unwrap_or(Dynamic::UNIT),
     );
-    ctx.insert(
-        "timestamp_ms".into(),
-        Dynamic::from_int(input.now_ms as i64),
-    );
+    ctx.insert("timestamp_ms".into(), Dynamic::from_int(event_ms as i64));
+    ctx.insert("received_ms".into(), Dynamic::from_int(input.now_ms as i64));
     Dynamic::from_map(ctx)
 }
 
@@ -192,4 +314,36 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_labels_value_and_name() {
+        let labels = [("hostname".to_string(), "r1".to_string())].into();
+        assert_eq!(
+            template(
+                "{{hostname}} {{ labels.hostname }}: {{value}} ({{name}}) {{nope}}",
+                "A",
+                &labels,
+                Some("7")
+            ),
+            "r1 r1: 7 (A) {{nope}}"
+        );
+    }
+
+    #[test]
+    fn event_time_units() {
+        let t =
+            |json: &str| event_time(&serde_json::from_str::<Dynamic>(json).unwrap().into_shared());
+        assert_eq!(t(r#"{"timestamp": 1700000000}"#), Some(1_700_000_000_000));
+        assert_eq!(t(r#"{"ts": 1700000000123}"#), Some(1_700_000_000_123));
+        assert_eq!(
+            t(r#"{"time": "2023-11-14T22:13:20Z"}"#),
+            Some(1_700_000_000_000)
+        );
+        assert_eq!(t(r#"{"x": 1}"#), None);
+    }
 }

@@ -1,118 +1,584 @@
-//! Which alerts are firing, so an alert asserted on every message is sent
-//! once (and again each repeat interval), and a resolve is sent only for an
-//! alert that was firing.
+//! The alert lifecycle: pending (`for`) → firing → resolved, repeat
+//! intervals, auto-resolve, deadman watches and flap holding.
 //!
-//! Transitions are provisional until the batch that caused them is committed:
-//! if the commit fails, [`AlertBook::rollback`] restores the previous state so
-//! the redelivered messages raise the same notifications again.
+//! The truth lives in Redis (one hash per stream hash tag, field =
+//! fingerprint, value = `<version>|<json entry>`), so every instance in a
+//! group sees the same state. Each instance keeps a cache of it and decides
+//! transitions locally; a commit then writes them with compare-and-set on the
+//! versions it relied on (see `outbox::commit`). If another instance changed
+//! one of those entries first, the commit is refused, the cache refreshed and
+//! the decisions taken again, so two instances never both notify, and a
+//! resolve is never lost because the other instance saw the firing.
+//!
+//! Offline (`test`, `replay`) the same code runs on the cache alone.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use super::{Alert, Status};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone)]
-struct Entry {
-    /// The last firing notification, kept to build the resolve from it.
-    alert: Alert,
-    /// Milliseconds since the epoch of the last notification sent.
-    notified_ms: u64,
+use super::{Alert, Status};
+use crate::process::rfc3339;
+
+/// Lifecycle policy shared by every alert.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    /// A firing alert is re-notified at most this often.
+    pub repeat_ms: u64,
+    /// An alert not re-asserted for this long resolves by itself; 0 = never.
+    pub resolve_after_ms: u64,
+    /// More state changes than this within `flap_window_ms` hold
+    /// notifications until the alert settles; 0 = no flap detection.
+    pub flap_max_changes: u32,
+    pub flap_window_ms: u64,
 }
 
-/// A change made by one assertion, undone if its batch fails to commit.
+/// What a rule asked for about one alert identity.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ActionKind {
+    /// Condition holds; fire after it has held `for_ms`. `resolve_after_ms`
+    /// overrides the policy when set.
+    Fire {
+        for_ms: u64,
+        resolve_after_ms: Option<u64>,
+    },
+    /// Condition cleared.
+    Resolve,
+    /// The series reported; fire if it then stays silent for `after_ms`.
+    Deadman { after_ms: u64 },
+}
+
+/// One assertion from one message, with the alert fully built.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub fp: u64,
+    pub kind: ActionKind,
+    /// The alert as the rule described it (status firing; `starts_at` is
+    /// replaced by the lifecycle).
+    pub alert: Alert,
+    pub now_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Phase {
+    /// Condition holds, `for` not yet elapsed.
+    Pending,
+    Firing,
+    /// A deadman watch whose series is reporting.
+    Watching,
+    /// Resolved, kept only while flap detection needs its history.
+    Resolved,
+}
+
+/// The persisted state of one alert identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Entry {
+    phase: Phase,
+    /// When the condition started holding (pending) or the alert fired.
+    since: u64,
+    /// Last notification sent.
+    notified: u64,
+    /// Last assertion seen.
+    seen: u64,
+    /// `for` duration of a pending alert.
+    #[serde(default)]
+    for_ms: u64,
+    /// Auto-resolve delay of this alert (0 = never).
+    #[serde(default)]
+    resolve_after_ms: u64,
+    /// Deadman: silence allowed before firing.
+    #[serde(default)]
+    deadman_ms: u64,
+    /// Timestamps of recent state changes, for flap detection.
+    #[serde(default)]
+    changes: Vec<u64>,
+    /// Notifications are held because the alert flaps.
+    #[serde(default)]
+    held: bool,
+    alert: Alert,
+}
+
+/// A versioned write of one fingerprint, checked against `expected` at commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Write {
+    /// Stream whose state hash holds this alert (its origin).
+    pub stream: String,
+    /// Hash field: the fingerprint in hex.
+    pub field: String,
+    /// Version the decision was based on (0 = absent).
+    pub expected: u64,
+    /// New `<version>|<json>` value, or `None` to delete.
+    pub value: Option<String>,
+}
+
+/// How to undo one cached change if its commit fails.
 #[derive(Debug)]
 pub struct Transition {
-    fingerprint: u64,
-    previous: Option<Entry>,
+    fp: u64,
+    previous: Cached,
+}
+
+impl Transition {
+    pub fn field(&self) -> String {
+        field(self.fp)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Cached {
+    version: u64,
+    entry: Option<Entry>,
+}
+
+/// Decisions for a set of actions.
+#[derive(Debug, Default)]
+pub struct Decision {
+    pub notifications: Vec<Alert>,
+    /// One write per touched fingerprint (collapsed), for the commit.
+    pub writes: Vec<Write>,
+    pub undo: Vec<Transition>,
 }
 
 #[derive(Debug)]
 pub struct AlertBook {
-    firing: Mutex<HashMap<u64, Entry>>,
-    /// Minimum gap between two notifications of a still-firing alert.
-    repeat_ms: u64,
+    cache: Mutex<HashMap<u64, Cached>>,
+    policy: Policy,
+}
+
+pub fn field(fp: u64) -> String {
+    format!("{fp:016x}")
+}
+
+fn parse_field(f: &str) -> Option<u64> {
+    u64::from_str_radix(f, 16).ok()
+}
+
+fn encode(version: u64, e: &Entry) -> String {
+    format!(
+        "{version}|{}",
+        serde_json::to_string(e).expect("entries serialize")
+    )
+}
+
+fn decode(raw: &str) -> Option<(u64, Entry)> {
+    let (v, json) = raw.split_once('|')?;
+    Some((v.parse().ok()?, serde_json::from_str(json).ok()?))
 }
 
 impl AlertBook {
-    pub fn new(repeat_interval: std::time::Duration) -> Self {
+    pub fn new(policy: Policy) -> Self {
         AlertBook {
-            firing: Mutex::new(HashMap::new()),
-            repeat_ms: repeat_interval.as_millis() as u64,
+            cache: Mutex::new(HashMap::new()),
+            policy,
         }
     }
 
-    /// Records that `alert` (status firing) holds at `now_ms`; returns the
-    /// notification to send, if any.
-    pub fn fire(&self, fp: u64, mut alert: Alert, now_ms: u64) -> Option<(Alert, Transition)> {
-        let mut firing = self.firing.lock().expect("alert book poisoned");
-        match firing.get_mut(&fp) {
-            Some(entry)
-                if now_ms.saturating_sub(entry.notified_ms) < self.repeat_ms
-                    && entry.alert.severity == alert.severity =>
-            {
-                None
+    /// Applies `actions` in order to the cached state; returns the
+    /// notifications and the versioned writes that make them durable.
+    pub fn decide(&self, actions: &[Action]) -> Decision {
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        let mut d = Decision::default();
+        let mut first_version: HashMap<u64, (u64, &str)> = HashMap::new();
+        for a in actions {
+            let cur = cache.get(&a.fp).cloned().unwrap_or_default();
+            first_version
+                .entry(a.fp)
+                .or_insert((cur.version, &a.alert.origin.stream));
+            let (next, note) = self.step(cur.entry.clone(), a);
+            if next == cur.entry && note.is_none() {
+                continue;
             }
-            Some(entry) => {
-                let previous = entry.clone();
-                alert.starts_at = entry.alert.starts_at.clone();
-                entry.alert = alert.clone();
-                entry.notified_ms = now_ms;
-                Some((
-                    alert,
-                    Transition {
-                        fingerprint: fp,
-                        previous: Some(previous),
-                    },
-                ))
+            d.undo.push(Transition {
+                fp: a.fp,
+                previous: cur.clone(),
+            });
+            cache.insert(
+                a.fp,
+                Cached {
+                    version: cur.version + 1,
+                    entry: next,
+                },
+            );
+            if let Some(n) = note {
+                d.notifications.push(n);
             }
-            None => {
-                firing.insert(
+        }
+        for (fp, (expected, stream)) in first_version {
+            let Some(now) = cache.get(&fp) else { continue };
+            if now.version == expected {
+                continue;
+            }
+            d.writes.push(Write {
+                stream: stream.to_string(),
+                field: field(fp),
+                expected,
+                value: now.entry.as_ref().map(|e| encode(now.version, e)),
+            });
+        }
+        d.writes.sort_by(|a, b| a.field.cmp(&b.field));
+        d
+    }
+
+    /// The state machine for one action on one entry.
+    fn step(&self, entry: Option<Entry>, a: &Action) -> (Option<Entry>, Option<Alert>) {
+        let now = a.now_ms;
+        // A resolved tombstone is "absent" except for its flap history.
+        let (entry, history) = match entry {
+            Some(e) if e.phase == Phase::Resolved => (None, Some(e)),
+            other => (other, None),
+        };
+        let (changes, held) = history.map(|h| (h.changes, h.held)).unwrap_or_default();
+        match (&a.kind, entry) {
+            (
+                ActionKind::Fire {
+                    for_ms,
+                    resolve_after_ms,
+                },
+                None,
+            ) => {
+                let mut e = Entry {
+                    phase: Phase::Pending,
+                    since: now,
+                    notified: 0,
+                    seen: now,
+                    for_ms: *for_ms,
+                    resolve_after_ms: resolve_after_ms.unwrap_or(self.policy.resolve_after_ms),
+                    deadman_ms: 0,
+                    changes,
+                    held,
+                    alert: a.alert.clone(),
+                };
+                if *for_ms == 0 {
+                    let note = self.fire(&mut e, now);
+                    (Some(e), note)
+                } else {
+                    (Some(e), None)
+                }
+            }
+            (ActionKind::Fire { for_ms, .. }, Some(mut e)) => match e.phase {
+                Phase::Pending => {
+                    e.seen = now;
+                    e.for_ms = *for_ms;
+                    e.alert = a.alert.clone();
+                    if now.saturating_sub(e.since) >= e.for_ms {
+                        let note = self.fire(&mut e, now);
+                        (Some(e), note)
+                    } else {
+                        (Some(e), None)
+                    }
+                }
+                Phase::Firing => {
+                    let escalated = e.alert.severity != a.alert.severity;
+                    let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
+                    // `seen` only matters for auto-resolve; not rewriting it
+                    // on every message keeps steady firing free of writes.
+                    let refresh_seen = e.resolve_after_ms > 0
+                        && now.saturating_sub(e.seen) * 10 >= e.resolve_after_ms;
+                    if !(escalated || due || refresh_seen) {
+                        return (Some(e), None);
+                    }
+                    e.seen = now;
+                    if !(escalated || due) {
+                        return (Some(e), None);
+                    }
+                    let starts = e.alert.starts_at.clone();
+                    e.alert = a.alert.clone();
+                    e.alert.starts_at = starts;
+                    e.notified = now;
+                    let note = (!e.held).then(|| e.alert.clone());
+                    (Some(e), note)
+                }
+                Phase::Watching | Phase::Resolved => (Some(e), None),
+            },
+            (ActionKind::Resolve, Some(mut e)) => match e.phase {
+                Phase::Pending => (None, None),
+                Phase::Firing => {
+                    let note = self.resolved(&mut e, now);
+                    (self.tombstone(e), note)
+                }
+                Phase::Watching | Phase::Resolved => (Some(e), None),
+            },
+            (ActionKind::Resolve, None) => (None, None),
+            (ActionKind::Deadman { after_ms }, None) => (
+                Some(Entry {
+                    phase: Phase::Watching,
+                    since: now,
+                    notified: 0,
+                    seen: now,
+                    for_ms: 0,
+                    resolve_after_ms: 0,
+                    deadman_ms: *after_ms,
+                    changes,
+                    held,
+                    alert: a.alert.clone(),
+                }),
+                None,
+            ),
+            (ActionKind::Deadman { after_ms }, Some(mut e)) => {
+                if e.phase == Phase::Firing {
+                    // The series reports again: the silence is over.
+                    let note = self.resolved(&mut e, now);
+                    e.phase = Phase::Watching;
+                    e.seen = now;
+                    e.deadman_ms = *after_ms;
+                    e.alert = a.alert.clone();
+                    return (Some(e), note);
+                }
+                // Write the new deadline only when it moved by a tenth of the
+                // window: one write per series per window/10, not per message.
+                if now.saturating_sub(e.seen) * 10 < *after_ms && e.deadman_ms == *after_ms {
+                    return (Some(e), None);
+                }
+                e.seen = now;
+                e.deadman_ms = *after_ms;
+                e.alert = a.alert.clone();
+                (Some(e), None)
+            }
+        }
+    }
+
+    fn note_change(&self, e: &mut Entry, now: u64) {
+        if self.policy.flap_max_changes == 0 {
+            return;
+        }
+        let window = self.policy.flap_window_ms;
+        e.changes.retain(|t| now.saturating_sub(*t) < window);
+        e.changes.push(now);
+        let flapping = e.changes.len() as u32 > self.policy.flap_max_changes;
+        if flapping && !e.held {
+            tracing::warn!(alert = %e.alert.name, fingerprint = %e.alert.fingerprint, "alert is flapping; holding its notifications until it settles");
+        }
+        e.held = flapping;
+    }
+
+    /// What remains of a resolved entry: its flap history when flap
+    /// detection is on, else nothing.
+    fn tombstone(&self, mut e: Entry) -> Option<Entry> {
+        if self.policy.flap_max_changes == 0 {
+            return None;
+        }
+        e.phase = Phase::Resolved;
+        Some(e)
+    }
+
+    fn fire(&self, e: &mut Entry, now: u64) -> Option<Alert> {
+        e.phase = Phase::Firing;
+        e.since = now;
+        e.notified = now;
+        e.seen = now;
+        e.alert.status = Status::Firing;
+        e.alert.starts_at = rfc3339(now);
+        e.alert.ends_at = None;
+        self.note_change(e, now);
+        (!e.held).then(|| e.alert.clone())
+    }
+
+    fn resolved(&self, e: &mut Entry, now: u64) -> Option<Alert> {
+        self.note_change(e, now);
+        let mut n = e.alert.clone();
+        n.status = Status::Resolved;
+        n.ends_at = Some(rfc3339(now));
+        (!e.held).then_some(n)
+    }
+
+    /// Timer-driven transitions at `now`: auto-resolve of alerts not
+    /// re-asserted, deadman watches whose series went silent.
+    pub fn due(&self, now: u64) -> Decision {
+        let candidates: Vec<(u64, Entry)> = {
+            let cache = self.cache.lock().expect("alert book poisoned");
+            cache
+                .iter()
+                .filter_map(|(fp, c)| c.entry.clone().map(|e| (*fp, e)))
+                .filter(|(_, e)| {
+                    self.settled(e, now)
+                        || match e.phase {
+                            Phase::Firing => {
+                                e.resolve_after_ms > 0
+                                    && now.saturating_sub(e.seen) >= e.resolve_after_ms
+                            }
+                            Phase::Resolved => e.changes.last().is_none_or(|t| {
+                                now.saturating_sub(*t) >= self.policy.flap_window_ms
+                            }),
+                            Phase::Watching => now.saturating_sub(e.seen) >= e.deadman_ms,
+                            Phase::Pending => {
+                                // A pending alert whose condition stopped being
+                                // asserted long ago is dropped, never fired.
+                                now.saturating_sub(e.seen) >= e.for_ms.max(1) * 2
+                            }
+                        }
+                })
+                .collect()
+        };
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        let mut d = Decision::default();
+        for (fp, mut e) in candidates {
+            let Some(cur) = cache.get(&fp).cloned() else {
+                continue;
+            };
+            if cur.entry.as_ref() != Some(&e) {
+                continue;
+            }
+            let stream = e.alert.origin.stream.clone();
+            let (next, note) = if self.settled(&e, now) {
+                // Flapping stopped a window ago: release the hold and tell
+                // the sinks where the alert stands now.
+                e.held = false;
+                e.changes.clear();
+                match e.phase {
+                    Phase::Firing => {
+                        let note = e.alert.clone();
+                        (Some(e), Some(note))
+                    }
+                    Phase::Resolved => {
+                        let mut note = e.alert.clone();
+                        note.status = Status::Resolved;
+                        note.ends_at.get_or_insert_with(|| rfc3339(now));
+                        (None, Some(note))
+                    }
+                    _ => (Some(e), None),
+                }
+            } else if e.phase == Phase::Resolved {
+                (None, None)
+            } else {
+                match e.phase {
+                    Phase::Firing => {
+                        let note = self.resolved(&mut e, now);
+                        if e.deadman_ms > 0 {
+                            e.phase = Phase::Watching;
+                            e.seen = now;
+                            (Some(e), note)
+                        } else {
+                            (self.tombstone(e), note)
+                        }
+                    }
+                    Phase::Watching => {
+                        let note = self.fire(&mut e, now);
+                        (Some(e), note)
+                    }
+                    Phase::Pending | Phase::Resolved => (None, None),
+                }
+            };
+            d.undo.push(Transition {
+                fp,
+                previous: cur.clone(),
+            });
+            let version = cur.version + 1;
+            d.writes.push(Write {
+                stream,
+                field: field(fp),
+                expected: cur.version,
+                value: next.as_ref().map(|e| encode(version, e)),
+            });
+            cache.insert(
+                fp,
+                Cached {
+                    version,
+                    entry: next,
+                },
+            );
+            if let Some(n) = note {
+                d.notifications.push(n);
+            }
+        }
+        d
+    }
+
+    /// A held (flapping) alert whose last change is a whole window old.
+    fn settled(&self, e: &Entry, now: u64) -> bool {
+        e.held
+            && e.changes
+                .last()
+                .is_none_or(|t| now.saturating_sub(*t) >= self.policy.flap_window_ms)
+    }
+
+    /// Undoes cached changes, newest first, after their commit failed.
+    pub fn rollback(&self, undo: Vec<Transition>) {
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        for t in undo.into_iter().rev() {
+            cache.insert(t.fp, t.previous);
+        }
+    }
+
+    /// Replaces cached entries with what Redis holds (`None` = absent).
+    pub fn refresh(&self, fields: Vec<(String, Option<String>)>) {
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        for (f, raw) in fields {
+            let Some(fp) = parse_field(&f) else { continue };
+            let cached = match raw.as_deref().and_then(decode) {
+                Some((version, entry)) => Cached {
+                    version,
+                    entry: Some(entry),
+                },
+                None => Cached::default(),
+            };
+            cache.insert(fp, cached);
+        }
+    }
+
+    /// Replaces everything cached for the streams whose hash tag is `tag`
+    /// with what Redis holds there: picks up alerts other instances raised
+    /// (so this instance's timers cover them) and forgets deleted ones.
+    pub fn load_partition(&self, tag: &str, fields: Vec<(String, String)>) {
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        cache.retain(|_, c| {
+            c.entry
+                .as_ref()
+                .is_none_or(|e| crate::outbox::hash_tag(&e.alert.origin.stream) != tag)
+        });
+        for (f, raw) in fields {
+            if let (Some(fp), Some((version, entry))) = (parse_field(&f), decode(&raw)) {
+                cache.insert(
                     fp,
-                    Entry {
-                        alert: alert.clone(),
-                        notified_ms: now_ms,
+                    Cached {
+                        version,
+                        entry: Some(entry),
                     },
                 );
-                Some((
-                    alert,
-                    Transition {
-                        fingerprint: fp,
-                        previous: None,
-                    },
-                ))
             }
         }
     }
 
-    /// Resolves the alert `fp` if it is firing; returns the notification.
-    pub fn resolve(&self, fp: u64, ends_at: String) -> Option<(Alert, Transition)> {
-        let mut firing = self.firing.lock().expect("alert book poisoned");
-        let entry = firing.remove(&fp)?;
-        let mut alert = entry.alert.clone();
-        alert.status = Status::Resolved;
-        alert.ends_at = Some(ends_at);
-        Some((
-            alert,
-            Transition {
-                fingerprint: fp,
-                previous: Some(entry),
-            },
-        ))
-    }
-
-    /// Undoes transitions, newest first, after their batch failed to commit.
-    pub fn rollback(&self, transitions: Vec<Transition>) {
-        let mut firing = self.firing.lock().expect("alert book poisoned");
-        for t in transitions.into_iter().rev() {
-            match t.previous {
-                Some(entry) => firing.insert(t.fingerprint, entry),
-                None => firing.remove(&t.fingerprint),
-            };
+    /// Drops the state of rules that no longer exist; returns the resolved
+    /// notifications of their firing alerts and the writes that delete them.
+    pub fn forget_rules(&self, removed: &[String], now: u64) -> Decision {
+        let mut cache = self.cache.lock().expect("alert book poisoned");
+        let mut d = Decision::default();
+        let doomed: Vec<u64> = cache
+            .iter()
+            .filter(|(_, c)| {
+                c.entry
+                    .as_ref()
+                    .is_some_and(|e| removed.contains(&e.alert.rule))
+            })
+            .map(|(fp, _)| *fp)
+            .collect();
+        for fp in doomed {
+            let cur = cache.remove(&fp).expect("listed");
+            let mut e = cur.entry.clone().expect("filtered on entry");
+            if e.phase == Phase::Firing
+                && let Some(n) = self.resolved(&mut e, now)
+            {
+                d.notifications.push(n);
+            }
+            d.writes.push(Write {
+                stream: e.alert.origin.stream.clone(),
+                field: field(fp),
+                expected: cur.version,
+                value: None,
+            });
+            d.undo.push(Transition { fp, previous: cur });
         }
+        d
     }
 
     pub fn firing_count(&self) -> usize {
-        self.firing.lock().expect("alert book poisoned").len()
+        self.cache
+            .lock()
+            .expect("alert book poisoned")
+            .values()
+            .filter(|c| c.entry.as_ref().is_some_and(|e| e.phase == Phase::Firing))
+            .count()
     }
 }
 
@@ -120,60 +586,168 @@ impl AlertBook {
 mod tests {
     use super::super::{Origin, Severity};
     use super::*;
-    use std::time::Duration;
 
-    fn alert() -> Alert {
+    const MIN: u64 = 60_000;
+
+    fn policy() -> Policy {
+        Policy {
+            repeat_ms: 60 * MIN,
+            resolve_after_ms: 0,
+            flap_max_changes: 0,
+            flap_window_ms: 10 * MIN,
+        }
+    }
+
+    fn alert(sev: Severity) -> Alert {
         Alert {
             fingerprint: "1".into(),
             rule: "r".into(),
             name: "n".into(),
-            severity: Severity::Major,
+            severity: sev,
             status: Status::Firing,
             labels: Default::default(),
             annotations: Default::default(),
-            starts_at: "t0".into(),
+            starts_at: String::new(),
             ends_at: None,
             origin: Origin::default(),
         }
     }
 
-    #[test]
-    fn fires_once_then_repeats_after_interval() {
-        let book = AlertBook::new(Duration::from_secs(60));
-        assert!(book.fire(1, alert(), 0).is_some());
-        assert!(book.fire(1, alert(), 59_999).is_none());
-        let (again, _) = book.fire(1, alert(), 60_000).unwrap();
-        assert_eq!(again.starts_at, "t0");
+    fn act(kind: ActionKind, now: u64) -> Action {
+        Action {
+            fp: 1,
+            kind,
+            alert: alert(Severity::Major),
+            now_ms: now,
+        }
+    }
+
+    fn fire(for_ms: u64, now: u64) -> Action {
+        act(
+            ActionKind::Fire {
+                for_ms,
+                resolve_after_ms: None,
+            },
+            now,
+        )
+    }
+
+    fn notes(book: &AlertBook, a: Action) -> Vec<Status> {
+        book.decide(&[a])
+            .notifications
+            .iter()
+            .map(|n| n.status)
+            .collect()
     }
 
     #[test]
-    fn severity_change_notifies_at_once() {
-        let book = AlertBook::new(Duration::from_secs(60));
-        book.fire(1, alert(), 0).unwrap();
-        let mut worse = alert();
-        worse.severity = Severity::Critical;
-        assert!(book.fire(1, worse, 1).is_some());
+    fn fires_once_then_repeats_after_interval() {
+        let book = AlertBook::new(policy());
+        assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
+        assert!(notes(&book, fire(0, 59 * MIN)).is_empty());
+        assert_eq!(notes(&book, fire(0, 60 * MIN)), [Status::Firing]);
+    }
+
+    #[test]
+    fn for_holds_until_elapsed_and_never_fires_if_cleared_first() {
+        let book = AlertBook::new(policy());
+        assert!(notes(&book, fire(5 * MIN, 0)).is_empty());
+        assert!(notes(&book, fire(5 * MIN, 4 * MIN)).is_empty());
+        assert!(notes(&book, act(ActionKind::Resolve, 4 * MIN + 1)).is_empty());
+        // Starts over: 5 more minutes needed.
+        assert!(notes(&book, fire(5 * MIN, 6 * MIN)).is_empty());
+        assert!(notes(&book, fire(5 * MIN, 10 * MIN)).is_empty());
+        assert_eq!(notes(&book, fire(5 * MIN, 11 * MIN)), [Status::Firing]);
     }
 
     #[test]
     fn resolve_only_when_firing() {
-        let book = AlertBook::new(Duration::from_secs(60));
-        assert!(book.resolve(1, "t1".into()).is_none());
-        book.fire(1, alert(), 0).unwrap();
-        let (r, _) = book.resolve(1, "t1".into()).unwrap();
-        assert_eq!(r.status, Status::Resolved);
-        assert_eq!(r.ends_at.as_deref(), Some("t1"));
-        assert!(book.resolve(1, "t2".into()).is_none());
+        let book = AlertBook::new(policy());
+        assert!(notes(&book, act(ActionKind::Resolve, 0)).is_empty());
+        notes(&book, fire(0, 1));
+        assert_eq!(
+            notes(&book, act(ActionKind::Resolve, 2)),
+            [Status::Resolved]
+        );
+        assert!(notes(&book, act(ActionKind::Resolve, 3)).is_empty());
     }
 
     #[test]
-    fn rollback_makes_failed_batch_notify_again() {
-        let book = AlertBook::new(Duration::from_secs(60));
-        let (_, t) = book.fire(1, alert(), 0).unwrap();
-        book.rollback(vec![t]);
-        assert!(book.fire(1, alert(), 1).is_some());
-        let (_, t) = book.resolve(1, "x".into()).unwrap();
-        book.rollback(vec![t]);
-        assert_eq!(book.firing_count(), 1);
+    fn severity_change_notifies_at_once() {
+        let book = AlertBook::new(policy());
+        notes(&book, fire(0, 0));
+        let mut worse = fire(0, 1);
+        worse.alert.severity = Severity::Critical;
+        assert_eq!(notes(&book, worse), [Status::Firing]);
+    }
+
+    #[test]
+    fn auto_resolve_after_silence() {
+        let book = AlertBook::new(Policy {
+            resolve_after_ms: 5 * MIN,
+            ..policy()
+        });
+        notes(&book, fire(0, 0));
+        assert!(book.due(4 * MIN).notifications.is_empty());
+        let d = book.due(5 * MIN);
+        assert_eq!(d.notifications[0].status, Status::Resolved);
+        assert_eq!(book.firing_count(), 0);
+    }
+
+    #[test]
+    fn deadman_fires_after_silence_and_resolves_when_series_returns() {
+        let book = AlertBook::new(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        assert!(notes(&book, watch(0)).is_empty());
+        assert!(book.due(9 * MIN).notifications.is_empty());
+        assert_eq!(book.due(10 * MIN).notifications[0].status, Status::Firing);
+        assert!(book.due(11 * MIN).notifications.is_empty());
+        assert_eq!(notes(&book, watch(12 * MIN)), [Status::Resolved]);
+    }
+
+    #[test]
+    fn flapping_alert_is_held() {
+        let book = AlertBook::new(Policy {
+            flap_max_changes: 4,
+            ..policy()
+        });
+        let mut sent = 0;
+        for i in 0..10 {
+            sent += notes(&book, fire(0, i * 1000)).len();
+            sent += notes(&book, act(ActionKind::Resolve, i * 1000 + 500)).len();
+        }
+        assert_eq!(sent, 4, "only the changes before flapping are notified");
+        // Settled for a whole window: notifications flow again.
+        assert_eq!(notes(&book, fire(0, 30 * MIN)), [Status::Firing]);
+    }
+
+    #[test]
+    fn writes_carry_versions_and_rollback_restores() {
+        let book = AlertBook::new(policy());
+        let d = book.decide(&[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)]);
+        assert_eq!(d.notifications.len(), 3);
+        assert_eq!(d.writes.len(), 1, "collapsed per fingerprint");
+        assert_eq!(d.writes[0].expected, 0);
+        assert!(d.writes[0].value.as_ref().unwrap().starts_with("3|"));
+        book.rollback(d.undo);
+        assert_eq!(book.firing_count(), 0);
+        // What another instance wrote replaces the cache.
+        let other = book.decide(&[fire(0, 0)]);
+        book.rollback(other.undo);
+        book.refresh(vec![(field(1), other.writes[0].value.clone())]);
+        assert!(
+            notes(&book, fire(0, 5)).is_empty(),
+            "already firing elsewhere"
+        );
+    }
+
+    #[test]
+    fn forgetting_a_rule_resolves_its_alerts() {
+        let book = AlertBook::new(policy());
+        notes(&book, fire(0, 0));
+        let d = book.forget_rules(&["r".to_string()], 10);
+        assert_eq!(d.notifications[0].status, Status::Resolved);
+        assert_eq!(d.writes[0].value, None);
+        assert_eq!(book.firing_count(), 0);
     }
 }

@@ -3,17 +3,20 @@
 
 mod book;
 
-pub use book::{AlertBook, Transition};
+pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Transition, Write};
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 /// How bad it is; ordered so routes can say "at least major".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     Info,
+    #[default]
     Warning,
     Major,
     Critical,

@@ -10,16 +10,23 @@ use std::collections::BTreeMap;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
 
+use super::state;
 use crate::alert::Severity;
 
 /// An alert as a rule asserted it, before identity and lifecycle.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct RawAlert {
     /// Defaults to the rule's name.
     pub name: Option<String>,
     pub severity: Severity,
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
+    /// `for_duration`: how long the condition must hold before it fires.
+    pub for_ms: u64,
+    /// `resolve_after`: auto-resolve when not re-asserted this long.
+    pub resolve_after_ms: Option<u64>,
+    /// `value`: the observed value, for `{{value}}` in summary/description.
+    pub value: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,23 +66,54 @@ impl LogLevel {
 pub struct Actions {
     pub alerts: Vec<RawAlert>,
     pub resolves: Vec<RawAlert>,
+    /// `deadman(alert, after)`: fire `alert` if this series stays silent
+    /// for `after` milliseconds.
+    pub deadmen: Vec<(RawAlert, u64)>,
     pub logs: Vec<(LogLevel, String)>,
     pub drop: bool,
 }
 
 impl Actions {
     pub fn is_empty(&self) -> bool {
-        self.alerts.is_empty() && self.resolves.is_empty() && self.logs.is_empty() && !self.drop
+        self.alerts.is_empty()
+            && self.resolves.is_empty()
+            && self.deadmen.is_empty()
+            && self.logs.is_empty()
+            && !self.drop
     }
+}
+
+/// Which rule is running on this thread, and the message's time, for the
+/// stateful helpers.
+#[derive(Default)]
+struct Running {
+    rule: String,
+    now_ms: u64,
 }
 
 thread_local! {
     static ACTIONS: RefCell<Actions> = RefCell::new(Actions::default());
+    static RUNNING: RefCell<Running> = RefCell::new(Running::default());
 }
 
-/// Clears this thread's actions before a rule runs.
-pub(crate) fn begin() {
+/// Clears this thread's actions before `rule` runs on a message whose time
+/// is `now_ms` (its own timestamp, or arrival; virtual in tests).
+pub(crate) fn begin(rule: &str, now_ms: u64) {
     ACTIONS.with(|a| *a.borrow_mut() = Actions::default());
+    RUNNING.with(|r| {
+        let mut r = r.borrow_mut();
+        if r.rule != rule {
+            r.rule = rule.to_string();
+        }
+        r.now_ms = now_ms;
+    });
+}
+
+fn running<T>(f: impl FnOnce(&str, u64) -> T) -> T {
+    RUNNING.with(|r| {
+        let r = r.borrow();
+        f(&r.rule, r.now_ms)
+    })
 }
 
 /// Takes the actions the rule that just ran recorded on this thread.
@@ -96,19 +134,55 @@ fn fail<T>(ctx: &NativeCallContext, text: String) -> Res<T> {
     )))
 }
 
-const ALERT_KEYS: &str = "name, severity, labels, summary, description, annotations";
+const ALERT_KEYS: &str =
+    "name, severity, labels, summary, description, annotations, value, for_duration, resolve_after";
+
+/// A duration given as `"5m"`/`"30s"` or as a number of seconds.
+fn duration_ms(ctx: &NativeCallContext, func: &str, key: &str, v: &Dynamic) -> Res<u64> {
+    if let Ok(i) = v.as_int() {
+        if i >= 0 {
+            return Ok(i as u64 * 1000);
+        }
+    } else if let Ok(f) = v.as_float() {
+        if f >= 0.0 && f.is_finite() {
+            return Ok((f * 1000.0) as u64);
+        }
+    } else if let Ok(s) = v.clone().into_string()
+        && let Ok(d) = humantime::parse_duration(s.trim())
+    {
+        return Ok(d.as_millis() as u64);
+    }
+    fail(
+        ctx,
+        format!("{func}(): `{key}` must be a duration like \"5m\" or a number of seconds, got {v}"),
+    )
+}
+
+fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
+    if let Ok(i) = v.as_int() {
+        Ok(i as f64)
+    } else if let Ok(f) = v.as_float() {
+        Ok(f)
+    } else {
+        fail(
+            ctx,
+            format!("{func}(): expected a number, got {} ({v})", v.type_name()),
+        )
+    }
+}
 
 /// Validates an alert map here, so a typo fails the rule with a position
 /// instead of producing a half-filled alert.
 fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
-    let mut alert = RawAlert {
-        name: None,
-        severity: Severity::Warning,
-        labels: BTreeMap::new(),
-        annotations: BTreeMap::new(),
-    };
+    let mut alert = RawAlert::default();
     for (key, value) in map {
         match key.as_str() {
+            "value" => alert.value = Some(value.to_string()),
+            // `for` is a Rhai keyword: `for_duration` reads better than `"for"`.
+            "for_duration" | "for" => alert.for_ms = duration_ms(ctx, func, &key, &value)?,
+            "resolve_after" => {
+                alert.resolve_after_ms = Some(duration_ms(ctx, func, "resolve_after", &value)?)
+            }
             "name" => alert.name = Some(value.to_string()),
             "severity" => {
                 let text = value.to_string();
@@ -151,6 +225,28 @@ fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
     Ok(alert)
 }
 
+/// Fires when `fire`, resolves when `clear`, and between the two leaves the
+/// alert as it is: the band that stops an alert flapping on a threshold.
+fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) -> Res<()> {
+    let a = parse_alert(ctx, func, map)?;
+    if fire {
+        record(|acts| acts.alerts.push(a));
+    } else if clear {
+        record(|acts| acts.resolves.push(a));
+    }
+    Ok(())
+}
+
+fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> Res<()> {
+    let v = number(ctx, "metric", value)?;
+    let labels: Vec<(String, String)> = labels
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    running(|rule, _| state::set_gauge(rule, name, v, labels))
+        .or_else(|e| fail(ctx, format!("metric(): {e}")))
+}
+
 /// Registers the rule API on an engine that is about to be frozen.
 pub fn register(engine: &mut Engine) {
     engine.register_fn("alert", |ctx: NativeCallContext, map: Map| -> Res<()> {
@@ -166,12 +262,94 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("resolve", |name: &str| {
         let a = RawAlert {
             name: Some(name.to_string()),
-            severity: Severity::Warning,
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
+            ..RawAlert::default()
         };
         record(|acts| acts.resolves.push(a));
     });
+    engine.register_fn(
+        "hysteresis_above",
+        |ctx: NativeCallContext,
+         map: Map,
+         value: Dynamic,
+         fire: Dynamic,
+         clear: Dynamic|
+         -> Res<()> {
+            let f = "hysteresis_above";
+            let (v, fire, clear) = (
+                number(&ctx, f, &value)?,
+                number(&ctx, f, &fire)?,
+                number(&ctx, f, &clear)?,
+            );
+            if clear > fire {
+                return fail(
+                    &ctx,
+                    format!("{f}(): clear threshold {clear} is above fire threshold {fire}"),
+                );
+            }
+            band(&ctx, f, map, v > fire, v < clear)
+        },
+    );
+    engine.register_fn(
+        "hysteresis_below",
+        |ctx: NativeCallContext,
+         map: Map,
+         value: Dynamic,
+         fire: Dynamic,
+         clear: Dynamic|
+         -> Res<()> {
+            let f = "hysteresis_below";
+            let (v, fire, clear) = (
+                number(&ctx, f, &value)?,
+                number(&ctx, f, &fire)?,
+                number(&ctx, f, &clear)?,
+            );
+            if clear < fire {
+                return fail(
+                    &ctx,
+                    format!("{f}(): clear threshold {clear} is below fire threshold {fire}"),
+                );
+            }
+            band(&ctx, f, map, v < fire, v > clear)
+        },
+    );
+    engine.register_fn(
+        "deadman",
+        |ctx: NativeCallContext, map: Map, after: Dynamic| -> Res<()> {
+            let ms = duration_ms(&ctx, "deadman", "after", &after)?;
+            if ms == 0 {
+                return fail(&ctx, "deadman(): the silence must be longer than 0".into());
+            }
+            let a = parse_alert(&ctx, "deadman", map)?;
+            record(|acts| acts.deadmen.push((a, ms)));
+            Ok(())
+        },
+    );
+    engine.register_fn(
+        "rate",
+        |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
+            let v = number(&ctx, "rate", &value)?;
+            Ok(running(|rule, now| state::rate(rule, key, v, now)))
+        },
+    );
+    engine.register_fn(
+        "delta",
+        |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
+            let v = number(&ctx, "delta", &value)?;
+            Ok(running(|rule, now| state::delta(rule, key, v, now)))
+        },
+    );
+    engine.register_fn(
+        "metric",
+        |ctx: NativeCallContext, name: &str, value: Dynamic, labels: Map| -> Res<()> {
+            export(&ctx, name, &value, labels)
+        },
+    );
+    engine.register_fn(
+        "metric",
+        |ctx: NativeCallContext, name: &str, value: Dynamic| -> Res<()> {
+            export(&ctx, name, &value, Map::new())
+        },
+    );
     engine.register_fn(
         "log",
         |ctx: NativeCallContext, level: &str, text: Dynamic| -> Res<()> {

@@ -5,6 +5,7 @@
 //! from the directory: if any file fails, the caller keeps its previous set.
 
 pub mod api;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub use api::{Actions, LogLevel, RawAlert};
 pub const ENTRY_POINT: &str = "on_message";
 /// Optional top-level constant listing the streams a rule handles.
 pub const TOPICS_CONST: &str = "TOPICS";
+/// Optional top-level constant: `const SHADOW = true;` evaluates the rule and
+/// counts its alerts, but sends none of them.
+pub const SHADOW_CONST: &str = "SHADOW";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -90,6 +94,8 @@ pub struct Rule {
     scope: Scope<'static>,
     /// Streams this rule handles; `None` means all of its subscription's.
     topics: Option<Vec<String>>,
+    /// Shadow mode: alerts are counted and logged, never sent.
+    pub shadow: bool,
     metrics: RuleMetrics,
 }
 
@@ -104,6 +110,20 @@ impl Rule {
 /// A whole, successfully compiled rules directory.
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+}
+
+/// One message as the rules see it.
+#[derive(Clone, Copy)]
+pub struct Message<'a> {
+    pub stream: &'a str,
+    /// The decoded message (a shared map).
+    pub body: &'a Dynamic,
+    /// `ctx`: stream, id, group, delivery count, metadata, …
+    pub ctx: &'a Dynamic,
+    /// Entry id, for error logs.
+    pub id: &'a str,
+    /// The message's time (its own timestamp, or arrival).
+    pub now_ms: u64,
 }
 
 /// What one rule did with one message.
@@ -166,17 +186,16 @@ impl RuleSet {
             .collect()
     }
 
-    /// Runs the selected rules, in order, on one message. `msg` is shared:
-    /// rules see each other's changes to it, and nothing is copied per rule.
-    pub fn evaluate(
-        &self,
-        engine: &Engine,
-        selected: &[usize],
-        stream: &str,
-        msg: &Dynamic,
-        ctx: &Dynamic,
-        msg_id: &str,
-    ) -> Vec<RuleResult> {
+    /// Runs the selected rules, in order, on one message. `msg.body` is
+    /// shared: rules see each other's changes to it, nothing is copied.
+    pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: &Message) -> Vec<RuleResult> {
+        let Message {
+            stream,
+            body,
+            ctx,
+            id: msg_id,
+            now_ms,
+        } = *msg;
         let mut results = Vec::with_capacity(selected.len());
         for &i in selected {
             let rule = &self.rules[i];
@@ -184,7 +203,7 @@ impl RuleSet {
                 continue;
             }
             let started = Instant::now();
-            api::begin();
+            api::begin(&rule.name, now_ms);
             let mut scope = rule.scope.clone();
             let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
             let call = engine.call_fn_with_options::<Dynamic>(
@@ -192,7 +211,7 @@ impl RuleSet {
                 &mut scope,
                 &rule.ast,
                 ENTRY_POINT,
-                (msg.clone(), ctx.clone()),
+                (body.clone(), ctx.clone()),
             );
             let actions = api::take();
             let outcome = match call {
@@ -282,7 +301,7 @@ fn compile_rule(
         ));
     }
     let mut scope = Scope::new();
-    api::begin();
+    api::begin(rel, 0);
     let top = engine.run_ast_with_scope(&mut scope, &ast);
     let stray = api::take();
     top.map_err(|e| error(e.position(), format!("top-level code failed: {e}")))?;
@@ -307,8 +326,18 @@ fn compile_rule(
             Some(list.into_iter().map(|s| s.to_string()).collect())
         }
     };
+    let shadow = match scope.get(SHADOW_CONST) {
+        None => false,
+        Some(v) => v.as_bool().map_err(|_| {
+            error(
+                rhai::Position::NONE,
+                format!("`{SHADOW_CONST}` must be true or false"),
+            )
+        })?,
+    };
     let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
     Ok(Rule {
+        shadow,
         metrics: RuleMetrics::new(&name),
         name,
         rel_path: rel.to_string(),
@@ -347,13 +376,17 @@ mod tests {
         let engine = build_engine(&Limits::default());
         let msg: Dynamic = serde_json::from_str(body).unwrap();
         let all: Vec<usize> = (0..set.rules.len()).collect();
+        let ctx = Dynamic::from_map(Default::default());
         set.evaluate(
             &engine,
             &all,
-            stream,
-            &msg,
-            &Dynamic::from_map(Default::default()),
-            "1-0",
+            &Message {
+                stream,
+                body: &msg,
+                ctx: &ctx,
+                id: "1-0",
+                now_ms: 0,
+            },
         )
     }
 
@@ -421,6 +454,81 @@ mod tests {
         let r = run(&set.unwrap(), "s", "{}");
         let e = r[0].outcome.as_ref().unwrap_err();
         assert!(e.contains("x.rhai:1:") && e.contains("urgent"), "{e}");
+    }
+
+    #[test]
+    fn helpers_reach_the_actions() {
+        let (_d, set) = set_of(&[(
+            "h.rhai",
+            r#"fn on_message(m, c) {
+                let a = #{ name: "Hot", labels: #{ host: m.host }, for_duration: "5m", resolve_after: 600 };
+                hysteresis_above(a, m.v, 1000, 200);
+                deadman(#{ name: "Silent", labels: #{ host: m.host } }, "10m");
+                metric("rules_test_value", m.v, #{ host: m.host });
+            }"#,
+        )]);
+        let set = set.unwrap();
+        let acts = |v: i64| {
+            let r = run(&set, "s", &format!(r#"{{"host": "r1", "v": {v}}}"#));
+            r[0].outcome.clone().unwrap()
+        };
+        let high = acts(1500);
+        assert_eq!(high.alerts.len(), 1);
+        assert_eq!(high.alerts[0].for_ms, 300_000);
+        assert_eq!(high.alerts[0].resolve_after_ms, Some(600_000));
+        assert_eq!(high.deadmen[0].1, 600_000);
+        let mid = acts(500);
+        assert!(
+            mid.alerts.is_empty() && mid.resolves.is_empty(),
+            "inside the band: hold"
+        );
+        assert_eq!(acts(100).resolves.len(), 1);
+        assert!(
+            crate::metrics::get()
+                .encode()
+                .contains("tripline_rules_test_value{host=\"r1\"} 100")
+        );
+    }
+
+    #[test]
+    fn rate_in_a_rule_uses_the_message_time() {
+        let (_d, set) = set_of(&[(
+            "r.rhai",
+            "fn on_message(m, c) { if rate(m.k, m.n) > 5.0 { alert(#{}); } }",
+        )]);
+        let set = set.unwrap();
+        let engine = build_engine(&Limits::default());
+        let ctx = Dynamic::from_map(Default::default());
+        let at = |n: i64, ms: u64| {
+            let body: Dynamic =
+                serde_json::from_str(&format!(r#"{{"k": "rate-test", "n": {n}}}"#)).unwrap();
+            let r = set.evaluate(
+                &engine,
+                &[0],
+                &Message {
+                    stream: "s",
+                    body: &body,
+                    ctx: &ctx,
+                    id: "1",
+                    now_ms: ms,
+                },
+            );
+            r[0].outcome.as_ref().unwrap().alerts.len()
+        };
+        assert_eq!(at(0, 0), 0);
+        assert_eq!(at(100, 10_000), 1, "10/s");
+        assert_eq!(at(120, 20_000), 0, "2/s");
+        assert_eq!(at(5, 30_000), 0, "reset: 5 over 10 s, not a spike");
+    }
+
+    #[test]
+    fn bad_durations_fail_with_the_key() {
+        let (_d, set) = set_of(&[(
+            "x.rhai",
+            "fn on_message(m, c) { alert(#{ for_duration: \"soon\" }); }",
+        )]);
+        let r = run(&set.unwrap(), "s", "{}");
+        assert!(r[0].outcome.as_ref().unwrap_err().contains("`for_duration`"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! `0`) before new ones (`>`): nobody else is working on them.
 
 pub mod lease;
+pub mod timers;
 
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
@@ -17,9 +18,10 @@ use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::Action;
 use crate::config::Subscription;
 use crate::metrics;
-use crate::outbox::{self, DeadLetter, Settlement};
+use crate::outbox::{self, Committed, DeadLetter, Settlement};
 use crate::process::{Input, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     Backoff, LazyConn, RedisTarget, StreamEntry, ensure_group, note_error, parse_entries,
@@ -46,14 +48,21 @@ struct Delivered {
     deliveries: u64,
 }
 
-/// The judged batch of one stream, ready to commit.
+/// The judged batch of one stream, ready for the lifecycle and the commit.
 struct Judged {
-    settlement: Settlement,
-    transitions: Vec<crate::alert::Transition>,
+    acks: Vec<String>,
+    dead: Vec<DeadLetter>,
+    /// Alert assertions of the whole batch, in message order.
+    actions: Vec<Action>,
     processed: u64,
     dropped: u64,
     errored: u64,
 }
+
+/// How often a batch retries its lifecycle decisions when other instances
+/// keep changing the same alerts, before giving up (the batch then stays
+/// pending and is redelivered).
+const MAX_CONFLICTS: u32 = 20;
 
 fn backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
@@ -233,50 +242,99 @@ async fn settle(
             .await
             .expect("judge catches rule panics itself")
     };
-    let committed = outbox::commit(
-        write.get().await?,
+    let notified = commit_decisions(
+        shared,
         stream,
         sub.group(),
-        &shared.outbox_prefix,
-        shared.outbox_max_len,
-        &judged.settlement,
+        &judged.acks,
+        &judged.dead,
+        &judged.actions,
+        write,
     )
-    .await;
-    if let Err(e) = committed {
-        shared.processor.book.rollback(judged.transitions);
-        return Err(e);
-    }
+    .await?;
     let group = sub.group();
     metrics::messages(stream, group, "processed", judged.processed);
     metrics::messages(stream, group, "dropped", judged.dropped);
     metrics::messages(stream, group, "error", judged.errored);
-    for d in &judged.settlement.dead {
+    for d in &judged.dead {
         metrics::dead_lettered(stream, group, &d.id, &d.reason);
     }
-    for a in &judged.settlement.alerts {
+    for a in &notified {
         metrics::alert_notified(a);
     }
     Ok(())
 }
 
+/// Runs the alert lifecycle on `actions` and commits the result with the
+/// acks and dead-letters; on a state conflict (another instance changed one
+/// of the alerts) refreshes those alerts and decides again. Returns the
+/// notifications committed.
+pub(crate) async fn commit_decisions(
+    shared: &Shared,
+    stream: &str,
+    group: &str,
+    acks: &[String],
+    dead: &[DeadLetter],
+    actions: &[Action],
+    write: &mut LazyConn,
+) -> Result<Vec<crate::alert::Alert>, RedisError> {
+    let book = &shared.processor.book;
+    for _ in 0..MAX_CONFLICTS {
+        let decision = book.decide(actions);
+        let settlement = Settlement {
+            acks,
+            alerts: &decision.notifications,
+            dead,
+            writes: &decision.writes,
+        };
+        let committed = outbox::commit(
+            write.get().await?,
+            stream,
+            group,
+            &shared.outbox_prefix,
+            shared.outbox_max_len,
+            &settlement,
+        )
+        .await;
+        match committed {
+            Ok(Committed::Done) => return Ok(decision.notifications),
+            Ok(Committed::Conflict(fields)) => {
+                book.rollback(decision.undo);
+                let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
+                book.refresh(fresh);
+            }
+            Err(e) => {
+                book.rollback(decision.undo);
+                return Err(e);
+            }
+        }
+    }
+    tracing::warn!(
+        stream,
+        "alert state kept changing under this batch; leaving it pending for redelivery"
+    );
+    Ok(Vec::new())
+}
+
 fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered>) -> Judged {
     let loaded = shared.processor.rules.load();
     let mut j = Judged {
-        settlement: Settlement::default(),
-        transitions: Vec::new(),
+        acks: Vec::with_capacity(batch.len()),
+        dead: Vec::new(),
+        actions: Vec::new(),
         processed: 0,
         dropped: 0,
         errored: 0,
     };
     let now = now_ms();
     for d in batch {
-        j.settlement.acks.push(d.id.clone());
+        j.acks.push(d.id.clone());
         let Some(fields) = d.fields else {
             // Deleted while pending: nothing to judge, only to acknowledge.
             continue;
         };
         if d.deliveries > sub.max_deliveries {
-            j.settlement.dead.push(DeadLetter {
+            j.dead.push(DeadLetter {
                 reason: format!(
                     "delivered {} times, more than max_deliveries ({})",
                     d.deliveries, sub.max_deliveries
@@ -296,7 +354,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
             now_ms: now,
         };
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            shared.processor.process(&loaded, &input)
+            shared.processor.evaluate(&loaded, &input)
         }));
         let out = match out {
             Ok(out) => out,
@@ -306,7 +364,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
                     .cloned()
                     .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
-                j.settlement.dead.push(DeadLetter {
+                j.dead.push(DeadLetter {
                     reason: format!("rule engine panicked: {what}"),
                     id: d.id,
                     fields,
@@ -319,7 +377,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
         }
         match out.verdict {
             Verdict::Undecodable(reason) => {
-                j.settlement.dead.push(DeadLetter {
+                j.dead.push(DeadLetter {
                     id: d.id,
                     fields,
                     reason,
@@ -338,8 +396,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
                 }
             }
         }
-        j.settlement.alerts.extend(out.notifications);
-        j.transitions.extend(out.transitions);
+        j.actions.extend(out.actions);
     }
     j
 }

@@ -1,0 +1,246 @@
+//! Per-series state the rule helpers keep between messages: the last sample
+//! of each counter (`rate`, `delta`) and the gauges rules export (`metric`).
+//!
+//! Keyed by rule name + the rule's own key, so it survives a reload of the
+//! rule and is dropped when the rule is deleted. It is per instance: with
+//! several instances in one group each sees a subset of a series' samples,
+//! which keeps `rate` right (it is change over time between the samples this
+//! instance saw) while `delta` is the change since *this instance's* last
+//! sample. Alert lifecycle state, which must be exact across instances, is in
+//! Redis instead (see `alert::book`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+
+/// Shards of the sample map, so parallel workers rarely contend.
+const SHARDS: usize = 16;
+/// Samples not updated for this long are forgotten (bounded memory when
+/// devices come and go).
+pub const SAMPLE_TTL_MS: u64 = 3_600_000;
+/// Label sets one exported gauge may have; more is a rule error, not an
+/// out-of-memory.
+pub const MAX_SERIES_PER_METRIC: usize = 100_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    value: f64,
+    at_ms: u64,
+}
+
+fn shards() -> &'static [Mutex<HashMap<String, Sample>>; SHARDS] {
+    static S: OnceLock<[Mutex<HashMap<String, Sample>>; SHARDS]> = OnceLock::new();
+    S.get_or_init(|| std::array::from_fn(|_| Mutex::new(HashMap::new())))
+}
+
+fn shard_of(key: &str) -> usize {
+    let mut h: u32 = 2166136261;
+    for b in key.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(16777619);
+    }
+    h as usize % SHARDS
+}
+
+/// Change of a monotonic counter since the previous sample of `key`:
+/// returns (increase, seconds elapsed), or `None` for the first sample and
+/// for samples older than the previous one. A counter that went down was
+/// reset (a reboot): the increase is then the new value itself, never
+/// negative.
+fn advance(rule: &str, key: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> {
+    let full = format!("{rule}\u{0}{key}");
+    let mut shard = shards()[shard_of(&full)]
+        .lock()
+        .expect("sample shard poisoned");
+    let now = Sample { value, at_ms };
+    let prev = shard.insert(full.clone(), now)?;
+    if at_ms < prev.at_ms {
+        shard.insert(full, prev);
+        return None;
+    }
+    let increase = if value >= prev.value {
+        value - prev.value
+    } else {
+        value
+    };
+    Some((increase, (at_ms - prev.at_ms) as f64 / 1000.0))
+}
+
+/// Per-second rate; 0.0 on the first sample, for out-of-order samples and
+/// when no time passed.
+pub fn rate(rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
+    match advance(rule, key, value, at_ms) {
+        Some((inc, secs)) if secs > 0.0 => inc / secs,
+        _ => 0.0,
+    }
+}
+
+/// Increase since the previous sample; 0.0 on the first.
+pub fn delta(rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
+    advance(rule, key, value, at_ms).map_or(0.0, |(inc, _)| inc)
+}
+
+/// Forgets samples not updated since `now_ms - SAMPLE_TTL_MS`.
+pub fn evict_stale(now_ms: u64) {
+    for shard in shards() {
+        shard
+            .lock()
+            .expect("sample shard poisoned")
+            .retain(|_, s| now_ms.saturating_sub(s.at_ms) < SAMPLE_TTL_MS);
+    }
+}
+
+/// Number of counter series held (for the memory benchmark and tests).
+pub fn series_count() -> usize {
+    shards()
+        .iter()
+        .map(|s| s.lock().expect("sample shard poisoned").len())
+        .sum()
+}
+
+type Gauges = BTreeMap<String, GaugeFamily>;
+
+#[derive(Debug, Default)]
+struct GaugeFamily {
+    /// Rules that set this gauge; a deleted rule's series are dropped.
+    series: BTreeMap<Vec<(String, String)>, (f64, String)>,
+}
+
+fn gauges() -> &'static Mutex<Gauges> {
+    static G: OnceLock<Mutex<Gauges>> = OnceLock::new();
+    G.get_or_init(|| Mutex::new(BTreeMap::new()))
+}
+
+/// Why `metric()` refused a value.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum GaugeError {
+    #[error("metric name `{0}` must match [a-zA-Z_][a-zA-Z0-9_]*")]
+    Name(String),
+    #[error("label name `{0}` must match [a-zA-Z_][a-zA-Z0-9_]* and not start with __")]
+    Label(String),
+    #[error("metric `{0}` already has {MAX_SERIES_PER_METRIC} label sets")]
+    TooMany(String),
+}
+
+fn valid_name(n: &str) -> bool {
+    let mut chars = n.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Sets gauge `tripline_<name>{labels}` to `value`.
+pub fn set_gauge(
+    rule: &str,
+    name: &str,
+    value: f64,
+    labels: Vec<(String, String)>,
+) -> Result<(), GaugeError> {
+    if !valid_name(name) {
+        return Err(GaugeError::Name(name.to_string()));
+    }
+    if let Some((bad, _)) = labels
+        .iter()
+        .find(|(k, _)| !valid_name(k) || k.starts_with("__"))
+    {
+        return Err(GaugeError::Label(bad.clone()));
+    }
+    let mut all = gauges().lock().expect("gauges poisoned");
+    let family = all.entry(name.to_string()).or_default();
+    if family.series.len() >= MAX_SERIES_PER_METRIC && !family.series.contains_key(&labels) {
+        return Err(GaugeError::TooMany(name.to_string()));
+    }
+    family.series.insert(labels, (value, rule.to_string()));
+    Ok(())
+}
+
+/// Drops the samples and gauges of deleted rules.
+pub fn forget_rules(rules: &[String]) {
+    let prefixes: Vec<String> = rules.iter().map(|r| format!("{r}\u{0}")).collect();
+    for shard in shards() {
+        shard
+            .lock()
+            .expect("sample shard poisoned")
+            .retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
+    }
+    let mut all = gauges().lock().expect("gauges poisoned");
+    for family in all.values_mut() {
+        family.series.retain(|_, (_, rule)| !rules.contains(rule));
+    }
+    all.retain(|_, f| !f.series.is_empty());
+}
+
+/// Exposes the rule gauges on `/metrics`, encoded at scrape time.
+#[derive(Debug)]
+pub struct RuleGauges;
+
+impl Collector for RuleGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let all = gauges().lock().expect("gauges poisoned");
+        for (name, family) in all.iter() {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                "Exported by a rule through metric()",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (labels, (value, _)) in &family.series {
+                metric.encode_family(labels)?.encode_gauge(value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_handles_first_sample_reset_and_disorder() {
+        let r = "state-test-rate";
+        assert_eq!(rate(r, "k", 100.0, 0), 0.0);
+        assert_eq!(rate(r, "k", 200.0, 10_000), 10.0);
+        // Reboot: counter back to 50 → increase 50 over 10 s, not -150.
+        assert_eq!(rate(r, "k", 50.0, 20_000), 5.0);
+        // Older than the last sample: ignored.
+        assert_eq!(rate(r, "k", 40.0, 15_000), 0.0);
+        assert_eq!(rate(r, "k", 70.0, 30_000), 2.0);
+    }
+
+    #[test]
+    fn delta_is_per_key_and_per_rule() {
+        assert_eq!(delta("state-test-d1", "a", 5.0, 0), 0.0);
+        assert_eq!(delta("state-test-d1", "a", 8.0, 1), 3.0);
+        assert_eq!(delta("state-test-d2", "a", 100.0, 2), 0.0);
+        assert_eq!(delta("state-test-d1", "b", 1.0, 3), 0.0);
+    }
+
+    #[test]
+    fn forgetting_a_rule_drops_its_state() {
+        rate("state-test-gone", "k", 1.0, 0);
+        set_gauge("state-test-gone", "state_test_g", 1.0, vec![]).unwrap();
+        forget_rules(&["state-test-gone".to_string()]);
+        assert_eq!(
+            rate("state-test-gone", "k", 5.0, 1000),
+            0.0,
+            "first sample again"
+        );
+        assert!(!gauges().lock().unwrap().contains_key("state_test_g"));
+    }
+
+    #[test]
+    fn gauge_names_are_validated() {
+        assert!(matches!(
+            set_gauge("r", "bad-name", 1.0, vec![]),
+            Err(GaugeError::Name(_))
+        ));
+        assert!(matches!(
+            set_gauge("r", "ok", 1.0, vec![("__x".into(), "v".into())]),
+            Err(GaugeError::Label(_))
+        ));
+    }
+}
