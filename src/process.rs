@@ -118,7 +118,12 @@ impl Processor {
         let Some(selected) = loaded.selections.get(input.subscription) else {
             return out;
         };
-        let event_ms = event_time(&decoded.body).unwrap_or(input.now_ms);
+        // The message's own timestamp, else when Redis received it (the
+        // entry id), which unlike processing time is distinct per message
+        // and the same on redelivery.
+        let event_ms = event_time(&decoded.body)
+            .or_else(|| id_time(input.id))
+            .unwrap_or(input.now_ms);
         let ctx = context(input, decoded.metadata, decoded.uuid, event_ms);
         let msg = decoded.body.into_shared();
         let results = loaded.set.evaluate(
@@ -255,6 +260,11 @@ fn template(
     }
     out.push_str(rest);
     out
+}
+
+/// Milliseconds part of a stream entry id (`<ms>-<seq>`).
+fn id_time(id: &str) -> Option<u64> {
+    id.split_once('-')?.0.parse().ok()
 }
 
 /// The message's own time, from a `timestamp`, `ts` or `time` field: epoch

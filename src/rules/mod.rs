@@ -528,7 +528,12 @@ mod tests {
             "fn on_message(m, c) { alert(#{ for_duration: \"soon\" }); }",
         )]);
         let r = run(&set.unwrap(), "s", "{}");
-        assert!(r[0].outcome.as_ref().unwrap_err().contains("`for_duration`"));
+        assert!(
+            r[0].outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("`for_duration`")
+        );
     }
 
     #[test]

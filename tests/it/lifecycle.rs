@@ -1,0 +1,127 @@
+//! Alert lifecycle across instances: state lives in Redis, so two tripline
+//! instances in one group notify each alert once and resolve it once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::util::*;
+
+const RULE: &str = r#"
+fn on_message(msg, ctx) {
+    let a = #{ name: "Hot", severity: "major", labels: #{ host: msg.host } };
+    if msg.v >= 100 { alert(a); } else { resolve(a); }
+}"#;
+
+/// (firing, resolved) notification counts per host, from the file sink.
+fn counts(project: &Project) -> HashMap<String, (usize, usize)> {
+    let mut m: HashMap<String, (usize, usize)> = HashMap::new();
+    for a in project.json_lines("alerts.jsonl") {
+        let host = a["labels"]["host"].as_str().unwrap().to_string();
+        let e = m.entry(host).or_default();
+        match a["status"].as_str().unwrap() {
+            "firing" => e.0 += 1,
+            _ => e.1 += 1,
+        }
+    }
+    m
+}
+
+#[test]
+fn two_instances_notify_each_alert_and_its_resolve_exactly_once() {
+    let redis = RedisServer::start();
+    let project = Project::new(
+        &format!(
+            "http:\n  enabled: false\nsubscriptions:\n  - name: hot\n    streams: [s]\n    batch_size: 5\n    concurrency: 2\n"
+        ),
+        &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
+    );
+    // Same config, same host name: the instance lease gives them distinct
+    // consumer names.
+    let a = project.start(&redis);
+    let b = project.start(&redis);
+    let mut con = redis.conn();
+    let hosts = 40;
+    for round in 0..6 {
+        for h in 0..hosts {
+            let v = 100 + round;
+            xadd(
+                &mut con,
+                "s",
+                &[
+                    ("host", format!("h{h}").as_bytes()),
+                    ("v", v.to_string().as_bytes()),
+                ],
+            );
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || counts(&project).len() == hosts),
+        "a: {}\nb: {}",
+        a.stderr(),
+        b.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(10), || group_position(
+        &mut con, "s", "hot"
+    ) == (0, 0)));
+    for round in 0..6 {
+        for h in 0..hosts {
+            xadd(
+                &mut con,
+                "s",
+                &[
+                    ("host", format!("h{h}").as_bytes()),
+                    ("v", round.to_string().as_bytes()),
+                ],
+            );
+        }
+    }
+    assert!(wait_until(Duration::from_secs(20), || counts(&project)
+        .values()
+        .all(|c| c.1 >= 1)));
+    assert!(wait_until(Duration::from_secs(10), || group_position(
+        &mut con, "s", "hot"
+    ) == (0, 0)));
+    std::thread::sleep(Duration::from_millis(500));
+    let c = counts(&project);
+    for h in 0..hosts {
+        assert_eq!(c[&format!("h{h}")], (1, 1), "host h{h}: {c:?}");
+    }
+    // Both instances really did commit notifications (each logs its own).
+    for (name, tl) in [("a", &a), ("b", &b)] {
+        assert!(
+            tl.stderr().contains("alert=Hot"),
+            "instance {name} notified nothing, so the test proves nothing:\n{}",
+            tl.stderr()
+        );
+    }
+}
+
+#[test]
+fn deadman_fires_when_a_series_goes_silent_and_resolves_when_it_returns() {
+    let redis = RedisServer::start();
+    let project = Project::new(
+        "http:\n  enabled: false\nalerts:\n  timer_interval: 100ms\nsubscriptions:\n  - name: dm\n    streams: [s]\n",
+        &[
+            (
+                "rules/dm.rhai",
+                r#"fn on_message(msg, ctx) {
+                    deadman(#{ name: "Silent", severity: "critical", labels: #{ host: msg.host } }, "1s");
+                }"#,
+            ),
+            ("plugins/file.yaml", FILE_SINK),
+        ],
+    );
+    let tl = project.start(&redis);
+    let mut con = redis.conn();
+    xadd(&mut con, "s", &[("host", b"quiet")]);
+    assert!(
+        wait_until(Duration::from_secs(15), || counts(&project).get("quiet")
+            == Some(&(1, 0))),
+        "{}",
+        tl.stderr()
+    );
+    xadd(&mut con, "s", &[("host", b"quiet")]);
+    assert!(wait_until(Duration::from_secs(10), || counts(&project)
+        .get("quiet")
+        == Some(&(1, 1))));
+}
