@@ -30,9 +30,7 @@ fn counts(project: &Project) -> HashMap<String, (usize, usize)> {
 fn two_instances_notify_each_alert_and_its_resolve_exactly_once() {
     let redis = RedisServer::start();
     let project = Project::new(
-        &format!(
-            "http:\n  enabled: false\nsubscriptions:\n  - name: hot\n    streams: [s]\n    batch_size: 5\n    concurrency: 2\n"
-        ),
+        "http:\n  enabled: false\nsubscriptions:\n  - name: hot\n    streams: [s]\n    batch_size: 5\n    concurrency: 2\n",
         &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
     );
     // Same config, same host name: the instance lease gives them distinct
