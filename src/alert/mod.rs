@@ -2,6 +2,7 @@
 //! stream of assertions into firing / resolved notifications.
 
 mod book;
+pub mod silence;
 
 pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Transition, Write};
 

@@ -4,6 +4,7 @@
 
 pub mod check;
 pub mod run;
+pub mod silence;
 pub mod simulate;
 
 use std::path::PathBuf;
@@ -49,6 +50,9 @@ pub enum Command {
         after_help = "Examples:\n  tripline simulate --rate 200 --duration 1m\n  tripline simulate --count 100000 --rate 0 --format json"
     )]
     Simulate(simulate::Args),
+    /// Mute notifications matching labels for a while (stored in Redis, honoured by every instance).
+    #[command(subcommand)]
+    Silence(silence::Action),
 }
 
 /// Installs the log subscriber: level from `RUST_LOG` (default `info`).
@@ -74,5 +78,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Run => run::run(cli.config.as_deref()),
         Command::Check => check::check(cli.config.as_deref()),
         Command::Simulate(args) => simulate::simulate(cli.config.as_deref(), args),
+        Command::Silence(action) => silence::silence(cli.config.as_deref(), action),
     }
 }

@@ -1,0 +1,99 @@
+//! `tripline silence add | list | expire`: manage silences stored in Redis,
+//! honoured by every instance within seconds.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::alert::silence::{self, Matcher, Silence};
+use crate::config::{Config, redis_url};
+use crate::process::{now_ms, rfc3339};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// Mute alerts matching every MATCHER (label=value or label=~regex;
+    /// alertname, severity and rule match the alert's own fields).
+    #[command(
+        after_help = "Example:\n  tripline silence add hostname=core-1 alertname=HighInputErrors --duration 2h --comment \"line card swap\""
+    )]
+    Add {
+        #[arg(required = true, value_name = "MATCHER")]
+        matchers: Vec<String>,
+        /// How long, e.g. 30m, 2h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "")]
+        comment: String,
+        /// Who set it; default $USER.
+        #[arg(long)]
+        created_by: Option<String>,
+    },
+    /// List active silences.
+    List,
+    /// End a silence now.
+    Expire { id: String },
+}
+
+pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let url = redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let client = redis::Client::open(url.as_str())?;
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        match action {
+            Action::Add {
+                matchers,
+                duration,
+                comment,
+                created_by,
+            } => {
+                let matchers = matchers
+                    .iter()
+                    .map(|m| Matcher::parse(m))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(anyhow::Error::msg)?;
+                let who = created_by
+                    .or_else(|| std::env::var("USER").ok())
+                    .unwrap_or_default();
+                let s = Silence::new(matchers, now_ms(), duration, who, comment)
+                    .map_err(anyhow::Error::msg)?;
+                silence::add(&mut conn, &s).await?;
+                println!("{} until {}", s.id, rfc3339(s.ends_ms));
+            }
+            Action::List => {
+                for s in silence::list(&mut conn, now_ms()).await? {
+                    let m: Vec<String> = s
+                        .matchers
+                        .iter()
+                        .map(|m| {
+                            format!("{}{}{}", m.label, if m.regex { "=~" } else { "=" }, m.value)
+                        })
+                        .collect();
+                    println!(
+                        "{}  until {}  {}  by {:?}: {}",
+                        s.id,
+                        rfc3339(s.ends_ms),
+                        m.join(" "),
+                        s.created_by,
+                        s.comment
+                    );
+                }
+            }
+            Action::Expire { id } => {
+                if !silence::expire(&mut conn, &id).await? {
+                    anyhow::bail!("no silence with id {id}");
+                }
+                println!("expired {id}");
+            }
+        }
+        Ok(())
+    })
+}
