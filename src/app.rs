@@ -13,7 +13,7 @@ use crate::alert::AlertBook;
 use crate::config::{Config, redis_url};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
-use crate::redis_conn::RedisTarget;
+use crate::redis_conn::{self, RedisTarget};
 use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, build_engine};
 use crate::sinks::supervisor::Supervisor;
@@ -30,6 +30,8 @@ pub enum AppError {
     Rules(#[from] RuleError),
     #[error("plugins failed to load:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Plugins(Vec<PluginError>),
+    #[error("{0}")]
+    Gateway(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -100,18 +102,37 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
     let tail = CancellationToken::new();
     let mut tail_tasks = JoinSet::new();
-    let listener = if config.http.enabled {
-        let l = tokio::net::TcpListener::bind(&config.http.listen)
+    tail_tasks.spawn(redis_conn::watch_health(
+        target.clone(),
+        Duration::from_secs(1),
+        tail.clone(),
+    ));
+    // HTTP serves from here on: /readyz says why we are not ready yet.
+    let engine_handle = Arc::new(http::EngineHandle::default());
+    if config.http.enabled {
+        let listener = tokio::net::TcpListener::bind(&config.http.listen)
             .await
             .map_err(|source| AppError::Listen {
                 addr: config.http.listen.clone(),
                 source,
             })?;
+        let gateway = if config.http.gateway.enabled {
+            let token = config.http.gateway.token().map_err(AppError::Gateway)?;
+            Some(http::Gateway::new(
+                &config.http.gateway,
+                token,
+                target.clone(),
+            ))
+        } else {
+            None
+        };
         tracing::info!(listen = %config.http.listen, "HTTP listening");
-        Some(l)
-    } else {
-        None
-    };
+        tail_tasks.spawn(http::serve(
+            listener,
+            http::State::new(engine_handle.clone(), gateway),
+            tail.clone(),
+        ));
+    }
 
     let base = config
         .instance
@@ -156,13 +177,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     metrics::reload("rules", true, "initial load");
     metrics::reload("plugins", true, "initial load");
     tail_tasks.spawn(reload_on_sighup(reloader.clone(), tail.clone()));
-    if let Some(listener) = listener {
-        tail_tasks.spawn(http::serve(
-            listener,
-            http::State::new(Some(reloader.clone())),
-            tail.clone(),
-        ));
-    }
 
     let shared = Arc::new(Shared {
         processor,
@@ -174,6 +188,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let mut workers = JoinSet::new();
     let subs: Vec<Arc<_>> = config.subscriptions.iter().cloned().map(Arc::new).collect();
     for sub in &subs {
+        for stream in &sub.streams {
+            metrics::consuming(&sub.name, stream, sub.group());
+        }
         let consumer_base = sub.consumer.clone().unwrap_or_else(|| instance.clone());
         for i in 0..sub.concurrency() {
             workers.spawn(source::run_worker(
@@ -206,7 +223,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         workers_stop.clone(),
     ));
 
+    engine_handle.running(reloader);
+
     shutdown.cancelled().await;
+    engine_handle.stopping();
     let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
     tracing::info!("shutting down: finishing in-flight batches");
     workers_stop.cancel();

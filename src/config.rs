@@ -136,6 +136,26 @@ pub struct HttpConfig {
     pub listen: String,
     /// Turning it off is for tests and one-shot tools, not production.
     pub enabled: bool,
+    /// `POST /telemetry-data`, the seed's gateway for collectors that cannot
+    /// speak Redis.
+    pub gateway: GatewayConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Off when the listener is reachable by parties that must not publish.
+    pub enabled: bool,
+    /// Stream the accepted readings are appended to, in Watermill's envelope.
+    pub stream: String,
+    /// Larger bodies get 413 before they are parsed: a reading is a few
+    /// hundred bytes, so anything near this is a mistake or an attack.
+    pub max_body_bytes: usize,
+    /// Bearer token a request must present; none means no authentication.
+    pub token: Option<String>,
+    /// Environment variable holding the token, so the secret need not be
+    /// written in the config file. Exclusive with `token`.
+    pub token_env: Option<String>,
 }
 
 /// One consumer group over one or more streams, with its own rules.
@@ -265,6 +285,74 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: "127.0.0.1:9464".into(),
             enabled: true,
+            gateway: GatewayConfig::default(),
+        }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            enabled: true,
+            stream: "packet-counter-errors".into(),
+            max_body_bytes: 64 * 1024,
+            token: None,
+            token_env: None,
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Checks the listen address and the gateway settings; reads the token's
+    /// environment variable, so a missing secret is caught at start-up.
+    fn validate(&self) -> Result<(), String> {
+        let (host, port) = self
+            .listen
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`http.listen` `{}` is not host:port", self.listen))?;
+        if host.is_empty() || port.parse::<u16>().is_err() {
+            return Err(format!(
+                "`http.listen` `{}` is not host:port (e.g. 127.0.0.1:9464)",
+                self.listen
+            ));
+        }
+        let g = &self.gateway;
+        if !g.enabled {
+            return Ok(());
+        }
+        if g.stream.trim().is_empty() {
+            return Err("`http.gateway.stream` is empty".into());
+        }
+        if g.max_body_bytes == 0 {
+            return Err("`http.gateway.max_body_bytes` must be positive".into());
+        }
+        g.token()?;
+        Ok(())
+    }
+}
+
+impl GatewayConfig {
+    /// The bearer token requests must carry, from `token` or the variable
+    /// named by `token_env`; `None` when authentication is off.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        match (&self.token, &self.token_env) {
+            (Some(_), Some(_)) => {
+                Err("`http.gateway.token` and `http.gateway.token_env` are exclusive".into())
+            }
+            (Some(t), None) if t.trim().is_empty() => {
+                Err("`http.gateway.token` is empty; remove it to turn authentication off".into())
+            }
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(t) if !t.trim().is_empty() => Ok(Some(t)),
+                Ok(_) => Err(format!(
+                    "`http.gateway.token_env`: environment variable `{var}` is empty"
+                )),
+                Err(_) => Err(format!(
+                    "`http.gateway.token_env`: environment variable `{var}` is not set"
+                )),
+            },
+            (None, None) => Ok(None),
         }
     }
 }
@@ -396,6 +484,9 @@ impl Config {
         if self.limits.max_operations == 0 {
             return Err(invalid("`limits.max_operations` must be positive".into()));
         }
+        if self.http.enabled {
+            self.http.validate().map_err(invalid)?;
+        }
         Ok(())
     }
 }
@@ -453,6 +544,44 @@ mod tests {
         );
         assert!(redis_url("nohostport").is_err());
         assert!(redis_url("h:notaport").is_err());
+    }
+
+    fn validate_http(yaml: &str) -> Result<(), String> {
+        let text = format!("http:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
+        let c = Config::parse(&text, "t").map_err(|e| e.to_string())?;
+        c.validate("t").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn gateway_settings_are_validated() {
+        validate_http("  gateway: {token: s3cret, max_body_bytes: 100}\n").unwrap();
+        let err = validate_http("  gateway: {token: a, token_env: B}\n").unwrap_err();
+        assert!(err.contains("exclusive"), "{err}");
+        let err = validate_http("  gateway: {token: \"\"}\n").unwrap_err();
+        assert!(err.contains("`http.gateway.token` is empty"), "{err}");
+        let err = validate_http("  gateway: {token_env: TRIPLINE_TEST_VARIABLE_NOBODY_SETS}\n")
+            .unwrap_err();
+        assert!(
+            err.contains("`TRIPLINE_TEST_VARIABLE_NOBODY_SETS` is not set"),
+            "{err}"
+        );
+        let err = validate_http("  gateway: {max_body_bytes: 0}\n").unwrap_err();
+        assert!(err.contains("max_body_bytes"), "{err}");
+        let err = validate_http("  gateway: {stream: \" \"}\n").unwrap_err();
+        assert!(err.contains("`http.gateway.stream` is empty"), "{err}");
+        let err = validate_http("  listen: \"9464\"\n").unwrap_err();
+        assert!(err.contains("`http.listen` `9464`"), "{err}");
+        let err = validate_http("  gateway: {tokn: x}\n").unwrap_err();
+        assert!(err.contains("tokn"), "{err}");
+    }
+
+    #[test]
+    fn disabled_parts_skip_their_validation() {
+        validate_http("  enabled: false\n  listen: nonsense\n").unwrap();
+        validate_http(
+            "  gateway: {enabled: false, token_env: TRIPLINE_TEST_VARIABLE_NOBODY_SETS}\n",
+        )
+        .unwrap();
     }
 
     #[test]

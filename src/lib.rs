@@ -12,7 +12,8 @@
 //! - [`alert`]: alert model, fingerprint and the firing/resolved book-keeping.
 //! - [`outbox`]: the alert hand-off committed in the same MULTI as the XACK.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
-//! - [`http`]: /metrics, /healthz, /readyz.
+//! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
+//!   `POST /telemetry-data` gateway.
 //! - [`process`]: one entry through decode, rules and the alert book.
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one.
 //! - [`metrics`]: one function per event, writing the log line and the metric.

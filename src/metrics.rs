@@ -43,6 +43,8 @@ pub struct Metrics {
     consumer_pending: Family<Labels, Gauge>,
     consumer_lag: Family<Labels, Gauge>,
     redis_up: Gauge,
+    /// `POST /telemetry-data` requests by result.
+    gateway_requests: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -71,6 +73,7 @@ impl Metrics {
             consumer_pending: Family::default(),
             consumer_lag: Family::default(),
             redis_up: Gauge::default(),
+            gateway_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -80,7 +83,7 @@ impl Metrics {
         );
         registry.register(
             "rule_evaluations",
-            "Rule evaluations by rule and decision (alert, log, drop, pass, error)",
+            "Rule evaluations by rule and decision (alert, resolve, log, drop, pass, error)",
             m.rule_evaluations.clone(),
         );
         registry.register(
@@ -150,13 +153,28 @@ impl Metrics {
         )]);
         registry.register("build", "tripline build information", build);
         registry.register_collector(Box::new(crate::rules::state::RuleGauges));
+        registry.register(
+            "gateway_requests",
+            "POST /telemetry-data requests by result (accepted, malformed, invalid, too_large, unauthorized, unavailable)",
+            m.gateway_requests.clone(),
+        );
         Metrics { registry, ..m }
     }
 
-    /// The Prometheus text exposition of everything.
+    /// The OpenMetrics exposition of everything (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+
+    /// The Prometheus text format 0.0.4, for clients that do not ask for
+    /// OpenMetrics: promtool, curl, older scrapers. Its counters carry the
+    /// `_total` suffix in HELP/TYPE too and `info` becomes a gauge.
+    pub fn encode_prometheus_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -164,12 +182,12 @@ impl Metrics {
 /// Per-rule handles, resolved when the rule is compiled.
 pub struct RuleMetrics {
     rule: String,
-    by_decision: [Counter; 5],
+    by_decision: [Counter; 6],
     errors: Counter,
     seconds: Histogram,
 }
 
-const DECISIONS: [&str; 5] = ["alert", "log", "drop", "pass", "error"];
+const DECISIONS: [&str; 6] = ["alert", "log", "drop", "pass", "error", "resolve"];
 
 impl RuleMetrics {
     pub fn new(rule: &str) -> RuleMetrics {
@@ -200,7 +218,8 @@ impl RuleMetrics {
         self.seconds.observe(took.as_secs_f64());
         let i = match outcome {
             Err(_) => 4,
-            Ok(a) if !a.alerts.is_empty() || !a.resolves.is_empty() => 0,
+            Ok(a) if !a.alerts.is_empty() || !a.deadmen.is_empty() => 0,
+            Ok(a) if !a.resolves.is_empty() => 5,
             Ok(a) if a.drop => 2,
             Ok(a) if !a.logs.is_empty() => 1,
             Ok(_) => 3,
@@ -345,12 +364,21 @@ pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
         .inc_by(n);
 }
 
-/// Pending and lag of one group on one stream, from XINFO GROUPS.
-pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: i64) {
+/// Pending and lag of one group on one stream, from XINFO GROUPS. Redis
+/// cannot always tell the lag (after XDEL, say); the series is removed then
+/// rather than left at a stale or made-up value.
+pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: Option<i64>) {
     let labels = vec![("stream", stream.to_string()), ("group", group.to_string())];
     let m = get();
     m.consumer_pending.get_or_create(&labels).set(pending);
-    m.consumer_lag.get_or_create(&labels).set(lag);
+    match lag {
+        Some(lag) => {
+            m.consumer_lag.get_or_create(&labels).set(lag);
+        }
+        None => {
+            m.consumer_lag.remove(&labels);
+        }
+    }
 }
 
 /// A rules or plugins reload finished.
@@ -360,12 +388,16 @@ pub fn reload(kind: &str, ok: bool, detail: &str) {
     m.config_in_sync
         .get_or_create(&vec![("kind", kind.to_string())])
         .set(i64::from(ok));
-    m.reloads
-        .get_or_create(&vec![
-            ("kind", kind.to_string()),
-            ("result", result.to_string()),
-        ])
-        .inc();
+    // Both results exist from the first reload on, so `increase()` over a
+    // failure that is the first of its kind is not lost.
+    for r in ["success", "failure"] {
+        let counter = m
+            .reloads
+            .get_or_create(&vec![("kind", kind.to_string()), ("result", r.to_string())]);
+        if r == result {
+            counter.inc();
+        }
+    }
     if ok {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -378,6 +410,62 @@ pub fn reload(kind: &str, ok: bool, detail: &str) {
     } else {
         tracing::error!(kind, "reload failed, keeping the last good set:\n{detail}");
     }
+}
+
+/// A subscription starts consuming `stream`: its message counters exist
+/// (at 0) from now on, so rates and alerts on them work before the first
+/// dead-letter or error.
+pub fn consuming(subscription: &str, stream: &str, group: &str) {
+    tracing::info!(subscription, stream, group, "consuming");
+    let m = get();
+    for outcome in ["processed", "dropped", "dead_lettered", "error"] {
+        let _created = m.messages.get_or_create(&vec![
+            ("stream", stream.to_string()),
+            ("group", group.to_string()),
+            ("outcome", outcome.to_string()),
+        ]);
+    }
+}
+
+/// A sink dispatcher started; its counters exist (at 0) from now on.
+pub fn sink_started(sink: &str, kind: &str) {
+    tracing::info!(sink, kind, "sink started");
+    let m = get();
+    let labels = vec![("sink", sink.to_string())];
+    for family in [
+        &m.sink_deliveries,
+        &m.sink_failures,
+        &m.sink_retries,
+        &m.sink_dead,
+    ] {
+        let _created = family.get_or_create(&labels);
+    }
+}
+
+fn gateway_request(result: &str) {
+    get()
+        .gateway_requests
+        .get_or_create(&vec![("result", result.to_string())])
+        .inc();
+}
+
+/// A reading posted to the gateway was appended to `stream`.
+pub fn gateway_accepted(stream: &str, id: &str) {
+    tracing::debug!(stream, id, "gateway reading published");
+    gateway_request("accepted");
+}
+
+/// A request to the gateway was refused; `result` is the metric label
+/// (malformed, invalid, too_large, unauthorized), `why` the detail.
+pub fn gateway_rejected(result: &'static str, why: &str) {
+    tracing::info!(result, "gateway request rejected: {why}");
+    gateway_request(result);
+}
+
+/// A valid reading could not be published; the client got 503.
+pub fn gateway_publish_failed(stream: &str, error: &redis::RedisError) {
+    tracing::warn!(stream, "gateway could not publish a reading: {error}");
+    gateway_request("unavailable");
 }
 
 #[cfg(test)]

@@ -244,19 +244,19 @@ fn int(v: Value) -> Option<i64> {
     }
 }
 
-/// XINFO GROUPS → (group, pending, lag); lag is absent on old servers or
-/// when Redis cannot compute it, and reported as 0 then.
-pub fn parse_groups(v: Value) -> Vec<(String, i64, i64)> {
+/// XINFO GROUPS → (group, pending, lag); lag is `None` on servers before
+/// 7.0 and when Redis cannot compute it (entries deleted with XDEL).
+pub fn parse_groups(v: Value) -> Vec<(String, i64, Option<i64>)> {
     items(v)
         .into_iter()
         .filter_map(|g| {
             let mut flat = items(g).into_iter();
-            let (mut name, mut pending, mut lag) = (None, 0, 0);
+            let (mut name, mut pending, mut lag) = (None, 0, None);
             while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
                 match text(k).as_deref() {
                     Some("name") => name = text(v),
                     Some("pending") => pending = int(v).unwrap_or(0),
-                    Some("lag") => lag = int(v).unwrap_or(0),
+                    Some("lag") => lag = int(v),
                     _ => {}
                 }
             }
@@ -287,6 +287,30 @@ pub async fn ensure_group(
     }
 }
 
+/// PINGs Redis every `every` until `shutdown`, so an outage is noticed (and
+/// `/readyz` and `tripline_redis_up` follow it) even while every worker sits
+/// in a blocking read and no message flows.
+pub async fn watch_health(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
+    let mut conn = LazyConn::new(target, every);
+    loop {
+        let pong: Result<String, RedisError> = match conn.get().await {
+            Ok(c) => redis::cmd("PING").query_async(c).await,
+            Err(e) => Err(e),
+        };
+        match pong {
+            Ok(_) => metrics::redis_reachable(),
+            Err(e) => {
+                note_error("health check", &e);
+                conn.reset();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,6 +333,25 @@ mod tests {
         assert_eq!(r[0].1[0].fields.as_ref().unwrap()[0].0, b"a");
         assert_eq!(r[0].1[1].fields, None);
         assert!(parse_read_reply(Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn groups_with_and_without_lag() {
+        let group = |name: &str, lag: Value| {
+            Value::Array(vec![
+                bulk("name"),
+                bulk(name),
+                bulk("pending"),
+                Value::Int(3),
+                bulk("lag"),
+                lag,
+            ])
+        };
+        let v = Value::Array(vec![group("a", Value::Int(7)), group("b", Value::Nil)]);
+        assert_eq!(
+            parse_groups(v),
+            vec![("a".to_string(), 3, Some(7)), ("b".to_string(), 3, None)]
+        );
     }
 
     #[test]

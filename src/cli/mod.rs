@@ -10,6 +10,7 @@ pub mod simulate;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -56,18 +57,27 @@ pub enum Command {
 }
 
 /// Installs the log subscriber: level from `RUST_LOG` (default `info`).
+/// Colours only on a terminal, so log files and collectors get plain text.
+/// An unparsable `RUST_LOG` is reported, not silently replaced.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: logs captured to files or journald stay
-    // plain text that grep and log shippers understand.
+    use std::io::IsTerminal;
+    let (filter, bad_filter) = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(spec) => match EnvFilter::try_new(&spec) {
+            Ok(f) => (f, None),
+            Err(e) => (EnvFilter::new("info"), Some(format!("`{spec}`: {e}"))),
+        },
+        Err(_) => (EnvFilter::new("info"), None),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(why) = bad_filter {
+        tracing::warn!("ignoring invalid RUST_LOG {why}; logging at info");
     }
 }
 

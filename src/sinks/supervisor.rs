@@ -100,7 +100,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            tracing::info!(sink = %name, kind = %m.kind, "sink started");
+            crate::metrics::sink_started(&name, &m.kind);
             let source_hash = m.source_hash;
             let stop = self.shutdown.child_token();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();

@@ -494,7 +494,8 @@ async fn claim_stream(
 }
 
 /// Refreshes the pending and lag gauges of every group on an interval (not
-/// per scrape: a scrape must not cost Redis round trips).
+/// per scrape: a scrape must not cost Redis round trips). Every instance
+/// reports the same group-wide figures; aggregate them with `max`, not `sum`.
 pub async fn run_position_reporter(
     target: RedisTarget,
     subs: Vec<Arc<Subscription>>,
