@@ -71,15 +71,7 @@ pub async fn commit(
     if !s.alerts.is_empty() {
         let outbox = outbox_key(outbox_prefix, stream);
         for alert in &s.alerts {
-            let json = serde_json::to_string(alert).expect("alerts always serialize");
-            pipe.cmd("XADD")
-                .arg(&outbox)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(outbox_max_len)
-                .arg("*")
-                .arg(ALERT_FIELD)
-                .arg(json)
+            pipe.add_command(xadd_alert(&outbox, outbox_max_len, alert))
                 .ignore();
         }
     }
@@ -108,6 +100,38 @@ pub async fn commit(
         .arg(group)
         .arg(&s.acks)
         .ignore();
+    let _: Value = pipe.query_async(conn).await?;
+    Ok(())
+}
+
+fn xadd_alert(outbox: &str, max_len: u64, alert: &Alert) -> redis::Cmd {
+    let json = serde_json::to_string(alert).expect("alerts always serialize");
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(outbox)
+        .arg("MAXLEN")
+        .arg("~")
+        .arg(max_len)
+        .arg("*")
+        .arg(ALERT_FIELD)
+        .arg(json);
+    cmd
+}
+
+/// Appends notifications that no stream entry raised (the resolves of a
+/// rule a reload removed), each to the outbox of its origin stream. Not one
+/// MULTI: the outboxes may live in different Cluster slots.
+pub async fn append(
+    conn: &mut MultiplexedConnection,
+    outbox_prefix: &str,
+    outbox_max_len: u64,
+    alerts: &[Alert],
+) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    for alert in alerts {
+        let outbox = outbox_key(outbox_prefix, &alert.origin.stream);
+        pipe.add_command(xadd_alert(&outbox, outbox_max_len, alert))
+            .ignore();
+    }
     let _: Value = pipe.query_async(conn).await?;
     Ok(())
 }

@@ -111,6 +111,26 @@ impl AlertBook {
         }
     }
 
+    /// Forgets every firing alert raised by one of `rules` (rules a reload
+    /// removed) and returns them as resolved notifications ending at
+    /// `ends_at`: nothing is left to resolve them later.
+    pub fn retire_rules(&self, rules: &[String], ends_at: &str) -> Vec<Alert> {
+        let mut firing = self.firing.lock().expect("alert book poisoned");
+        let mut retired = Vec::new();
+        firing.retain(|_, entry| {
+            if !rules.contains(&entry.alert.rule) {
+                return true;
+            }
+            let mut alert = entry.alert.clone();
+            alert.status = Status::Resolved;
+            alert.ends_at = Some(ends_at.to_string());
+            retired.push(alert);
+            false
+        });
+        retired.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
+        retired
+    }
+
     pub fn firing_count(&self) -> usize {
         self.firing.lock().expect("alert book poisoned").len()
     }
@@ -164,6 +184,26 @@ mod tests {
         assert_eq!(r.status, Status::Resolved);
         assert_eq!(r.ends_at.as_deref(), Some("t1"));
         assert!(book.resolve(1, "t2".into()).is_none());
+    }
+
+    #[test]
+    fn retiring_a_rule_resolves_only_its_alerts() {
+        let book = AlertBook::new(Duration::from_secs(60));
+        let mut gone = alert();
+        gone.rule = "gone".into();
+        book.fire(1, alert(), 0).unwrap();
+        book.fire(2, gone, 0).unwrap();
+        let retired = book.retire_rules(&["gone".to_string()], "t9");
+        assert_eq!(retired.len(), 1);
+        assert_eq!(retired[0].rule, "gone");
+        assert_eq!(retired[0].status, Status::Resolved);
+        assert_eq!(retired[0].ends_at.as_deref(), Some("t9"));
+        assert_eq!(book.firing_count(), 1);
+        assert!(book.resolve(2, "t10".into()).is_none());
+        assert!(
+            book.fire(1, alert(), 1).is_none(),
+            "the kept rule's alert is still firing"
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Subscription;
 use crate::metrics;
 use crate::outbox::{self, DeadLetter, Settlement};
-use crate::process::{Input, Processor, Verdict, now_ms};
+use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     Backoff, LazyConn, RedisTarget, StreamEntry, ensure_group, note_error, parse_entries,
     parse_groups, parse_pending, parse_read_reply, pause,
@@ -225,11 +225,16 @@ async fn settle(
     batch: Vec<Delivered>,
     write: &mut LazyConn,
 ) -> Result<(), RedisError> {
+    // Held until the batch is committed or rolled back: a reload that
+    // removes a rule waits for every batch judged with the old set to let go
+    // of it before resolving that rule's alerts.
+    let rules = shared.processor.rules.load_full();
     let judged = {
         let shared = shared.clone();
         let sub = sub.clone();
         let stream = stream.to_string();
-        tokio::task::spawn_blocking(move || judge(&shared, &sub, &stream, batch))
+        let rules = rules.clone();
+        tokio::task::spawn_blocking(move || judge(&shared, &rules, &sub, &stream, batch))
             .await
             .expect("judge catches rule panics itself")
     };
@@ -246,6 +251,7 @@ async fn settle(
         shared.processor.book.rollback(judged.transitions);
         return Err(e);
     }
+    drop(rules);
     let group = sub.group();
     metrics::messages(stream, group, "processed", judged.processed);
     metrics::messages(stream, group, "dropped", judged.dropped);
@@ -259,8 +265,13 @@ async fn settle(
     Ok(())
 }
 
-fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered>) -> Judged {
-    let loaded = shared.processor.rules.load();
+fn judge(
+    shared: &Shared,
+    loaded: &LoadedRules,
+    sub: &Subscription,
+    stream: &str,
+    batch: Vec<Delivered>,
+) -> Judged {
     let mut j = Judged {
         settlement: Settlement::default(),
         transitions: Vec::new(),
@@ -296,7 +307,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
             now_ms: now,
         };
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            shared.processor.process(&loaded, &input)
+            shared.processor.process(loaded, &input)
         }));
         let out = match out {
             Ok(out) => out,
