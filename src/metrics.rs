@@ -407,7 +407,7 @@ pub fn rule_retired(rule: &str, resolved: usize) {
     tracing::info!(
         rule,
         resolved,
-        "rule removed: its state is dropped and its {resolved} firing alert(s) resolved"
+        "removed rule's state dropped, {resolved} firing alert(s) resolved"
     );
 }
 

@@ -377,7 +377,10 @@ fn removed_rule_resolves_its_alerts_and_kept_rules_keep_their_state() {
     assert_eq!(alerts[3]["status"], "resolved");
     let log = e.tl.stderr();
     assert!(log.contains("rules reloaded: removed gone"), "{log}");
-    assert!(log.contains("1 firing alert(s) resolved"), "{log}");
+    assert!(
+        log.contains("state dropped, 1 firing alert(s) resolved"),
+        "{log}"
+    );
 }
 
 #[test]
