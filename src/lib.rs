@@ -14,7 +14,8 @@
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz.
 //! - [`process`]: one entry through decode, rules and the alert book.
-//! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one.
+//! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
+//!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.
