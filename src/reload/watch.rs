@@ -20,7 +20,7 @@
 //! The watch is recursive on the directories, not on files: a file replaced
 //! by a rename is a new inode, and a watch on the old one would go quiet.
 //! A watched directory that disappears (or is renamed away) is logged and
-//! looked for again every [`RETRY_WATCH`]; a watcher error is logged and
+//! looked for again every second; a watcher error is logged and
 //! followed by a rescan. SIGHUP and `POST /-/reload` work throughout.
 
 use std::path::{Path, PathBuf};
