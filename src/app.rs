@@ -93,10 +93,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         "tripline starting"
     );
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
+    let book = Arc::new(AlertBook::new(config.alerts.policy()));
     let processor = Processor {
         engine: prepared.engine.clone(),
         rules: live_rules.clone(),
-        book: Arc::new(AlertBook::new(config.alerts.policy())),
+        book: book.clone(),
     };
 
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
@@ -172,11 +173,16 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         rules_dir: config.rules_dir.clone(),
         plugins_dir: config.plugins_dir.clone(),
         subscriptions: config.subscriptions.clone(),
-        lock: tokio::sync::Mutex::new(()),
+        book,
+        target: target.clone(),
+        outbox_prefix: config.outbox.prefix.clone(),
+        outbox_max_len: config.outbox.max_len,
+        lock: Default::default(),
     });
-    metrics::reload("rules", true, "initial load");
-    metrics::reload("plugins", true, "initial load");
+    metrics::config_loaded("rules");
+    metrics::config_loaded("plugins");
     tail_tasks.spawn(reload_on_sighup(reloader.clone(), tail.clone()));
+    tail_tasks.spawn(crate::reload::watch::watch(reloader.clone(), tail.clone()));
 
     let shared = Arc::new(Shared {
         processor,

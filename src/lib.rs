@@ -15,7 +15,8 @@
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
 //!   `POST /telemetry-data` gateway.
 //! - [`process`]: one entry through decode, rules and the alert book.
-//! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one.
+//! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
+//!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.

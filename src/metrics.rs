@@ -43,6 +43,8 @@ pub struct Metrics {
     consumer_pending: Family<Labels, Gauge>,
     consumer_lag: Family<Labels, Gauge>,
     redis_up: Gauge,
+    /// Resolves of removed rules' alerts that never reached the outbox.
+    retired_unsent: Counter,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
 }
@@ -73,6 +75,7 @@ impl Metrics {
             consumer_pending: Family::default(),
             consumer_lag: Family::default(),
             redis_up: Gauge::default(),
+            retired_unsent: Counter::default(),
             gateway_requests: Family::default(),
             registry: Registry::default(),
         };
@@ -146,6 +149,11 @@ impl Metrics {
             "redis_up",
             "1 while Redis answers, 0 while it is unreachable",
             m.redis_up.clone(),
+        );
+        registry.register(
+            "retired_alerts_unsent",
+            "Resolved notifications for alerts of removed rules that could not be written to the outbox",
+            m.retired_unsent.clone(),
         );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
@@ -381,35 +389,79 @@ pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: Option<i6
     }
 }
 
-/// A rules or plugins reload finished.
-pub fn reload(kind: &str, ok: bool, detail: &str) {
+/// Rules or plugins loaded at startup: in sync, and the reload counters
+/// exist (at 0) before the first reload.
+pub fn config_loaded(kind: &str) {
+    let m = get();
+    for result in ["success", "failure"] {
+        // Created at 0 so `increase()` sees the first reload.
+        let _ = m.reloads.get_or_create(&vec![
+            ("kind", kind.to_string()),
+            ("result", result.to_string()),
+        ]);
+    }
+    m.config_in_sync
+        .get_or_create(&vec![("kind", kind.to_string())])
+        .set(1);
+    m.last_reload
+        .get_or_create(&vec![("kind", kind.to_string())])
+        .set(unix_now());
+}
+
+/// A rules or plugins reload finished; `trigger` says what asked for it,
+/// `detail` is what changed or, on failure, the errors (file:line:col).
+pub fn reload(kind: &str, trigger: &str, ok: bool, detail: &str) {
     let m = get();
     let result = if ok { "success" } else { "failure" };
     m.config_in_sync
         .get_or_create(&vec![("kind", kind.to_string())])
         .set(i64::from(ok));
-    // Both results exist from the first reload on, so `increase()` over a
-    // failure that is the first of its kind is not lost.
-    for r in ["success", "failure"] {
-        let counter = m
-            .reloads
-            .get_or_create(&vec![("kind", kind.to_string()), ("result", r.to_string())]);
-        if r == result {
-            counter.inc();
-        }
-    }
+    m.reloads
+        .get_or_create(&vec![
+            ("kind", kind.to_string()),
+            ("result", result.to_string()),
+        ])
+        .inc();
     if ok {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
         m.last_reload
             .get_or_create(&vec![("kind", kind.to_string())])
-            .set(now);
-        tracing::info!(kind, "reload applied: {detail}");
+            .set(unix_now());
+        tracing::info!(kind, trigger, "{kind} reloaded: {detail}");
     } else {
-        tracing::error!(kind, "reload failed, keeping the last good set:\n{detail}");
+        tracing::error!(
+            kind,
+            trigger,
+            "{kind} reload failed, the last good {kind} keep running:\n{detail}"
+        );
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A reload removed `rule`: its state is gone and its firing alerts are
+/// resolved (each resolve is counted by [`alert_notified`] once written).
+pub fn rule_retired(rule: &str, resolved: usize) {
+    tracing::info!(
+        rule,
+        resolved,
+        "removed rule's state dropped, {resolved} firing alert(s) resolved"
+    );
+}
+
+/// The resolves of removed rules' alerts could not be written to the outbox.
+pub fn retired_alerts_unsent(alerts: &[Alert], error: &str) {
+    let fingerprints: Vec<&str> = alerts.iter().map(|a| a.fingerprint.as_str()).collect();
+    tracing::error!(
+        n = alerts.len(),
+        ?fingerprints,
+        "cannot write the resolves of removed rules' alerts to the outbox, receivers keep them firing: {error}"
+    );
+    get().retired_unsent.inc_by(alerts.len() as u64);
 }
 
 /// A subscription starts consuming `stream`: its message counters exist

@@ -7,21 +7,44 @@
 //! good set keeps running. Plugins: the manifest set is validated whole, then
 //! the supervisor restarts only the sinks whose file changed.
 //!
-//! Triggers (file watcher, SIGHUP, `POST /-/reload`) all end up in
-//! [`Reloader::reload`]; one reload runs at a time.
+//! A rule the new set no longer has is retired: its firing alerts are
+//! resolved (written to the outbox of the stream that raised them) and
+//! forgotten. Rules that remain keep their state: the alert book is keyed by
+//! fingerprint (rule name + alert name + labels), not by rule version.
+//!
+//! Triggers ([`watch`], SIGHUP, `POST /-/reload`) all end up here; one
+//! reload runs at a time. SIGHUP and HTTP always reload and report; the
+//! watcher calls [`Reloader::reload_if_changed`], which neither counts nor
+//! logs a result equal to what already runs (same files, or the same error
+//! as last time).
+
+pub mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
+use crate::alert::{Alert, AlertBook};
 use crate::config::Subscription;
 use crate::metrics;
-use crate::process::LoadedRules;
+use crate::process::{LoadedRules, now_ms};
+use crate::redis_conn::{Backoff, LazyConn, RedisTarget};
 use crate::rules::RuleSet;
+use crate::rules::state as rule_state;
 use crate::sinks::supervisor::Supervisor;
+use crate::source::timers::commit_unacked;
+
+/// How long a reload that removed rules waits for batches still judging
+/// with the old set; far above one batch (judging plus a commit that times
+/// out after 5 s), so only a stuck batch hits it.
+const RETIRE_WAIT: Duration = Duration::from_secs(10);
+/// How long the resolves of removed rules' alerts are retried while Redis
+/// is unreachable; the reload lock is held meanwhile.
+const RETIRE_WRITE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Outcome of one part of a reload.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -46,20 +69,26 @@ impl PartReport {
         }
     }
 
+    fn unchanged(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// `added a, b; changed c; removed d`, naming only what happened.
     fn summary(&self) -> String {
-        let list = |v: &[String]| {
-            if v.is_empty() {
-                "none".to_string()
-            } else {
-                v.join(", ")
-            }
-        };
-        format!(
-            "added: {}; changed: {}; removed: {}",
-            list(&self.added),
-            list(&self.changed),
-            list(&self.removed)
-        )
+        let parts: Vec<String> = [
+            ("added", &self.added),
+            ("changed", &self.changed),
+            ("removed", &self.removed),
+        ]
+        .iter()
+        .filter(|(_, names)| !names.is_empty())
+        .map(|(what, names)| format!("{what} {}", names.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "no changes".to_string()
+        } else {
+            parts.join("; ")
+        }
     }
 }
 
@@ -75,6 +104,17 @@ impl ReloadReport {
     }
 }
 
+/// What the last reload of each kind left behind. Lives inside the lock
+/// that serialises reloads.
+#[derive(Debug, Default)]
+pub struct LastReload {
+    /// The error of the last rules reload while the files on disk differ
+    /// from what runs; `None` when in sync.
+    rules_error: Option<String>,
+    /// Same for plugins.
+    plugins_error: Option<String>,
+}
+
 pub struct Reloader {
     pub engine: Arc<rhai::Engine>,
     /// The live rule set the workers read.
@@ -83,23 +123,50 @@ pub struct Reloader {
     pub rules_dir: PathBuf,
     pub plugins_dir: PathBuf,
     pub subscriptions: Vec<Subscription>,
-    /// Serialises reloads: two saves in quick succession apply in order.
-    pub lock: tokio::sync::Mutex<()>,
+    /// The workers' alert book: a removed rule's firing alerts are taken
+    /// out of it and resolved.
+    pub book: Arc<AlertBook>,
+    /// Where those resolves are written.
+    pub target: RedisTarget,
+    /// Outbox key prefix; see [`outbox::outbox_key`].
+    pub outbox_prefix: String,
+    /// Approximate cap of each outbox stream.
+    pub outbox_max_len: u64,
+    /// Serialises reloads (two saves in quick succession apply in order)
+    /// and remembers what the last one left behind.
+    pub lock: tokio::sync::Mutex<LastReload>,
 }
 
 impl Reloader {
-    /// Reloads rules and plugins; `trigger` names the cause in the log.
+    /// Reloads rules and plugins and reports both, changed or not;
+    /// `trigger` names the cause in the log.
     pub async fn reload(&self, trigger: &str) -> ReloadReport {
-        let _one_at_a_time = self.lock.lock().await;
+        let mut last = self.lock.lock().await;
         tracing::debug!(trigger, "reloading");
-        let rules = self.reload_rules().await;
-        metrics::reload("rules", rules.ok, &detail(&rules));
-        let plugins = self.reload_plugins().await;
-        metrics::reload("plugins", plugins.ok, &detail(&plugins));
+        let rules = (self.reload_rules(&mut last, true).await).expect("forced reloads report");
+        let plugins = (self.reload_plugins(&mut last, true).await).expect("forced reloads report");
+        emit("rules", trigger, &rules);
+        emit("plugins", trigger, &plugins);
         ReloadReport { rules, plugins }
     }
 
-    async fn reload_rules(&self) -> PartReport {
+    /// Reloads what differs from what runs. A kind whose files compile to
+    /// exactly the running set (or fail with the error already reported) is
+    /// neither counted nor logged, so a save that changes nothing, or a
+    /// stray event, is not a reload.
+    pub async fn reload_if_changed(&self, trigger: &str) {
+        let mut last = self.lock.lock().await;
+        if let Some(rules) = self.reload_rules(&mut last, false).await {
+            emit("rules", trigger, &rules);
+        }
+        if let Some(plugins) = self.reload_plugins(&mut last, false).await {
+            emit("plugins", trigger, &plugins);
+        }
+    }
+
+    /// Compiles the rules directory and swaps the set in if it differs;
+    /// `None` when not `forced` and the result equals what runs.
+    async fn reload_rules(&self, last: &mut LastReload, forced: bool) -> Option<PartReport> {
         let engine = self.engine.clone();
         let dir = self.rules_dir.clone();
         let compiled = tokio::task::spawn_blocking(move || RuleSet::load(&engine, &dir))
@@ -107,50 +174,142 @@ impl Reloader {
             .expect("rule compilation does not panic");
         let set = match compiled {
             Ok(set) => set,
-            Err(e) => return PartReport::failed(e.to_string()),
+            Err(e) => return failure(&mut last.rules_error, e.to_string(), forced),
         };
-        let old = self.rules.load();
-        let report = diff(
-            old.set
-                .rules
-                .iter()
-                .map(|r| (r.name.clone(), r.source_hash))
-                .collect(),
-            set.rules
-                .iter()
-                .map(|r| (r.name.clone(), r.source_hash))
-                .collect(),
-        );
-        self.rules
-            .store(Arc::new(LoadedRules::new(set, &self.subscriptions)));
-        report
+        let report = {
+            let old = self.rules.load();
+            diff(
+                old.set
+                    .rules
+                    .iter()
+                    .map(|r| (r.name.clone(), r.source_hash))
+                    .collect(),
+                set.rules
+                    .iter()
+                    .map(|r| (r.name.clone(), r.source_hash))
+                    .collect(),
+            )
+        };
+        let was_failing = last.rules_error.take().is_some();
+        if report.unchanged() {
+            return (forced || was_failing).then_some(report);
+        }
+        let old = self
+            .rules
+            .swap(Arc::new(LoadedRules::new(set, &self.subscriptions)));
+        if !report.removed.is_empty() {
+            self.retire(old, &report.removed).await;
+        }
+        Some(report)
     }
 
-    async fn reload_plugins(&self) -> PartReport {
+    /// Validates the plugins directory and lets the supervisor restart the
+    /// sinks that changed; `None` when not `forced` and nothing changed.
+    async fn reload_plugins(&self, last: &mut LastReload, forced: bool) -> Option<PartReport> {
         let dir = self.plugins_dir.clone();
         let loaded = tokio::task::spawn_blocking(move || crate::sinks::load_dir(&dir))
             .await
             .expect("manifest loading does not panic");
-        match loaded {
-            Ok(manifests) => {
-                let c = self.sinks.apply(manifests).await;
-                PartReport {
-                    ok: true,
-                    added: c.added,
-                    changed: c.changed,
-                    removed: c.removed,
-                    error: None,
-                }
-            }
-            Err(errors) => PartReport::failed(
-                errors
+        let manifests = match loaded {
+            Ok(manifests) => manifests,
+            Err(errors) => {
+                let text = errors
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
-                    .join("\n"),
-            ),
+                    .join("\n");
+                return failure(&mut last.plugins_error, text, forced);
+            }
+        };
+        let c = self.sinks.apply(manifests).await;
+        let report = PartReport {
+            ok: true,
+            added: c.added,
+            changed: c.changed,
+            removed: c.removed,
+            error: None,
+        };
+        let was_failing = last.plugins_error.take().is_some();
+        (forced || was_failing || !report.unchanged()).then_some(report)
+    }
+
+    /// Drops the state of `removed` rules and resolves their firing alerts.
+    /// Waits first until no batch judged with `old` is still in flight: such
+    /// a batch could re-fire a removed rule's alert after its resolve, or
+    /// roll its resolve back.
+    async fn retire(&self, old: Arc<LoadedRules>, removed: &[String]) {
+        let waited = tokio::time::Instant::now();
+        while Arc::strong_count(&old) > 1 {
+            if waited.elapsed() > RETIRE_WAIT {
+                tracing::warn!(
+                    "a batch judged with the previous rules is still in flight after {RETIRE_WAIT:?}; resolving the removed rules' alerts anyway"
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        drop(old);
+        rule_state::forget_rules(removed);
+        let resolved = self.write_resolved(removed).await;
+        for rule in removed {
+            metrics::rule_retired(rule, resolved.iter().filter(|a| &a.rule == rule).count());
         }
     }
+
+    /// Removes the rules' alert state and writes the resolves of their
+    /// firing alerts, retrying while Redis is unreachable (or another
+    /// instance changes the same alerts) up to [`RETIRE_WRITE_DEADLINE`].
+    async fn write_resolved(&self, removed: &[String]) -> Vec<Alert> {
+        let deadline = tokio::time::Instant::now() + RETIRE_WRITE_DEADLINE;
+        let mut conn = LazyConn::new(self.target.clone(), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut sent = Vec::new();
+        loop {
+            let decision = self.book.forget_rules(removed, now_ms());
+            if decision.writes.is_empty() {
+                return sent;
+            }
+            let pending: Vec<Alert> = decision.notifications.clone();
+            let result = commit_unacked(
+                &mut conn,
+                &self.book,
+                &self.outbox_prefix,
+                self.outbox_max_len,
+                decision,
+            )
+            .await;
+            match result {
+                Ok((notified, false)) => {
+                    sent.extend(notified);
+                    return sent;
+                }
+                Ok((notified, true)) => sent.extend(notified),
+                Err(e) => {
+                    conn.reset();
+                    let delay = backoff.next_delay();
+                    if tokio::time::Instant::now() + delay > deadline {
+                        metrics::retired_alerts_unsent(&pending, &e.to_string());
+                        return sent;
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+}
+
+/// A failed part: reported unless not `forced` and it is the error already
+/// reported last time.
+fn failure(last_error: &mut Option<String>, error: String, forced: bool) -> Option<PartReport> {
+    if !forced && last_error.as_deref() == Some(error.as_str()) {
+        return None;
+    }
+    *last_error = Some(error.clone());
+    Some(PartReport::failed(error))
+}
+
+fn emit(kind: &str, trigger: &str, p: &PartReport) {
+    metrics::reload(kind, trigger, p.ok, &detail(p));
 }
 
 fn detail(p: &PartReport) -> String {
@@ -199,5 +358,22 @@ mod tests {
         assert_eq!(r.added, ["c"]);
         assert_eq!(r.changed, ["b"]);
         assert_eq!(r.removed, ["a"]);
+        assert_eq!(r.summary(), "added c; changed b; removed a");
+        let same = diff(
+            HashMap::from([("a".to_string(), 1)]),
+            HashMap::from([("a".to_string(), 1)]),
+        );
+        assert!(same.unchanged());
+        assert_eq!(same.summary(), "no changes");
+    }
+
+    #[test]
+    fn an_error_already_reported_is_not_reported_again_unless_forced() {
+        let mut last = None;
+        assert!(failure(&mut last, "r.rhai:1:2: bad".into(), false).is_some());
+        assert!(failure(&mut last, "r.rhai:1:2: bad".into(), false).is_none());
+        assert!(failure(&mut last, "r.rhai:1:2: bad".into(), true).is_some());
+        let other = failure(&mut last, "r.rhai:3:1: worse".into(), false).unwrap();
+        assert_eq!(other.error.as_deref(), Some("r.rhai:3:1: worse"));
     }
 }

@@ -22,7 +22,7 @@ use crate::alert::Action;
 use crate::config::Subscription;
 use crate::metrics;
 use crate::outbox::{self, Committed, DeadLetter, Settlement};
-use crate::process::{Input, Processor, Verdict, now_ms};
+use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     Backoff, LazyConn, RedisTarget, StreamEntry, ensure_group, note_error, parse_entries,
     parse_groups, parse_pending, parse_read_reply, pause,
@@ -234,11 +234,16 @@ async fn settle(
     batch: Vec<Delivered>,
     write: &mut LazyConn,
 ) -> Result<(), RedisError> {
+    // Held until the batch is committed or rolled back: a reload that
+    // removes a rule waits for every batch judged with the old set to let go
+    // of it before resolving that rule's alerts.
+    let rules = shared.processor.rules.load_full();
     let judged = {
         let shared = shared.clone();
         let sub = sub.clone();
         let stream = stream.to_string();
-        tokio::task::spawn_blocking(move || judge(&shared, &sub, &stream, batch))
+        let rules = rules.clone();
+        tokio::task::spawn_blocking(move || judge(&shared, &rules, &sub, &stream, batch))
             .await
             .expect("judge catches rule panics itself")
     };
@@ -252,6 +257,7 @@ async fn settle(
         write,
     )
     .await?;
+    drop(rules);
     let group = sub.group();
     metrics::messages(stream, group, "processed", judged.processed);
     metrics::messages(stream, group, "dropped", judged.dropped);
@@ -316,8 +322,13 @@ pub(crate) async fn commit_decisions(
     Ok(Vec::new())
 }
 
-fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered>) -> Judged {
-    let loaded = shared.processor.rules.load();
+fn judge(
+    shared: &Shared,
+    loaded: &LoadedRules,
+    sub: &Subscription,
+    stream: &str,
+    batch: Vec<Delivered>,
+) -> Judged {
     let mut j = Judged {
         acks: Vec::with_capacity(batch.len()),
         dead: Vec::new(),
@@ -354,7 +365,7 @@ fn judge(shared: &Shared, sub: &Subscription, stream: &str, batch: Vec<Delivered
             now_ms: now,
         };
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            shared.processor.evaluate(&loaded, &input)
+            shared.processor.evaluate(loaded, &input)
         }));
         let out = match out {
             Ok(out) => out,

@@ -11,7 +11,7 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::alert::{Alert, Write};
+use crate::alert::{Alert, AlertBook, Decision, Write};
 use crate::metrics;
 use crate::outbox::{self, Committed, Settlement, hash_tag, state_key};
 use crate::process::now_ms;
@@ -91,9 +91,29 @@ async fn refresh(
 async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError> {
     let book = &shared.processor.book;
     let decision = book.due(now_ms());
-    if decision.writes.is_empty() {
-        return Ok(());
-    }
+    commit_unacked(
+        conn,
+        book,
+        &shared.outbox_prefix,
+        shared.outbox_max_len,
+        decision,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Commits lifecycle decisions that no message caused (timers, retired
+/// rules), one atomic step per stream hash tag. On a version conflict that
+/// part is rolled back and its fields refreshed from Redis: another
+/// instance got there first. Returns the notifications committed and
+/// whether any part conflicted.
+pub async fn commit_unacked(
+    conn: &mut LazyConn,
+    book: &AlertBook,
+    outbox_prefix: &str,
+    outbox_max_len: u64,
+    decision: Decision,
+) -> Result<(Vec<Alert>, bool), RedisError> {
     let mut by_tag: BTreeMap<String, (String, Vec<Write>, Vec<Alert>)> = BTreeMap::new();
     for w in decision.writes {
         by_tag
@@ -108,6 +128,8 @@ async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError
         }
     }
     let mut undo = decision.undo;
+    let mut notified = Vec::new();
+    let mut conflicted = false;
     for (stream, writes, alerts) in by_tag.into_values() {
         let settlement = Settlement {
             acks: &[],
@@ -119,8 +141,8 @@ async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError
             conn.get().await?,
             &stream,
             "",
-            &shared.outbox_prefix,
-            shared.outbox_max_len,
+            outbox_prefix,
+            outbox_max_len,
             &settlement,
         )
         .await;
@@ -134,9 +156,10 @@ async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError
                 for a in &alerts {
                     metrics::alert_notified(a);
                 }
+                notified.extend(alerts);
             }
             Ok(Committed::Conflict(changed)) => {
-                // Another instance got there first; take its view.
+                conflicted = true;
                 book.rollback(mine);
                 let fresh = outbox::read_state(conn.get().await?, &stream, &changed).await?;
                 book.refresh(fresh);
@@ -148,5 +171,5 @@ async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError
             }
         }
     }
-    Ok(())
+    Ok((notified, conflicted))
 }

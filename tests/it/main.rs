@@ -5,4 +5,5 @@ mod http;
 mod lifecycle;
 mod logging;
 mod pipeline;
+mod reload;
 mod util;
