@@ -30,6 +30,8 @@ pub mod outbox;
 pub mod process;
 pub mod redis_conn;
 pub mod reload;
+pub mod replay;
 pub mod rules;
+pub mod ruletest;
 pub mod sinks;
 pub mod source;

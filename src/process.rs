@@ -70,6 +70,11 @@ pub struct Output {
     pub transitions: Vec<Transition>,
     /// Log lines the rules asked for: (rule, level, text).
     pub logs: Vec<(String, LogLevel, String)>,
+    /// Rules that failed on this entry: (rule, error with file:line:col), so
+    /// `test` and `replay` can show why, not only how many.
+    pub errors: Vec<(String, String)>,
+    /// The rule that called `drop()`, if one did.
+    pub dropped_by: Option<String>,
 }
 
 impl Processor {
@@ -82,6 +87,8 @@ impl Processor {
             notifications: Vec::new(),
             transitions: Vec::new(),
             logs: Vec::new(),
+            errors: Vec::new(),
+            dropped_by: None,
         };
         let decoded = match decode::decode(input.fields) {
             Ok(d) => d,
@@ -104,11 +111,18 @@ impl Processor {
         let now = rfc3339(input.now_ms);
         for r in results {
             let rule = &loaded.set.rules[r.rule];
-            let Ok(actions) = r.outcome else {
-                rule_errors += 1;
-                continue;
+            let actions = match r.outcome {
+                Ok(actions) => actions,
+                Err(text) => {
+                    rule_errors += 1;
+                    out.errors.push((rule.name.clone(), text));
+                    continue;
+                }
             };
-            dropped |= actions.drop;
+            if actions.drop {
+                dropped = true;
+                out.dropped_by = Some(rule.name.clone());
+            }
             for (level, text) in actions.logs {
                 out.logs.push((rule.name.clone(), level, text));
             }
