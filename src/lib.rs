@@ -14,10 +14,13 @@
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz.
 //! - [`process`]: one entry through decode, rules and the alert book.
+//! - [`ruletest`]: `*.test.yaml` rule tests on a virtual clock (`tripline test`).
+//! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
-//! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.
+//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record` and `simulate`
+//!   commands behind `main`.
 
 pub mod alert;
 pub mod app;

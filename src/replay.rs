@@ -84,10 +84,7 @@ pub fn id_ms(id: &str) -> Option<u64> {
 /// The fields of an entry carrying `payload` as JSON; with `envelope`
 /// (uuid, metadata) in Watermill's form, else as one `payload` field. A
 /// string payload is used verbatim.
-pub fn json_fields(
-    payload: &Value,
-    envelope: Option<(&str, &[(&str, &str)])>,
-) -> Fields {
+pub fn json_fields(payload: &Value, envelope: Option<(&str, &[(&str, &str)])>) -> Fields {
     let body = match payload {
         Value::String(raw) => raw.clone().into_bytes(),
         other => other.to_string().into_bytes(),

@@ -1,5 +1,6 @@
 //! One integration-test binary (compiled once); each module is one area.
 //! Every test starts its own `redis-server` and real `tripline` processes.
 
+mod cli;
 mod pipeline;
 mod util;
