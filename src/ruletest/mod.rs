@@ -503,3 +503,229 @@ fn step_fields(step: &Step) -> Result<Fields, String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+
+    use super::run::{CaseResult, Runner};
+    use super::*;
+    use crate::process::LoadedRules;
+    use crate::rules::build_engine;
+
+    const CONFIG: &str = "subscriptions:\n  - {name: errs, group: g-errs, streams: [errors], rules: [\"e*.rhai\"]}\n";
+
+    /// A rules directory with `rules`, the config above pointing at it, and
+    /// the test file `text` (named `name`) run against it.
+    fn run(rules: &[(&str, &str)], name: &str, text: &str) -> Result<Vec<CaseResult>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        for (file, src) in rules {
+            std::fs::write(dir.path().join(file), src).unwrap();
+        }
+        let mut config = Config::parse(CONFIG, "t").unwrap();
+        config.rules_dir = dir.path().to_path_buf();
+        let engine = build_engine(&config.limits);
+        let set = RuleSet::load(&engine, dir.path()).unwrap();
+        let suite = Suite::parse(&dir.path().join(name), text.to_string(), &config, &set)
+            .map_err(|e| e.to_string())?;
+        let runner = Runner {
+            engine,
+            rules: Arc::new(ArcSwap::from_pointee(LoadedRules {
+                set,
+                selections: [(Runner::key(0), suite.selection.clone())].into(),
+            })),
+            repeat_interval: config.alerts.repeat_interval,
+        };
+        Ok(runner.run(&suite, &Runner::key(0)))
+    }
+
+    fn failures(results: &[CaseResult]) -> Vec<String> {
+        results
+            .iter()
+            .flat_map(|r| r.failures.iter().map(|f| f.text.clone()))
+            .collect()
+    }
+
+    /// Logs what the rule sees of time, id, stream and group.
+    const ECHO: &str =
+        "fn on_message(m, c) { log(`${c.timestamp_ms} ${c.id} ${c.stream} ${c.group} ${m.v}`); }";
+
+    #[test]
+    fn virtual_clock_ids_and_defaults() {
+        let text = "\
+tests:
+  - name: clock
+    steps:
+      - payload: {v: 1}
+        expect: {logs: [{text: '1735689600000 1735689600000-0 errors tripline-test 1'}]}
+      - fields: {v: '2'}
+        expect: {logs: [{text: '1735689600000 1735689600000-1 errors tripline-test 2'}]}
+      - at: +1m
+        repeat: 2
+        payload: {v: 3}
+        expect:
+          logs:
+            - {text: '1735689660000 1735689660000-0 errors tripline-test 3'}
+            - {text: '1735689720000 1735689720000-0 errors tripline-test 3'}
+      - at: 2025-01-01T01:00:00Z
+        payload: {v: 4}
+        expect: {logs: [{contains: '1735693200000 '}]}
+";
+        let r = run(&[("echo.rhai", ECHO)], "echo.test.yaml", text).unwrap();
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+
+    #[test]
+    fn subscription_gives_its_rules_group_and_stream() {
+        let text = "\
+subscription: errs
+tests:
+  - name: as the subscription
+    steps: [{payload: {v: 1}, expect: {logs: [{contains: ' errors g-errs 1'}]}}]
+";
+        let rules = [
+            ("echo.rhai", ECHO),
+            ("other.rhai", "fn on_message(m, c) { log(\"x\"); }"),
+        ];
+        let r = run(&rules, "any.test.yaml", text).unwrap();
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_test_starts_with_no_alert_firing() {
+        let rule = "fn on_message(m, c) { if m.v > 5 { alert(#{name: \"X\"}); } else { resolve(#{name: \"X\"}); } }";
+        let text = "\
+tests:
+  - name: fires
+    steps: [{payload: {v: 9}, expect: {alerts: [{name: X}]}}]
+  - name: nothing to resolve in a fresh test
+    steps: [{payload: {v: 1}, expect: {alerts: [], firing: []}}]
+  - name: fires again in a fresh test
+    steps: [{payload: {v: 9}, expect: {alerts: [{name: X, severity: warning}]}}]
+";
+        let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rule_errors_fail_unless_expected() {
+        let rule = "fn on_message(m, c) { if m.v == 0 { throw \"zero\"; } }";
+        let text = "\
+tests:
+  - name: unexpected
+    steps: [{payload: {v: 0}}]
+  - name: expected at the step
+    steps: [{payload: {v: 0}, expect: {errors: [{contains: zero}]}}]
+  - name: expected over the test
+    steps: [{payload: {v: 0}}, {payload: {v: 0}}]
+    expect: {errors: [{rule: e}, {rule: e}]}
+";
+        let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
+        assert_eq!(r[0].failures.len(), 1);
+        assert!(
+            r[0].failures[0].text.contains("+ e: "),
+            "{:?}",
+            r[0].failures
+        );
+        assert!(
+            r[1].failures.is_empty() && r[2].failures.is_empty(),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn drops_and_undecodable_are_checked() {
+        let rule = "fn on_message(m, c) { if m.v > 1 { drop(); } }";
+        let text = "\
+tests:
+  - name: t
+    steps:
+      - {payload: {v: 2}, expect: {dropped: false}}
+      - {payload: {v: 0}, expect: {dropped: true}}
+      - {payload: '[1]', expect: {undecodable: 'nope'}}
+      - {payload: '{', expect: {undecodable: false}}
+    expect: {drops: 0}
+";
+        let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
+        let f = failures(&r);
+        assert_eq!(f.len(), 5, "{f:#?}");
+        assert!(f[0].starts_with("dropped: expected false, got true"));
+        assert!(f[1].starts_with("dropped: expected true, got false"));
+        assert!(f[2].contains("containing \"nope\""));
+        assert!(f[3].starts_with("undecodable: expected the input to decode"));
+        assert_eq!(f[4], "drops: expected 0, got 1");
+    }
+
+    #[test]
+    fn mistakes_in_a_test_file_name_the_line() {
+        let rules = [
+            ("e.rhai", ECHO),
+            ("t.rhai", "const TOPICS = [\"t\"]; fn on_message(m, c) {}"),
+        ];
+        let err = |name: &str, text: &str| run(&rules, name, text).unwrap_err();
+        let e = err("x.test.yaml", "tests: []\n");
+        assert!(
+            e.contains("no rule") && e.contains("`rules:` or `subscription:`"),
+            "{e}"
+        );
+        let e = err(
+            "e.test.yaml",
+            "tests:\n  - name: a\n    steps:\n      - {payload: {v: 1}}\n      - {at: +1s, repeat: 2, id: '1-1', payload: {v: 1}}\n",
+        );
+        assert!(
+            e.contains("e.test.yaml:5:") && e.contains("`id` cannot be combined"),
+            "{e}"
+        );
+        let e = err(
+            "e.test.yaml",
+            "tests:\n  - name: a\n    steps:\n      - {at: 2025-01-01T00:00:00Z, repeat: 2, payload: {v: 1}}\n",
+        );
+        assert!(e.contains(":4:") && e.contains("relative `at`"), "{e}");
+        let e = err(
+            "t.test.yaml",
+            "stream: other\ntests:\n  - name: a\n    steps: [{payload: {v: 1}}]\n",
+        );
+        assert!(
+            e.contains(":4:") && e.contains("handles stream `other`"),
+            "{e}"
+        );
+        let e = err(
+            "z.test.yaml",
+            "subscription: errs\ntests:\n  - name: a\n    steps: [{stream: t, payload: {v: 1}}]\n",
+        );
+        assert!(e.contains("does not read stream `t`"), "{e}");
+        let e = err("z.test.yaml", "rules: ['nothing*']\ntests: []\n");
+        assert!(e.contains(":1:") && e.contains("matches no rule"), "{e}");
+        let e = err(
+            "e.test.yaml",
+            "tests:\n  - name: a\n    steps: [{payload: {v: 1}, fields: {v: 1}}]\n",
+        );
+        assert!(e.contains("either `payload` or `fields`"), "{e}");
+        let e = err(
+            "e.test.yaml",
+            "tests:\n  - name: a\n    steps: [{payload: {v: 1}, expect: {logs: [{level: loud}]}}]\n",
+        );
+        assert!(
+            e.contains("e.test.yaml:3:") && e.contains("log level `loud`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn watermill_envelope_reaches_the_rule() {
+        let rule = "fn on_message(m, c) { log(`${c.uuid} ${c.metadata.source} ${m.v}`); }";
+        let text = "\
+tests:
+  - name: envelope
+    steps:
+      - uuid: u-1
+        metadata: {source: c1}
+        payload: {v: 7}
+        expect: {logs: [{text: 'u-1 c1 7'}]}
+";
+        let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+}
