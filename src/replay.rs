@@ -49,6 +49,7 @@ pub struct Record {
     pub id: Option<String>,
     /// Virtual time of the entry (milliseconds since the epoch).
     pub timestamp_ms: Option<u64>,
+    /// The message itself.
     pub body: Body,
 }
 
@@ -58,8 +59,11 @@ pub enum Body {
     /// A JSON message, carried as the entry's `payload` field, inside a
     /// Watermill envelope when `metadata` or `uuid` is present.
     Json {
+        /// The message; a string is the payload's raw text.
         payload: Value,
+        /// Watermill metadata, when the entry had an envelope.
         metadata: Option<BTreeMap<String, String>>,
+        /// Watermill message UUID, when the entry had an envelope.
         uuid: Option<String>,
     },
     /// Raw stream fields, as `XADD s * k v …` wrote them.
@@ -308,6 +312,7 @@ impl Record {
 
     /// The line's JSON text (no newline); entry keys first, for readability.
     pub fn to_line(&self) -> String {
+        /// The fields of [`Record`] in the order a reader wants them.
         #[derive(Serialize)]
         struct Line<'a> {
             #[serde(skip_serializing_if = "Option::is_none")]

@@ -82,14 +82,19 @@ impl Bound {
 
 /// Reads one stream page by page.
 struct Cursor {
+    /// The stream read.
     stream: String,
     /// Where the next page starts (`(<id>` after the first page: exclusive).
     next: String,
+    /// Last id of the range (inclusive).
     end: String,
+    /// Entries fetched and not yet written.
     buffer: VecDeque<StreamEntry>,
     /// Entries still allowed by `--count`.
     left: u64,
+    /// The last page came back short: the range is read to its end.
     exhausted: bool,
+    /// Lines written for this stream, for the closing report.
     written: u64,
 }
 

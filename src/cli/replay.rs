@@ -51,10 +51,13 @@ struct Tally {
     unrouted: u64,
     /// Messages the engine could not decode (it would dead-letter them).
     undecodable: u64,
+    /// Log lines the rules wrote.
     logs: u64,
     /// Per rule: (firing, resolved) notifications.
     alerts: BTreeMap<String, (u64, u64)>,
+    /// Messages a rule dropped (per subscription).
     drops: u64,
+    /// Rules that failed on a message.
     rule_errors: u64,
     /// With `--sinks`: alerts handed to sinks, and deliveries that failed.
     delivered: Option<(u64, u64)>,
@@ -96,7 +99,9 @@ impl fmt::Display for Tally {
 
 /// A sink built from an enabled manifest, with its route.
 struct LiveSink {
+    /// Name and route of the sink.
     manifest: Manifest,
+    /// The sink itself, built from the manifest's settings.
     sink: Box<dyn Sink>,
 }
 

@@ -159,8 +159,10 @@ pub struct CaseExpect {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertMatch {
+    /// The alert's name, exactly.
     #[serde(default)]
     pub name: Option<String>,
+    /// The alert's severity.
     #[serde(default)]
     pub severity: Option<Severity>,
     /// Default `firing`: a resolve must be asked for by name.
@@ -191,6 +193,7 @@ fn firing() -> Status {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogMatch {
+    /// The level `log()` was given.
     #[serde(default)]
     pub level: Option<Level>,
     /// Text the line must contain.
@@ -199,6 +202,7 @@ pub struct LogMatch {
     /// The whole line, exactly.
     #[serde(default)]
     pub text: Option<String>,
+    /// The rule that wrote it.
     #[serde(default)]
     pub rule: Option<String>,
 }
@@ -207,6 +211,7 @@ pub struct LogMatch {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ErrorMatch {
+    /// The rule that failed.
     #[serde(default)]
     pub rule: Option<String>,
     /// Text the error (with its file:line:col) must contain.
@@ -244,7 +249,9 @@ fn parse_str<'de, D: Deserializer<'de>, T>(
     parse: fn(&str) -> Result<T, String>,
 ) -> Result<T, D::Error> {
     struct V<T> {
+        /// What serde says it expected when the value is not a string.
         expecting: &'static str,
+        /// Turns the text into the value, or says what is wrong with it.
         parse: fn(&str) -> Result<T, String>,
     }
     impl<T> Visitor<'_> for V<T> {
@@ -263,8 +270,13 @@ fn parse_str<'de, D: Deserializer<'de>, T>(
 /// reason must contain.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Undecodable {
+    /// The message must decode.
     No,
-    Yes { contains: Option<String> },
+    /// The message must not decode; the reason must contain `contains`.
+    Yes {
+        /// Text the decode error must contain, if given.
+        contains: Option<String>,
+    },
 }
 
 impl<'de> Deserialize<'de> for Undecodable {

@@ -28,15 +28,20 @@ pub trait Shown {
 /// A log line a rule wrote.
 #[derive(Debug, Clone)]
 pub struct LogLine {
+    /// The rule that wrote it.
     pub rule: String,
+    /// The level it was written at.
     pub level: LogLevel,
+    /// The line itself.
     pub text: String,
 }
 
 /// A rule that failed on a message.
 #[derive(Debug, Clone)]
 pub struct RuleFailure {
+    /// The rule that failed.
     pub rule: String,
+    /// The error, with file:line:col.
     pub text: String,
 }
 

@@ -180,7 +180,9 @@ impl Suite {
 
 /// Something wrong in a test file that parsed, and where.
 struct Problem {
+    /// Path to the offending node, to find its line.
     at: Vec<Seg<'static>>,
+    /// What is wrong, for the user.
     message: String,
 }
 
@@ -321,6 +323,7 @@ impl Target {
 
 /// The virtual clock of one test, and the ids Redis would assign.
 struct Clock {
+    /// Virtual time of the latest message, ms since the epoch.
     now: u64,
     /// Sequence number of the last id within `now`'s millisecond.
     seq: Option<u64>,

@@ -15,7 +15,9 @@ use crate::process::{self, LoadedRules, Processor, Verdict};
 /// What every test run shares: the engine and the compiled rules, with one
 /// selection per suite (keyed by [`Runner::key`]).
 pub struct Runner {
+    /// The frozen engine every rule runs in, built from the config's limits.
     pub engine: Arc<rhai::Engine>,
+    /// The compiled rules, with one selection per suite.
     pub rules: Arc<ArcSwap<LoadedRules>>,
     /// `alerts.repeat_interval` of the config, so re-notification behaves
     /// as configured.
@@ -25,9 +27,11 @@ pub struct Runner {
 /// The outcome of one test.
 #[derive(Debug)]
 pub struct CaseResult {
+    /// The test's `name`.
     pub name: String,
     /// Index of the test in its file.
     pub index: usize,
+    /// Every expectation that did not hold; empty when the test passed.
     pub failures: Vec<Failure>,
 }
 
@@ -152,9 +156,13 @@ impl Runner {
 /// What a step (or a whole test) produced.
 #[derive(Default)]
 struct Got {
+    /// Notifications sent, in order.
     alerts: Vec<Alert>,
+    /// Log lines written, in order.
     logs: Vec<LogLine>,
+    /// Rules that failed.
     errors: Vec<RuleFailure>,
+    /// Messages a rule dropped.
     drops: u64,
     /// Decode errors, one per undecodable message.
     undecodable: Vec<String>,
