@@ -15,11 +15,14 @@
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
 //!   `POST /telemetry-data` gateway.
 //! - [`process`]: one entry through decode, rules and the alert book.
+//! - [`ruletest`]: `*.test.yaml` rule tests on a virtual clock (`tripline test`).
+//! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
-//! - [`cli`]: the `run`, `check` and `simulate` commands behind `main`.
+//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record` and `simulate`
+//!   commands behind `main`.
 
 pub mod alert;
 pub mod app;
@@ -32,6 +35,8 @@ pub mod outbox;
 pub mod process;
 pub mod redis_conn;
 pub mod reload;
+pub mod replay;
 pub mod rules;
+pub mod ruletest;
 pub mod sinks;
 pub mod source;

@@ -70,6 +70,11 @@ pub struct Evaluated {
     pub actions: Vec<Action>,
     /// Log lines the rules asked for: (rule, level, text).
     pub logs: Vec<(String, LogLevel, String)>,
+    /// Rules that failed on this entry: (rule, error with file:line:col), so
+    /// `test` and `replay` can show why, not only how many.
+    pub errors: Vec<(String, String)>,
+    /// The rule that called `drop()`, if one did.
+    pub dropped_by: Option<String>,
 }
 
 /// The result of judging one entry, lifecycle included (offline use).
@@ -81,6 +86,11 @@ pub struct Output {
     pub transitions: Vec<Transition>,
     /// Log lines the rules asked for: (rule, level, text).
     pub logs: Vec<(String, LogLevel, String)>,
+    /// Rules that failed on this entry: (rule, error with file:line:col), so
+    /// `test` and `replay` can show why, not only how many.
+    pub errors: Vec<(String, String)>,
+    /// The rule that called `drop()`, if one did.
+    pub dropped_by: Option<String>,
 }
 
 impl Processor {
@@ -96,6 +106,8 @@ impl Processor {
             notifications: d.notifications,
             transitions: d.undo,
             logs: e.logs,
+            errors: e.errors,
+            dropped_by: e.dropped_by,
         }
     }
 
@@ -107,6 +119,8 @@ impl Processor {
             },
             actions: Vec::new(),
             logs: Vec::new(),
+            errors: Vec::new(),
+            dropped_by: None,
         };
         let decoded = match decode::decode(input.fields) {
             Ok(d) => d,
@@ -146,11 +160,18 @@ impl Processor {
         };
         for r in results {
             let rule = &loaded.set.rules[r.rule];
-            let Ok(actions) = r.outcome else {
-                rule_errors += 1;
-                continue;
+            let actions = match r.outcome {
+                Ok(actions) => actions,
+                Err(text) => {
+                    rule_errors += 1;
+                    out.errors.push((rule.name.clone(), text));
+                    continue;
+                }
             };
-            dropped |= actions.drop;
+            if actions.drop {
+                dropped = true;
+                out.dropped_by = Some(rule.name.clone());
+            }
             for (level, text) in actions.logs {
                 out.logs.push((rule.name.clone(), level, text));
             }

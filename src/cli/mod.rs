@@ -3,9 +3,12 @@
 //! and picks the exit code.
 
 pub mod check;
+pub mod record;
+pub mod replay;
 pub mod run;
 pub mod silence;
 pub mod simulate;
+pub mod test;
 
 use std::path::PathBuf;
 
@@ -17,7 +20,7 @@ use tracing_subscriber::EnvFilter;
     name = "tripline",
     version,
     about = "Rule engine for streaming network telemetry: Redis Streams in, Rhai rules, alerts out.",
-    after_help = "Examples:\n  tripline run --config tripline.yaml\n  tripline check\n  tripline simulate --rate 500 --duration 30s"
+    after_help = "Examples:\n  tripline run --config tripline.yaml\n  tripline check\n  tripline test\n  tripline record packet-counter-errors --from 24h -o yesterday.jsonl\n  tripline replay yesterday.jsonl\n  tripline simulate --rate 500 --duration 30s"
 )]
 pub struct Cli {
     /// Configuration file (YAML). Default: ./tripline.yaml if present, else built-in defaults.
@@ -54,19 +57,34 @@ pub enum Command {
     /// Mute notifications matching labels for a while (stored in Redis, honoured by every instance).
     #[command(subcommand)]
     Silence(silence::Action),
+    /// Run rule tests: every `*.test.yaml` under the rules directory, or the given files and directories.
+    #[command(
+        after_help = "Examples:\n  tripline test\n  tripline test rules/packet_errors\n  tripline test -v rules/transceiver/rx_power.test.yaml\n\nExit status: 0 when every test passed, 1 otherwise. Format: docs/rules-testing.md"
+    )]
+    Test(test::Args),
+    /// Run recorded telemetry (JSON lines) through the rules, without Redis, and print every decision.
+    #[command(
+        after_help = "Examples:\n  tripline replay yesterday.jsonl\n  tripline replay --quiet --config staging.yaml yesterday.jsonl\n  echo '{\"stream\":\"packet-counter-errors\",\"hostname\":\"r1\",\"interface\":\"et-0/0/1\",\"input_errors\":12000}' | tripline replay -\n\nLine format: docs/rules-testing.md"
+    )]
+    Replay(replay::Args),
+    /// Dump a range of Redis streams to a JSON-lines file that `replay` reads.
+    #[command(
+        after_help = "Examples:\n  tripline record packet-counter-errors --from 24h -o yesterday.jsonl\n  tripline record packet-counter-errors transceiver-telemetry --from 2025-01-01T00:00:00Z --to 2025-01-02T00:00:00Z -o day.jsonl\n  tripline record packet-counter-errors --count 100"
+    )]
+    Record(record::Args),
 }
 
-/// Installs the log subscriber: level from `RUST_LOG` (default `info`).
+/// Installs the log subscriber: level from `RUST_LOG`, else `default`.
 /// Colours only on a terminal, so log files and collectors get plain text.
 /// An unparsable `RUST_LOG` is reported, not silently replaced.
-pub fn init_logging(format: LogFormat) {
+pub fn init_logging(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
     let (filter, bad_filter) = match std::env::var(EnvFilter::DEFAULT_ENV) {
         Ok(spec) => match EnvFilter::try_new(&spec) {
             Ok(f) => (f, None),
-            Err(e) => (EnvFilter::new("info"), Some(format!("`{spec}`: {e}"))),
+            Err(e) => (EnvFilter::new(default), Some(format!("`{spec}`: {e}"))),
         },
-        Err(_) => (EnvFilter::new("info"), None),
+        Err(_) => (EnvFilter::new(default), None),
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -77,17 +95,27 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
     }
     if let Some(why) = bad_filter {
-        tracing::warn!("ignoring invalid RUST_LOG {why}; logging at info");
+        tracing::warn!("ignoring invalid RUST_LOG {why}; using the default filter `{default}`");
     }
 }
 
 /// Runs the parsed command.
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
-    init_logging(cli.log_format);
+    // `test` and `replay` report rule errors themselves; the engine's own
+    // warnings would repeat them. What rules `print` still shows.
+    let default_filter = match cli.command {
+        Command::Test(_) | Command::Replay(_) => "error,tripline::rule=info",
+        _ => "info",
+    };
+    init_logging(cli.log_format, default_filter);
+    let config = cli.config.as_deref();
     match cli.command {
-        Command::Run => run::run(cli.config.as_deref()),
-        Command::Check => check::check(cli.config.as_deref()),
-        Command::Simulate(args) => simulate::simulate(cli.config.as_deref(), args),
-        Command::Silence(action) => silence::silence(cli.config.as_deref(), action),
+        Command::Run => run::run(config),
+        Command::Check => check::check(config),
+        Command::Simulate(args) => simulate::simulate(config, args),
+        Command::Test(args) => test::test(config, args),
+        Command::Replay(args) => replay::replay(config, args),
+        Command::Record(args) => record::record(config, args),
+        Command::Silence(action) => silence::silence(config, action),
     }
 }

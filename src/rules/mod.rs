@@ -100,6 +100,11 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The streams listed in the rule's `TOPICS`, if it has one.
+    pub fn topics(&self) -> Option<&[String]> {
+        self.topics.as_deref()
+    }
+
     pub fn handles(&self, stream: &str) -> bool {
         self.topics
             .as_ref()

@@ -92,6 +92,14 @@ pub fn evict_stale(now_ms: u64) {
     }
 }
 
+/// Forgets every sample and gauge: each `tripline test` case starts clean.
+pub fn clear() {
+    for shard in shards() {
+        shard.lock().expect("sample shard poisoned").clear();
+    }
+    gauges().lock().expect("gauges poisoned").clear();
+}
+
 /// Number of counter series held (for the memory benchmark and tests).
 pub fn series_count() -> usize {
     shards()

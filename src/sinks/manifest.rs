@@ -224,7 +224,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
     })
 }
 
-/// Every `*.yaml`/`*.yml` in `dir` (not recursive), in name order. A missing
+/// Every `*.yaml`/`*.yml` in `dir` (not recursive, `*.test.yaml` excluded),
+/// in name order. A missing
 /// directory means no sinks. All errors are reported together.
 pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>, Vec<PluginError>> {
     if !dir.is_dir() {
@@ -235,7 +236,10 @@ pub fn load_dir(dir: &Path) -> Result<Vec<Manifest>, Vec<PluginError>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                // `*.test.yaml` are rule tests, never sinks, wherever they sit.
+                let is_test = name.ends_with(".test.yaml") || name.ends_with(".test.yml");
                 !name.starts_with('.')
+                    && !is_test
                     && (name.ends_with(".yaml") || name.ends_with(".yml"))
                     && p.is_file()
             })

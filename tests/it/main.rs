@@ -1,6 +1,7 @@
 //! One integration-test binary (compiled once); each module is one area.
 //! Every test starts its own `redis-server` and real `tripline` processes.
 
+mod cli;
 mod http;
 mod lifecycle;
 mod logging;

@@ -1,0 +1,334 @@
+//! `tripline replay FILE.jsonl`: runs recorded telemetry through the rules
+//! with no Redis, printing every decision and a summary with exact counts.
+//!
+//! Each line goes to every subscription that reads its stream, as each
+//! consumer group sees every entry in production; one alert book is shared,
+//! as it is by the workers of one instance. With `--sinks` the alerts are
+//! really delivered through the enabled plugins.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+
+use crate::alert::{Alert, AlertBook, Status};
+use crate::config::Config;
+use crate::process::{self, Input, LoadedRules, Processor, Verdict};
+use crate::replay::{Record, id_ms};
+use crate::rules::{RuleSet, build_engine};
+use crate::sinks::{self, Manifest, Sink};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// JSON-lines file to replay (`-` for standard input).
+    #[arg(value_name = "FILE.jsonl")]
+    pub file: PathBuf,
+    /// Stream of lines that name none.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// Really deliver alerts through the enabled sinks in the plugins directory (default: only print them).
+    #[arg(long)]
+    pub sinks: bool,
+    /// Print only the summary, not every decision.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Exact counts of what the replay saw and decided.
+#[derive(Debug, Default)]
+struct Tally {
+    /// Non-blank lines read.
+    lines: u64,
+    /// Lines that parsed as a message.
+    messages: u64,
+    /// Lines that did not.
+    malformed: u64,
+    /// Messages on a stream no subscription reads.
+    unrouted: u64,
+    /// Messages the engine could not decode (it would dead-letter them).
+    undecodable: u64,
+    /// Log lines the rules wrote.
+    logs: u64,
+    /// Per rule: (firing, resolved) notifications.
+    alerts: BTreeMap<String, (u64, u64)>,
+    /// Messages a rule dropped (per subscription).
+    drops: u64,
+    /// Rules that failed on a message.
+    rule_errors: u64,
+    /// With `--sinks`: alerts handed to sinks, and deliveries that failed.
+    delivered: Option<(u64, u64)>,
+}
+
+impl fmt::Display for Tally {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let (firing, resolved) = self
+            .alerts
+            .values()
+            .fold((0, 0), |(f, r), (a, b)| (f + a, r + b));
+        writeln!(f, "summary:")?;
+        writeln!(f, "  lines: {}", self.lines)?;
+        writeln!(f, "  messages: {}", self.messages)?;
+        writeln!(f, "  malformed lines: {}", self.malformed)?;
+        writeln!(f, "  read by no subscription: {}", self.unrouted)?;
+        writeln!(f, "  undecodable: {}", self.undecodable)?;
+        writeln!(f, "  logs: {}", self.logs)?;
+        writeln!(
+            f,
+            "  alerts: {} ({firing} firing, {resolved} resolved)",
+            firing + resolved
+        )?;
+        for (rule, (fi, re)) in &self.alerts {
+            writeln!(f, "    {rule}: {fi} firing, {re} resolved")?;
+        }
+        writeln!(f, "  drops: {}", self.drops)?;
+        write!(f, "  rule errors: {}", self.rule_errors)?;
+        if let Some((ok, failed)) = self.delivered {
+            write!(
+                f,
+                "\n  delivered: {ok} alert(s), {failed} failed deliver{}",
+                if failed == 1 { "y" } else { "ies" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// A sink built from an enabled manifest, with its route.
+struct LiveSink {
+    /// Name and route of the sink.
+    manifest: Manifest,
+    /// The sink itself, built from the manifest's settings.
+    sink: Box<dyn Sink>,
+}
+
+pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
+    let config = Config::load(config_path)?;
+    let engine = build_engine(&config.limits);
+    let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
+    let processor = Processor {
+        engine,
+        rules: Arc::new(ArcSwap::from_pointee(LoadedRules::new(
+            set,
+            &config.subscriptions,
+        ))),
+        book: Arc::new(AlertBook::new(config.alerts.policy())),
+    };
+    let sinks = if args.sinks {
+        build_sinks(&config)?
+    } else {
+        Vec::new()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let input: Box<dyn BufRead> = if args.file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let f = std::fs::File::open(&args.file)
+            .with_context(|| format!("cannot open {}", args.file.display()))?;
+        Box::new(std::io::BufReader::new(f))
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut tally = Tally {
+        delivered: args.sinks.then_some((0, 0)),
+        ..Tally::default()
+    };
+    let loaded = processor.rules.load();
+    let mut clock: Option<(u64, u64)> = None;
+    for (i, line) in input.lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("{}: reading line {n}", args.file.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        tally.lines += 1;
+        let rec = match Record::parse(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                tally.malformed += 1;
+                say(&mut out, args.quiet, format_args!("{n}: MALFORMED {e}"))?;
+                continue;
+            }
+        };
+        let Some(stream) = rec.stream.clone().or_else(|| args.stream.clone()) else {
+            tally.malformed += 1;
+            say(
+                &mut out,
+                args.quiet,
+                format_args!("{n}: MALFORMED no `stream` in the line and no --stream given"),
+            )?;
+            continue;
+        };
+        tally.messages += 1;
+        let now_ms = rec
+            .timestamp_ms
+            .or_else(|| rec.id.as_deref().and_then(id_ms))
+            .or(clock.map(|(ms, _)| ms))
+            .unwrap_or_else(process::now_ms);
+        let seq = match clock {
+            Some((ms, seq)) if ms == now_ms => seq + 1,
+            _ => 0,
+        };
+        clock = Some((now_ms, seq));
+        let id = rec.id.clone().unwrap_or_else(|| format!("{now_ms}-{seq}"));
+        let subs: Vec<_> = config
+            .subscriptions
+            .iter()
+            .filter(|s| s.streams.contains(&stream))
+            .collect();
+        if subs.is_empty() {
+            tally.unrouted += 1;
+            say(
+                &mut out,
+                args.quiet,
+                format_args!("{n}: {stream} {id}: SKIP no subscription reads stream `{stream}`"),
+            )?;
+            continue;
+        }
+        let fields = rec.fields();
+        for sub in subs {
+            let at = format!("{n}: {stream} {id} {}:", sub.name);
+            let result = processor.process(
+                &loaded,
+                &Input {
+                    subscription: &sub.name,
+                    group: sub.group(),
+                    stream: &stream,
+                    id: &id,
+                    deliveries: 1,
+                    fields: &fields,
+                    now_ms,
+                },
+            );
+            if let Verdict::Undecodable(reason) = &result.verdict {
+                // Every subscription fails the same way; count the message once.
+                tally.undecodable += 1;
+                say(
+                    &mut out,
+                    args.quiet,
+                    format_args!("{n}: {stream} {id}: UNDECODABLE {reason}"),
+                )?;
+                break;
+            }
+            for (rule, level, text) in &result.logs {
+                tally.logs += 1;
+                say(
+                    &mut out,
+                    args.quiet,
+                    format_args!("{at} LOG {} {rule}: {text}", level.as_str()),
+                )?;
+            }
+            for (rule, error) in &result.errors {
+                tally.rule_errors += 1;
+                say(
+                    &mut out,
+                    args.quiet,
+                    format_args!("{at} ERROR {rule}: {error}"),
+                )?;
+            }
+            for a in &result.notifications {
+                let entry = tally.alerts.entry(a.rule.clone()).or_default();
+                match a.status {
+                    Status::Firing => entry.0 += 1,
+                    Status::Resolved => entry.1 += 1,
+                }
+                say(
+                    &mut out,
+                    args.quiet,
+                    format_args!("{at} ALERT {}", sinks::console::line(a)),
+                )?;
+            }
+            if let Some(rule) = &result.dropped_by {
+                tally.drops += 1;
+                say(&mut out, args.quiet, format_args!("{at} DROP by {rule}"))?;
+            }
+            if !sinks.is_empty() && !result.notifications.is_empty() {
+                out.flush()?;
+                deliver(
+                    &runtime,
+                    &sinks,
+                    &result.notifications,
+                    &mut tally,
+                    &at,
+                    &mut out,
+                )?;
+            }
+        }
+    }
+    writeln!(out, "{tally}")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn say(out: &mut impl Write, quiet: bool, line: fmt::Arguments) -> std::io::Result<()> {
+    if quiet {
+        return Ok(());
+    }
+    writeln!(out, "{line}")
+}
+
+/// Builds every enabled sink the way `run` would, so a replay with
+/// `--sinks` fails early on a bad manifest.
+fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
+    let manifests = sinks::load_dir(&config.plugins_dir).map_err(|errors| {
+        let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        anyhow::anyhow!("plugins failed to load:\n{}", text.join("\n"))
+    })?;
+    let mut live = Vec::new();
+    for manifest in manifests.into_iter().filter(|m| m.enabled) {
+        let build = sinks::builder(&manifest.kind).with_context(|| {
+            format!(
+                "{}: unknown kind `{}`",
+                manifest.path.display(),
+                manifest.kind
+            )
+        })?;
+        let sink = build(&manifest.settings)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.path.display()))?;
+        live.push(LiveSink { manifest, sink });
+    }
+    if live.is_empty() {
+        anyhow::bail!(
+            "--sinks: no enabled sink in {}",
+            config.plugins_dir.display()
+        );
+    }
+    Ok(live)
+}
+
+/// Hands one message's alerts to every sink whose route wants them; a
+/// failure is reported (even with `--quiet`) and counted, and the replay
+/// goes on.
+fn deliver(
+    runtime: &tokio::runtime::Runtime,
+    sinks: &[LiveSink],
+    alerts: &[Alert],
+    tally: &mut Tally,
+    at: &str,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    for s in sinks {
+        let batch: Vec<Alert> = alerts
+            .iter()
+            .filter(|a| s.manifest.route.matches(a))
+            .cloned()
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
+        let counts = tally.delivered.get_or_insert((0, 0));
+        match runtime.block_on(s.sink.deliver(&batch)) {
+            Ok(()) => counts.0 += batch.len() as u64,
+            Err(e) => {
+                counts.1 += 1;
+                writeln!(out, "{at} SINK {} failed: {e}", s.manifest.name)?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! The command line, run as the built binary: `test` (passing, failing,
+//! broken test files, the shipped rules), `check` on a broken rule, `replay`
+//! with exact counts, `record` → `replay` against a real Redis, `--help` and
+//! bad flags.
+
+use std::process::Command;
+
+use crate::util::*;
+
+fn shipped(rel: &str) -> String {
+    std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The seed's three subscriptions over the shipped rules.
+const SEED_SUBS: &str = "  - name: packet-error-alerts
+    streams: [packet-counter-errors]
+    rules: [\"packet_errors/alert*.rhai\"]
+  - name: packet-error-logs
+    streams: [packet-counter-errors]
+    rules: [\"packet_errors/log*.rhai\"]
+  - name: transceiver-alerts
+    streams: [transceiver-telemetry]
+    rules: [\"transceiver/*.rhai\"]
+";
+
+fn seed_project(extra: &[(&str, &str)]) -> Project {
+    let alert = shipped("rules/packet_errors/alert.rhai");
+    let log = shipped("rules/packet_errors/log.rhai");
+    let rx = shipped("rules/transceiver/rx_power.rhai");
+    let mut files = vec![
+        ("rules/packet_errors/alert.rhai", alert.as_str()),
+        ("rules/packet_errors/log.rhai", log.as_str()),
+        ("rules/transceiver/rx_power.rhai", rx.as_str()),
+    ];
+    files.extend_from_slice(extra);
+    Project::new(&config(SEED_SUBS), &files)
+}
+
+const PASSING_TEST: &str = "\
+tests:
+  - name: fires then resolves
+    steps:
+      - payload: {hostname: core-1, interface: et-0/0/1, input_errors: 12000}
+        expect:
+          alerts: [{name: HighInputErrors, severity: major, labels: {hostname: core-1}}]
+      - at: +30s
+        payload: {hostname: core-1, interface: et-0/0/1, input_errors: 10}
+        expect:
+          alerts: [{name: HighInputErrors, status: resolved}]
+          firing: []
+";
+
+const FAILING_TEST: &str = "\
+rules: [packet_errors/alert.rhai]
+tests:
+  - name: passes
+    steps:
+      - payload: {hostname: core-1, interface: et-0/0/1, input_errors: 5}
+        expect: {alerts: []}
+  - name: expects the wrong severity
+    steps:
+      - payload: {hostname: core-1, interface: et-0/0/1, input_errors: 200}
+      - at: +1m
+        payload: {hostname: core-1, interface: et-0/0/1, input_errors: 12000}
+        expect:
+          alerts:
+            - {name: HighInputErrors, severity: critical, labels: {hostname: core-1}}
+";
+
+#[test]
+fn passing_test_file_exits_zero_with_summary() {
+    let project = seed_project(&[("rules/packet_errors/alert.test.yaml", PASSING_TEST)]);
+    let (code, out, err) = project.command(&["test"], None);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("ok    rules/packet_errors/alert.test.yaml (1 test)"),
+        "{out}"
+    );
+    assert!(out.ends_with("\n1 passed, 0 failed\n"), "{out}");
+}
+
+#[test]
+fn failing_test_prints_file_line_and_diff_and_exits_one() {
+    let project = seed_project(&[("rules/packet_errors/wrong.test.yaml", FAILING_TEST)]);
+    let (code, out, err) = project.command(&["test", "rules/packet_errors"], None);
+    assert_eq!(code, 1, "stdout:\n{out}\nstderr:\n{err}");
+    let expected = "\
+FAIL  rules/packet_errors/wrong.test.yaml (1 of 2 tests failed)
+
+  --- FAIL rules/packet_errors/wrong.test.yaml:7: expects the wrong severity
+    step 2 (rules/packet_errors/wrong.test.yaml:10; at 2025-01-01T00:01:00.000Z, stream packet-counter-errors, id 1735689660000-0):
+      alerts (- expected but not produced, + produced but not expected):
+        - firing critical HighInputErrors {hostname=core-1}
+        + firing major HighInputErrors {hostname=core-1, interface=et-0/0/1} summary \"ALERT! High Input errors on router: core-1 interface et-0/0/1: 12000\" [rule packet_errors/alert]
+";
+    assert!(out.contains(expected), "got:\n{out}");
+    assert!(out.ends_with("\n1 passed, 1 failed\n"), "{out}");
+    assert!(err.contains("1 test failed"), "{err}");
+}
+
+#[test]
+fn unknown_key_in_test_file_names_key_and_line() {
+    let broken = "tests:\n  - name: typo\n    steps:\n      - paylod: {input_errors: 1}\n";
+    let project = seed_project(&[("rules/packet_errors/alert.test.yaml", broken)]);
+    let (code, out, _) = project.command(&["test"], None);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(
+            "rules/packet_errors/alert.test.yaml:4:9: tests[0].steps[0]: unknown field `paylod`"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("\n0 passed, 1 failed\n"), "{out}");
+}
+
+#[test]
+fn test_files_are_not_loaded_as_rules_or_plugins() {
+    let project = seed_project(&[
+        ("rules/packet_errors/alert.test.yaml", PASSING_TEST),
+        ("plugins/console.test.yaml", "not: a manifest\n"),
+    ]);
+    let (code, out, err) = project.command(&["check"], None);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("3 rule(s), 0 sink(s)"), "{out}");
+}
+
+#[test]
+fn shipped_rules_pass_their_tests() {
+    let out = Command::new(bin())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("test")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for file in [
+        "rules/packet_errors/alert.test.yaml",
+        "rules/packet_errors/log.test.yaml",
+        "rules/transceiver/rx_power.test.yaml",
+    ] {
+        assert!(stdout.contains(&format!("ok    {file}")), "{stdout}");
+    }
+    assert!(stdout.contains(" passed, 0 failed\n"), "{stdout}");
+}
+
+#[test]
+fn check_reports_broken_rule_with_file_line_column() {
+    let project = seed_project(&[(
+        "rules/packet_errors/broken.rhai",
+        "fn on_message(msg, ctx) {\n    let x = ;\n}\n",
+    )]);
+    let (code, out, err) = project.command(&["check"], None);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("rules/packet_errors/broken.rhai:2:13"),
+        "stderr:\n{err}"
+    );
+}
+
+/// Every kind of line a replay file can hold, with a known outcome each.
+const REPLAY: &str = r#"{"stream":"packet-counter-errors","ts":"2025-01-01T00:00:00Z","hostname":"core-1","interface":"et-0/0/1","input_errors":12000}
+{"stream":"packet-counter-errors","payload":{"hostname":"edge-2","interface":"xe-1/0/0","input_errors":600}}
+
+{"stream":"packet-counter-errors","ts":"2025-01-01T00:01:00Z","fields":{"hostname":"core-1","interface":"et-0/0/1","input_errors":"5"}}
+not json at all
+{"stream":"transceiver-telemetry","hostname":"core-1","interface":"et-0/0/1","rx_power_dbm":-41.5}
+{"stream":"transceiver-telemetry","hostname":"core-1","interface":"et-0/0/2","rx_power_dbm":"dark"}
+{"stream":"elsewhere","x":1}
+{"stream":"packet-counter-errors","payload":"{broken"}
+{"hostname":"r9","interface":"x","input_errors":1}
+"#;
+
+#[test]
+fn replay_prints_decisions_and_exact_summary() {
+    let project = seed_project(&[("telemetry.jsonl", REPLAY)]);
+    let (code, out, err) = project.command(&["replay", "telemetry.jsonl"], None);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let summary = "\
+summary:
+  lines: 9
+  messages: 7
+  malformed lines: 2
+  read by no subscription: 1
+  undecodable: 1
+  logs: 3
+  alerts: 3 (2 firing, 1 resolved)
+    packet_errors/alert: 1 firing, 1 resolved
+    transceiver/rx_power: 1 firing, 0 resolved
+  drops: 0
+  rule errors: 0
+";
+    assert!(out.ends_with(summary), "got:\n{out}");
+    for line in [
+        "1: packet-counter-errors 1735689600000-0 packet-error-alerts: ALERT FIRING major HighInputErrors {hostname=core-1, interface=et-0/0/1}",
+        "2: packet-counter-errors 1735689600000-1 packet-error-logs: LOG warn packet_errors/log: low input errors on router edge-2 interface xe-1/0/0: 600",
+        "4: packet-counter-errors 1735689660000-0 packet-error-alerts: ALERT RESOLVED major HighInputErrors",
+        "5: MALFORMED not JSON",
+        "6: transceiver-telemetry 1735689660000-1 transceiver-alerts: ALERT FIRING critical LowRxPower",
+        "7: transceiver-telemetry 1735689660000-2 transceiver-alerts: LOG warn transceiver/rx_power: reading without a numeric rx_power_dbm",
+        "8: elsewhere 1735689660000-3: SKIP no subscription reads stream `elsewhere`",
+        "9: packet-counter-errors 1735689660000-4: UNDECODABLE field `payload` is not valid JSON",
+        "10: MALFORMED no `stream` in the line and no --stream given",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+}
+
+#[test]
+fn replay_counts_rule_errors_and_drops_and_delivers_with_sinks() {
+    let project = seed_project(&[
+        (
+            "rules/packet_errors/alert-0-guard.rhai",
+            "fn on_message(msg, ctx) {\n  if msg.hostname == \"lab\" { drop(); }\n  if msg.hostname == \"bad\" { throw \"no good\"; }\n}\n",
+        ),
+        ("plugins/file.yaml", FILE_SINK),
+        (
+            "in.jsonl",
+            "{\"hostname\":\"lab\",\"interface\":\"a\",\"input_errors\":50000}\n\
+             {\"hostname\":\"bad\",\"interface\":\"a\",\"input_errors\":50000}\n\
+             {\"hostname\":\"r1\",\"interface\":\"a\",\"input_errors\":50000}\n",
+        ),
+    ]);
+    let (code, out, err) = project.command(
+        &[
+            "replay",
+            "--stream",
+            "packet-counter-errors",
+            "--sinks",
+            "--quiet",
+            "in.jsonl",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.starts_with("summary:\n"),
+        "--quiet prints only the summary:\n{out}"
+    );
+    assert!(out.contains("\n  messages: 3\n"), "{out}");
+    assert!(out.contains("\n  drops: 1\n"), "{out}");
+    assert!(out.contains("\n  rule errors: 1\n"), "{out}");
+    assert!(
+        out.contains("\n    packet_errors/alert: 2 firing, 0 resolved\n"),
+        "{out}"
+    );
+    assert!(
+        out.ends_with("\n  delivered: 2 alert(s), 0 failed deliveries\n"),
+        "{out}"
+    );
+    let delivered = project.json_lines("alerts.jsonl");
+    let hosts: Vec<&str> = delivered
+        .iter()
+        .map(|a| a["labels"]["hostname"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["bad", "r1"]);
+}
+
+#[test]
+fn record_then_replay_round_trips_a_real_stream() {
+    let redis = RedisServer::start();
+    let mut con = redis.conn();
+    let project = seed_project(&[]);
+    xadd_watermill(
+        &mut con,
+        "packet-counter-errors",
+        r#"{"hostname":"core-1","interface":"et-0/0/1","input_errors":12000}"#,
+    );
+    xadd(
+        &mut con,
+        "transceiver-telemetry",
+        &[(
+            "payload",
+            br#"{"hostname":"core-1","interface":"et-0/0/1","rx_power_dbm":-41.5}"#,
+        )],
+    );
+    xadd(
+        &mut con,
+        "packet-counter-errors",
+        &[
+            ("_watermill_message_uuid", b"u9"),
+            ("payload", b"{not json"),
+        ],
+    );
+    xadd(
+        &mut con,
+        "packet-counter-errors",
+        &[
+            ("hostname", b"core-1"),
+            ("interface", b"et-0/0/1"),
+            ("input_errors", b"700"),
+        ],
+    );
+    let (code, out, err) = project.command(
+        &[
+            "record",
+            "packet-counter-errors",
+            "transceiver-telemetry",
+            "-o",
+            "rec.jsonl",
+        ],
+        Some(&redis.addr()),
+    );
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        err.contains("record: 4 entries (packet-counter-errors 3, transceiver-telemetry 1)"),
+        "{err}"
+    );
+    let lines = project.json_lines("rec.jsonl");
+    let streams: Vec<&str> = lines
+        .iter()
+        .map(|l| l["stream"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        streams,
+        [
+            "packet-counter-errors",
+            "transceiver-telemetry",
+            "packet-counter-errors",
+            "packet-counter-errors"
+        ],
+        "merged in id order"
+    );
+    assert_eq!(lines[0]["payload"]["input_errors"], 12000);
+    assert_eq!(lines[0]["metadata"]["source"], "test");
+    assert_eq!(lines[2]["fields"]["payload"], "{not json");
+    assert_eq!(lines[3]["fields"]["input_errors"], "700");
+
+    // Replay needs no Redis: the address points nowhere.
+    let (code, out, err) = project.command(&["replay", "rec.jsonl"], Some("127.0.0.1:1"));
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    let summary = "\
+summary:
+  lines: 4
+  messages: 4
+  malformed lines: 0
+  read by no subscription: 0
+  undecodable: 1
+  logs: 2
+  alerts: 3 (2 firing, 1 resolved)
+    packet_errors/alert: 1 firing, 1 resolved
+    transceiver/rx_power: 1 firing, 0 resolved
+  drops: 0
+  rule errors: 0
+";
+    assert!(out.ends_with(summary), "got:\n{out}");
+
+    let (code, out, _) = project.command(
+        &["record", "packet-counter-errors", "--count", "1"],
+        Some(&redis.addr()),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "{out}");
+}
+
+#[test]
+fn every_command_has_help_with_an_example() {
+    let project = seed_project(&[]);
+    for cmd in ["run", "check", "test", "replay", "record", "simulate"] {
+        let (code, out, err) = project.command(&[cmd, "--help"], None);
+        assert_eq!(code, 0, "{cmd}: {err}");
+        assert!(
+            out.contains("Example"),
+            "{cmd} --help has no example:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn bad_flags_name_the_flag_and_exit_two() {
+    let project = seed_project(&[]);
+    let cases: [(&[&str], &str); 4] = [
+        (&["replay", "--bogus", "x.jsonl"], "'--bogus'"),
+        (&["simulate", "--rate", "fast"], "'--rate <RATE>'"),
+        (&["record", "s", "--from", "yesterday"], "'--from <FROM>'"),
+        (&["test", "--verbose=maybe"], "--verbose"),
+    ];
+    for (args, flag) in cases {
+        let (code, _, err) = project.command(args, None);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains(flag), "{args:?} should name {flag}:\n{err}");
+    }
+}
