@@ -130,7 +130,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         tracing::info!(listen = %config.http.listen, "HTTP listening");
         tail_tasks.spawn(http::serve(
             listener,
-            http::State::new(engine_handle.clone(), gateway),
+            http::State::new(
+                engine_handle.clone(),
+                gateway,
+                crate::http_silences::SilenceApi::new(target.clone()),
+            ),
             tail.clone(),
         ));
     }

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::GatewayConfig;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
+use crate::http_silences::SilenceApi;
 use crate::metrics;
 use crate::redis_conn::RedisTarget;
 use crate::reload::Reloader;
@@ -47,13 +48,16 @@ pub struct State {
     engine: Arc<EngineHandle>,
     /// Absent when the gateway is turned off (its route is not served).
     gateway: Option<Arc<Gateway>>,
+    /// `/api/silences`.
+    silences: Arc<SilenceApi>,
 }
 
 impl State {
-    pub fn new(engine: Arc<EngineHandle>, gateway: Option<Gateway>) -> State {
+    pub fn new(engine: Arc<EngineHandle>, gateway: Option<Gateway>, silences: SilenceApi) -> State {
         State {
             engine,
             gateway: gateway.map(Arc::new),
+            silences: Arc::new(silences),
         }
     }
 }
@@ -87,7 +91,8 @@ pub fn router(state: State) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/-/reload", post(reload))
-        .with_state(state.clone());
+        .with_state(state.clone())
+        .merge(state.silences.clone().routes());
     if let Some(gateway) = state.gateway {
         let limit = gateway.max_body_bytes;
         router = router.route(

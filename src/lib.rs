@@ -14,6 +14,7 @@
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
 //!   `POST /telemetry-data` gateway.
+//! - [`http_silences`]: `/api/silences`, the HTTP side of silences.
 //! - [`process`]: one entry through decode, rules and the alert book.
 //! - [`ruletest`]: `*.test.yaml` rule tests on a virtual clock (`tripline test`).
 //! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod http;
+pub mod http_silences;
 pub mod metrics;
 pub mod outbox;
 pub mod process;

@@ -78,7 +78,8 @@ pub struct Input {
     pub id: String,
     /// `ctx.delivery_count`.
     pub deliveries: u64,
-    /// The entry's fields, decoded by the engine's own decoder.
+    /// The entry's fields, decoded by the engine's own decoder; empty for a
+    /// step that only lets time pass (Redis has no empty entries).
     pub fields: Fields,
     /// Virtual time of arrival.
     pub now_ms: u64,
@@ -484,7 +485,9 @@ fn step_fields(step: &Step) -> Result<Fields, String> {
     let envelope = step.watermill || step.metadata.is_some() || step.uuid.is_some();
     match (&step.payload, &step.fields) {
         (Some(_), Some(_)) => Err("give either `payload` or `fields`, not both".into()),
-        (None, None) => Err("the step sends nothing: give `payload` or `fields`".into()),
+        // Only `at`: time passes without a message, for timers.
+        (None, None) if !envelope && step.id.is_none() && step.stream.is_none() => Ok(Vec::new()),
+        (None, None) => Err("the step sends nothing: give `payload` or `fields` (a step with only `at` lets time pass)".into()),
         (None, Some(_)) if envelope => Err(
             "`watermill`, `metadata` and `uuid` wrap a `payload`; flat `fields` have no envelope"
                 .into(),

@@ -88,6 +88,18 @@ impl Runner {
         for (si, (inputs, expect)) in case.steps.iter().zip(&case.step_expects).enumerate() {
             let mut got = Got::default();
             for input in inputs {
+                // Timers first: whatever fell due by this input's time.
+                let due = processor.book.due(input.now_ms);
+                for a in &due.notifications {
+                    match a.status {
+                        Status::Firing => firing.insert(a.fingerprint.clone(), a.clone()),
+                        Status::Resolved => firing.remove(&a.fingerprint),
+                    };
+                }
+                got.alerts.extend(due.notifications);
+                if input.fields.is_empty() {
+                    continue;
+                }
                 let out = processor.process(
                     &loaded,
                     &process::Input {

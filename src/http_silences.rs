@@ -1,0 +1,155 @@
+//! `/api/silences`: list, add and expire silences over HTTP, the same
+//! store `tripline silence` uses (Redis), so every instance honours them.
+//!
+//! - `GET /api/silences` → `[{id, matchers, starts_ms, ends_ms, …}]`
+//! - `POST /api/silences` with `{"matchers": ["hostname=core-1",
+//!   "alertname=~High.*"], "duration": "2h", "comment": "…",
+//!   "created_by": "…"}` → `{"id", "ends_at"}`; 400 naming what is wrong
+//! - `DELETE /api/silences/{id}` → 200, or 404 when there is no such silence
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::alert::silence::{self, Matcher, Silence};
+use crate::process::{now_ms, rfc3339};
+use crate::redis_conn::RedisTarget;
+
+/// Where silences are stored; one connection shared by all requests.
+pub struct SilenceApi {
+    target: RedisTarget,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSilence {
+    matchers: Vec<String>,
+    /// e.g. "30m", "2h".
+    duration: String,
+    #[serde(default)]
+    comment: String,
+    #[serde(default)]
+    created_by: String,
+}
+
+impl SilenceApi {
+    pub fn new(target: RedisTarget) -> SilenceApi {
+        SilenceApi {
+            target,
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn routes(self: Arc<Self>) -> Router {
+        Router::new()
+            .route("/api/silences", get(list).post(add))
+            .route("/api/silences/{id}", delete(expire))
+            .with_state(self)
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, Response> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        match self.target.connect(Duration::from_secs(2)).await {
+            Ok(c) => {
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Drops the connection after a failure so the next request reconnects.
+    async fn failed(&self, e: redis::RedisError) -> Response {
+        *self.conn.lock().await = None;
+        unavailable(&e)
+    }
+}
+
+fn unavailable(e: &redis::RedisError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": format!("Redis unavailable: {e}") })),
+    )
+        .into_response()
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+async fn list(State(api): State<Arc<SilenceApi>>) -> Response {
+    let mut conn = match api.connection().await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match silence::list(&mut conn, now_ms()).await {
+        Ok(all) => Json(all).into_response(),
+        Err(e) => api.failed(e).await,
+    }
+}
+
+async fn add(State(api): State<Arc<SilenceApi>>, body: axum::body::Bytes) -> Response {
+    let new: NewSilence = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        Err(e) => return bad_request(format!("invalid silence: {e}")),
+    };
+    let matchers = match new
+        .matchers
+        .iter()
+        .map(|m| Matcher::parse(m))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(m) => m,
+        Err(e) => return bad_request(e),
+    };
+    let duration = match humantime::parse_duration(new.duration.trim()) {
+        Ok(d) => d,
+        Err(e) => return bad_request(format!("duration `{}`: {e}", new.duration)),
+    };
+    let s = match Silence::new(matchers, now_ms(), duration, new.created_by, new.comment) {
+        Ok(s) => s,
+        Err(e) => return bad_request(e),
+    };
+    let mut conn = match api.connection().await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match silence::add(&mut conn, &s).await {
+        Ok(()) => {
+            tracing::info!(id = %s.id, ends_at = %rfc3339(s.ends_ms), "silence added over HTTP");
+            Json(json!({ "id": s.id, "ends_at": rfc3339(s.ends_ms) })).into_response()
+        }
+        Err(e) => api.failed(e).await,
+    }
+}
+
+async fn expire(State(api): State<Arc<SilenceApi>>, Path(id): Path<String>) -> Response {
+    let mut conn = match api.connection().await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match silence::expire(&mut conn, &id).await {
+        Ok(true) => {
+            tracing::info!(id, "silence expired over HTTP");
+            Json(json!({ "expired": id })).into_response()
+        }
+        Ok(false) => (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("no silence with id {id}") })),
+        )
+            .into_response(),
+        Err(e) => api.failed(e).await,
+    }
+}
