@@ -10,12 +10,14 @@
 //!   label_regex: {hostname: "^core-"}
 //! max_attempts: 10            # then the batch goes to the sink's dead-letter stream
 //! batch_size: 100
+//! timeout: 10s                # one delivery attempt, whatever the kind
 //! # everything else is the kind's own settings
 //! url: http://…
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -37,6 +39,7 @@ pub enum PluginError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// The alert's severity must be at least this.
     #[serde(default)]
     pub min_severity: Option<Severity>,
     /// Every listed label must equal the value.
@@ -93,6 +96,8 @@ struct Common {
     max_attempts: u32,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
 }
 
 fn yes() -> bool {
@@ -104,31 +109,60 @@ fn default_attempts() -> u32 {
 fn default_batch() -> usize {
     100
 }
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
-const COMMON_KEYS: [&str; 6] = [
+const COMMON_KEYS: [&str; 7] = [
     "name",
     "kind",
     "enabled",
     "route",
     "max_attempts",
     "batch_size",
+    "timeout",
 ];
 
-/// A parsed, validated manifest.
-#[derive(Debug)]
+/// A parsed, validated manifest. Its `Debug` leaves the kind settings out:
+/// after `${ENV}` substitution they hold secrets.
 pub struct Manifest {
+    /// The file it came from, for error messages.
     pub path: PathBuf,
+    /// Unique; names the sink's consumer group and labels its metrics.
     pub name: String,
+    /// One of [`super::KINDS`].
     pub kind: String,
+    /// `false` keeps the file (and the sink's group) without running it.
     pub enabled: bool,
+    /// Which alerts the sink wants.
     pub route: Route,
     /// Delivery attempts of one batch before it is dead-lettered.
     pub max_attempts: u32,
+    /// Outbox entries read (and delivered) at once.
     pub batch_size: usize,
+    /// Limit of one delivery attempt; the dispatcher enforces it for every
+    /// kind, and an attempt that exceeds it is a failure (retried).
+    pub timeout: Duration,
     /// The kind's own settings, as written (after `${ENV}` substitution).
     pub settings: serde_yaml::Value,
     /// Hash of the file text, so a reload restarts only changed sinks.
     pub source_hash: u64,
+}
+
+impl std::fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifest")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("enabled", &self.enabled)
+            .field("route", &self.route)
+            .field("max_attempts", &self.max_attempts)
+            .field("batch_size", &self.batch_size)
+            .field("timeout", &self.timeout)
+            .field("settings", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Replaces `${NAME}` with the environment variable; a missing variable is an
@@ -191,8 +225,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
             "`max_attempts` and `batch_size` must be at least 1".into(),
         ));
     }
-    let build = super::builder(&common.kind).ok_or_else(|| {
-        let kinds: Vec<&str> = super::KINDS.iter().map(|(k, _)| *k).collect();
+    if common.timeout.is_zero() {
+        return Err(invalid("`timeout` must be more than 0".into()));
+    }
+    let kind = super::kind(&common.kind).ok_or_else(|| {
+        let kinds: Vec<&str> = super::KINDS.iter().map(|k| k.name).collect();
         invalid(format!(
             "unknown kind `{}` (known: {})",
             common.kind,
@@ -205,7 +242,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         serde_yaml::Value::Mapping(settings)
     };
     // Validate the kind's settings now, so `check` and reload catch them.
-    build(&settings).map_err(|e| invalid(format!("kind `{}`: {e}", common.kind)))?;
+    kind.validate(&settings)
+        .map_err(|e| invalid(format!("kind `{}`: {e}", common.kind)))?;
     Ok(Manifest {
         path: path.to_path_buf(),
         name: common.name,
@@ -214,6 +252,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         route: common.route,
         max_attempts: common.max_attempts,
         batch_size: common.batch_size,
+        timeout: common.timeout,
         settings,
         source_hash: {
             use std::hash::{Hash, Hasher};
