@@ -339,10 +339,11 @@ pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
         n,
         "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
     );
-    get()
-        .sink_dead
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc_by(n);
+    let m = get();
+    let labels = vec![("sink", sink.to_string())];
+    // The last attempt failed too; it is just not retried.
+    m.sink_failures.get_or_create(&labels).inc();
+    m.sink_dead.get_or_create(&labels).inc_by(n);
 }
 
 /// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to

@@ -2,4 +2,5 @@
 //! Every test starts its own `redis-server` and real `tripline` processes.
 
 mod pipeline;
+mod sinks;
 mod util;
