@@ -1319,3 +1319,42 @@ fn shipped_plugin_examples_are_valid_once_enabled() {
     );
     assert!(stdout.contains("(7 enabled)"), "{stdout}");
 }
+
+#[test]
+fn a_hanging_sink_holds_up_neither_the_engine_nor_the_other_sinks() {
+    let hanging = Receiver::start(Mode::Hang);
+    let project = sink_project(
+        None,
+        &[
+            (
+                "stuck.yaml",
+                format!(
+                    "name: stuck\nkind: webhook\ntimeout: 1h\nurl: {}\n",
+                    hanging.url("/")
+                ),
+            ),
+            ("file.yaml", FILE_SINK.to_string()),
+        ],
+    );
+    let redis = RedisServer::start();
+    let mut con = redis.conn();
+    let tl = start(&project, &redis);
+    for n in 0..50 {
+        send(&mut con, n, &[]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || label_ns(
+            &project.json_lines("alerts.jsonl")
+        ) == range(50)),
+        "{}",
+        tl.stderr()
+    );
+    // The engine acknowledged every message, while the stuck sink still
+    // holds every alert it was meant to deliver.
+    assert!(wait_until(Duration::from_secs(15), || group_position(
+        &mut con, STREAM, "events"
+    ) == (0, 0)));
+    let (pending, lag) = group_position(&mut con, OUTBOX, &group("stuck"));
+    assert_eq!(pending + lag, 50);
+    assert!(hanging.attempts() >= 1);
+}
