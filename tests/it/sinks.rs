@@ -1358,3 +1358,35 @@ fn a_hanging_sink_holds_up_neither_the_engine_nor_the_other_sinks() {
     assert_eq!(pending + lag, 50);
     assert!(hanging.attempts() >= 1);
 }
+
+#[test]
+fn sigterm_exits_even_with_a_file_sink_stuck_on_a_fifo() {
+    let project = sink_project(
+        None,
+        &[(
+            "stuck.yaml",
+            "name: stuck\nkind: file\npath: hang.fifo\ntimeout: 300ms\nmax_attempts: 1000\n".into(),
+        )],
+    );
+    let made = Command::new("mkfifo")
+        .arg(project.path("hang.fifo"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let redis = RedisServer::start();
+    let mut con = redis.conn();
+    let mut tl = start(&project, &redis);
+    send(&mut con, 0, &[]);
+    assert!(wait_until(Duration::from_secs(30), || tl
+        .stderr()
+        .contains("timed out after 300ms")));
+    tl.signal("TERM");
+    assert_eq!(
+        tl.wait(Duration::from_secs(60)),
+        Some(0),
+        "tripline did not exit; stderr:\n{}",
+        tl.stderr()
+    );
+    // The undelivered alert stays queued for the next start.
+    assert_eq!(group_position(&mut con, OUTBOX, &group("stuck")).0, 1);
+}
