@@ -12,10 +12,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
