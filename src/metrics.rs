@@ -47,6 +47,8 @@ pub struct Metrics {
     retired_unsent: Counter,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
+    sink_lag: Family<Labels, Gauge>,
+    sink_program_exits: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -77,6 +79,8 @@ impl Metrics {
             redis_up: Gauge::default(),
             retired_unsent: Counter::default(),
             gateway_requests: Family::default(),
+            sink_lag: Family::default(),
+            sink_program_exits: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -154,6 +158,16 @@ impl Metrics {
             "retired_alerts_unsent",
             "Resolved notifications for alerts of removed rules that could not be written to the outbox",
             m.retired_unsent.clone(),
+        );
+        registry.register(
+            "sink_lag",
+            "Outbox entries a sink has not acknowledged yet (undelivered plus in retry), by sink",
+            m.sink_lag.clone(),
+        );
+        registry.register(
+            "sink_program_exits",
+            "Exits of an exec sink's program (it is restarted on the next delivery), by sink",
+            m.sink_program_exits.clone(),
         );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
@@ -366,10 +380,62 @@ pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
         n,
         "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
     );
+    let m = get();
+    let labels = vec![("sink", sink.to_string())];
+    // The last attempt failed too; it is just not retried.
+    m.sink_failures.get_or_create(&labels).inc();
+    m.sink_dead.get_or_create(&labels).inc_by(n);
+}
+
+/// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to
+/// the dead-letter stream at once.
+pub fn sink_rejected(sink: &str, n: u64, error: &str) {
+    tracing::error!(
+        sink,
+        n,
+        "receiver rejected the batch, alerts moved to the sink's dead-letter stream: {error}"
+    );
+    let m = get();
+    let labels = vec![("sink", sink.to_string())];
+    m.sink_failures.get_or_create(&labels).inc();
+    m.sink_dead.get_or_create(&labels).inc_by(n);
+}
+
+/// Entries in a sink's outboxes not acknowledged yet, from XINFO GROUPS.
+pub fn sink_lag(sink: &str, entries: i64) {
     get()
-        .sink_dead
+        .sink_lag
         .get_or_create(&vec![("sink", sink.to_string())])
-        .inc_by(n);
+        .set(entries);
+}
+
+/// A sink stopped: its lag is no longer measured, so it is not exported.
+pub fn sink_lag_clear(sink: &str) {
+    get().sink_lag.remove(&vec![("sink", sink.to_string())]);
+}
+
+/// A sink took over alerts a dead instance had read but not acknowledged.
+pub fn sink_adopted(sink: &str, outbox: &str, from: &str, n: u64) {
+    tracing::info!(
+        sink,
+        outbox,
+        from,
+        n,
+        "took over alerts left pending by a stopped instance"
+    );
+}
+
+/// An exec sink's program exited; the next delivery starts a new one.
+pub fn sink_program_exited(sink: &str, pid: u32, status: &str) {
+    tracing::warn!(
+        sink,
+        pid,
+        "exec program exited ({status}); it restarts on the next delivery"
+    );
+    get()
+        .sink_program_exits
+        .get_or_create(&vec![("sink", sink.to_string())])
+        .inc();
 }
 
 /// Pending and lag of one group on one stream, from XINFO GROUPS. Redis

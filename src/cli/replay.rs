@@ -279,16 +279,26 @@ fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("plugins failed to load:\n{}", text.join("\n"))
     })?;
+    // Connects lazily: only a `redis_stream` sink writing to tripline's own
+    // Redis ever uses it.
+    let url = crate::config::redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
+    let redis = crate::redis_conn::RedisTarget::new(&url, config.redis.connect_timeout)?;
     let mut live = Vec::new();
     for manifest in manifests.into_iter().filter(|m| m.enabled) {
-        let build = sinks::builder(&manifest.kind).with_context(|| {
+        let kind = sinks::kind(&manifest.kind).with_context(|| {
             format!(
                 "{}: unknown kind `{}`",
                 manifest.path.display(),
                 manifest.kind
             )
         })?;
-        let sink = build(&manifest.settings)
+        let cx = sinks::BuildContext {
+            sink: manifest.name.clone(),
+            redis: redis.clone(),
+            timeout: manifest.timeout,
+        };
+        let sink = kind
+            .build(&manifest.settings, &cx)
             .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.path.display()))?;
         live.push(LiveSink { manifest, sink });
     }

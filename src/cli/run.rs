@@ -14,11 +14,15 @@ pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         app::run(config, shutdown).await
-    })?;
+    });
+    // Dropping the runtime would wait forever for a blocking write stuck on
+    // a dead filesystem (a `file` sink); everything that matters is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use serde::Deserialize;
 
-use super::{DeliverFuture, Sink, SinkError};
+use super::{BuildContext, DeliverFuture, Sink, SinkError, SinkSettings};
 use crate::alert::{Alert, Status};
 
 #[derive(Debug, Deserialize, Default)]
@@ -18,17 +18,16 @@ pub struct ConsoleSettings {
 
 /// Generic over the writer so tests can read what was printed.
 pub struct ConsoleSink<W> {
+    /// Standard output in production; a `Vec<u8>` in tests.
     out: Mutex<W>,
+    /// Print JSON instead of the readable line.
     json: bool,
 }
 
-pub fn build(v: &serde_yaml::Value) -> Result<Box<dyn Sink>, String> {
-    let s: ConsoleSettings = if v.is_null() {
-        ConsoleSettings::default()
-    } else {
-        super::settings(v)?
-    };
-    Ok(Box::new(ConsoleSink::new(std::io::stdout(), s.json)))
+impl SinkSettings for ConsoleSettings {
+    fn build(self, _: &BuildContext) -> Result<Box<dyn Sink>, String> {
+        Ok(Box::new(ConsoleSink::new(std::io::stdout(), self.json)))
+    }
 }
 
 impl<W: Write + Send> ConsoleSink<W> {

@@ -3,6 +3,10 @@
 //! delivery. Failures are retried with exponential backoff and jitter; after
 //! `max_attempts` the batch goes to the sink's dead-letter stream
 //! (`<outbox>:dead:<sink>`, same hash slot as the outbox) and the sink moves on.
+//!
+//! Alerts left pending by an instance that died (its lease
+//! `tripline:instance:<name>` expired) are taken over by a live one, so a
+//! crash between reading and acknowledging loses nothing.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,6 +14,7 @@ use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
@@ -17,13 +22,19 @@ use crate::alert::Alert;
 use crate::metrics;
 use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{
-    Backoff, LazyConn, RedisTarget, StreamEntry, note_error, parse_read_reply, pause,
+    Backoff, LazyConn, RedisTarget, StreamEntry, note_error, parse_groups, parse_pending,
+    parse_read_reply, pause,
 };
+use crate::source::lease;
 
 /// How long one XREADGROUP on the outbox blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
-/// Upper bound on one `deliver` call, whatever the kind does.
-const DELIVER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a sink looks for alerts stranded by a dead instance.
+const ADOPT_EVERY: Duration = Duration::from_secs(10);
+/// How often `tripline_sink_lag` is refreshed.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+/// Pending entries claimed per round trip when adopting.
+const ADOPT_BATCH: usize = 1000;
 
 pub fn group_name(sink: &str) -> String {
     format!("tripline-sink:{sink}")
@@ -61,6 +72,7 @@ pub async fn run(
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
+    let write_target = target.clone();
     let mut write = LazyConn::new(target, Duration::from_secs(5));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -84,13 +96,33 @@ pub async fn run(
     }
     backoff.reset();
     let _ = ready.send(());
+    let group = group_name(&manifest.name);
+    let lag_stop = CancellationToken::new();
+    let lag_task = tokio::spawn(report_lag(
+        write_target.clone(),
+        manifest.name.clone(),
+        group.clone(),
+        outboxes.clone(),
+        lag_stop.clone(),
+    ));
     let mut draining: HashMap<String, String> =
         outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
-    let group = group_name(&manifest.name);
+    let mut next_adopt = Instant::now();
     loop {
         // After `shutdown`, keep delivering until the outbox has nothing new
         // for us: that is the flush on exit.
         let finishing = shutdown.is_cancelled();
+        if !finishing && Instant::now() >= next_adopt {
+            next_adopt = Instant::now() + ADOPT_EVERY;
+            match adopt_orphans(&manifest.name, &outboxes, &group, &consumer, &mut write).await {
+                // Re-read our pending list there: it now holds the orphans.
+                Ok(adopted) => draining.extend(adopted.into_iter().map(|o| (o, "0".into()))),
+                Err(e) => {
+                    note_error(&format!("sink {} adopting orphans", manifest.name), &e);
+                    write.reset();
+                }
+            }
+        }
         let step = step(
             &*sink,
             &manifest,
@@ -126,6 +158,146 @@ pub async fn run(
             }
         }
     }
+    if let Err(e) = sink.close().await {
+        tracing::warn!(sink = %manifest.name, "closing the sink failed: {e}");
+    }
+    lag_stop.cancel();
+    let _ = lag_task.await;
+    metrics::sink_lag_clear(&manifest.name);
+}
+
+/// Refreshes `tripline_sink_lag` from XINFO GROUPS of every outbox, on its
+/// own task so the gauge stays fresh while the sink is stuck retrying.
+async fn report_lag(
+    target: RedisTarget,
+    sink: String,
+    group: String,
+    outboxes: Vec<String>,
+    stop: CancellationToken,
+) {
+    let mut conn = LazyConn::new(target, Duration::from_secs(5));
+    loop {
+        let mut total = 0;
+        let mut complete = true;
+        for outbox in &outboxes {
+            let reply: Result<Value, RedisError> = match conn.get().await {
+                Ok(c) => {
+                    redis::cmd("XINFO")
+                        .arg("GROUPS")
+                        .arg(outbox)
+                        .query_async(c)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match reply {
+                Ok(v) => {
+                    total += parse_groups(v)
+                        .into_iter()
+                        .filter(|(g, _, _)| *g == group)
+                        .map(|(_, pending, lag)| pending + lag.unwrap_or(0))
+                        .sum::<i64>();
+                }
+                // No such outbox yet: nothing queued there.
+                Err(e) if e.code().is_some() => {}
+                Err(_) => {
+                    conn.reset();
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            metrics::sink_lag(&sink, total);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LAG_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Claims the pending entries of consumers whose instance lease is gone
+/// (the process died before acknowledging them). Returns the outboxes where
+/// something was claimed.
+async fn adopt_orphans(
+    sink: &str,
+    outboxes: &[String],
+    group: &str,
+    consumer: &str,
+    write: &mut LazyConn,
+) -> Result<Vec<String>, RedisError> {
+    let mut adopted = Vec::new();
+    for outbox in outboxes {
+        let reply: Result<Vec<HashMap<String, Value>>, RedisError> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(outbox)
+            .arg(group)
+            .query_async(write.get().await?)
+            .await;
+        let consumers = match reply {
+            Ok(c) => c,
+            Err(e) if e.code() == Some("NOGROUP") => continue,
+            Err(e) => return Err(e),
+        };
+        for c in consumers {
+            let name: String = match c.get("name").map(redis::from_redis_value_ref) {
+                Some(Ok(n)) => n,
+                _ => continue,
+            };
+            let pending: i64 = match c.get("pending").map(redis::from_redis_value_ref) {
+                Some(Ok(p)) => p,
+                _ => 0,
+            };
+            if name == consumer || pending == 0 {
+                continue;
+            }
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(lease::key(&name))
+                .query_async(write.get().await?)
+                .await?;
+            if alive {
+                continue;
+            }
+            let mut taken = 0;
+            loop {
+                let rows: Value = redis::cmd("XPENDING")
+                    .arg(outbox)
+                    .arg(group)
+                    .arg("-")
+                    .arg("+")
+                    .arg(ADOPT_BATCH)
+                    .arg(&name)
+                    .query_async(write.get().await?)
+                    .await?;
+                let ids: Vec<String> = parse_pending(rows).into_iter().map(|p| p.id).collect();
+                if ids.is_empty() {
+                    break;
+                }
+                let claimed: Vec<String> = redis::cmd("XCLAIM")
+                    .arg(outbox)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(&ids)
+                    .arg("JUSTID")
+                    .query_async(write.get().await?)
+                    .await?;
+                taken += claimed.len();
+                // Entries trimmed from the stream are dropped from the
+                // pending list without being returned: stop when a round
+                // makes no progress or the list is exhausted.
+                if claimed.is_empty() || ids.len() < ADOPT_BATCH {
+                    break;
+                }
+            }
+            if taken > 0 {
+                metrics::sink_adopted(sink, outbox, &name, taken as u64);
+                adopted.push(outbox.clone());
+            }
+        }
+    }
+    Ok(adopted)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -215,17 +387,21 @@ async fn deliver_batch(
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     while !alerts.is_empty() {
         attempt += 1;
-        let result = match tokio::time::timeout(DELIVER_TIMEOUT, sink.deliver(&alerts)).await {
+        let result = match tokio::time::timeout(manifest.timeout, sink.deliver(&alerts)).await {
             Ok(r) => r,
-            Err(_) => Err(super::SinkError::Timeout(DELIVER_TIMEOUT)),
+            Err(_) => Err(super::SinkError::Timeout(manifest.timeout)),
         };
         match result {
             Ok(()) => {
                 metrics::sink_delivered(&manifest.name, alerts.len() as u64);
                 break;
             }
-            Err(e) if attempt >= manifest.max_attempts => {
-                metrics::sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
+            Err(e) if e.is_permanent() || attempt >= manifest.max_attempts => {
+                if e.is_permanent() {
+                    metrics::sink_rejected(&manifest.name, alerts.len() as u64, &e.to_string());
+                } else {
+                    metrics::sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
+                }
                 let mut pipe = redis::pipe();
                 pipe.atomic();
                 let dead = sink_dead_key(outbox, &manifest.name);

@@ -10,12 +10,14 @@
 //!   label_regex: {hostname: "^core-"}
 //! max_attempts: 10            # then the batch goes to the sink's dead-letter stream
 //! batch_size: 100
+//! timeout: 10s                # one delivery attempt, whatever the kind
 //! # everything else is the kind's own settings
 //! url: http://…
 //! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -37,6 +39,7 @@ pub enum PluginError {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
+    /// The alert's severity must be at least this.
     #[serde(default)]
     pub min_severity: Option<Severity>,
     /// Every listed label must equal the value.
@@ -93,6 +96,8 @@ struct Common {
     max_attempts: u32,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    timeout: Duration,
 }
 
 fn yes() -> bool {
@@ -104,36 +109,66 @@ fn default_attempts() -> u32 {
 fn default_batch() -> usize {
     100
 }
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 
-const COMMON_KEYS: [&str; 6] = [
+const COMMON_KEYS: [&str; 7] = [
     "name",
     "kind",
     "enabled",
     "route",
     "max_attempts",
     "batch_size",
+    "timeout",
 ];
 
-/// A parsed, validated manifest.
-#[derive(Debug)]
+/// A parsed, validated manifest. Its `Debug` leaves the kind settings out:
+/// after `${ENV}` substitution they hold secrets.
 pub struct Manifest {
+    /// The file it came from, for error messages.
     pub path: PathBuf,
+    /// Unique; names the sink's consumer group and labels its metrics.
     pub name: String,
+    /// One of [`super::KINDS`].
     pub kind: String,
+    /// `false` keeps the file (and the sink's group) without running it.
     pub enabled: bool,
+    /// Which alerts the sink wants.
     pub route: Route,
     /// Delivery attempts of one batch before it is dead-lettered.
     pub max_attempts: u32,
+    /// Outbox entries read (and delivered) at once.
     pub batch_size: usize,
+    /// Limit of one delivery attempt; the dispatcher enforces it for every
+    /// kind, and an attempt that exceeds it is a failure (retried).
+    pub timeout: Duration,
     /// The kind's own settings, as written (after `${ENV}` substitution).
     pub settings: serde_yaml::Value,
     /// Hash of the file text, so a reload restarts only changed sinks.
     pub source_hash: u64,
 }
 
-/// Replaces `${NAME}` with the environment variable; a missing variable is an
-/// error naming it (the value itself is never logged).
-fn expand_env(text: &str) -> Result<String, String> {
+impl std::fmt::Debug for Manifest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manifest")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("enabled", &self.enabled)
+            .field("route", &self.route)
+            .field("max_attempts", &self.max_attempts)
+            .field("batch_size", &self.batch_size)
+            .field("timeout", &self.timeout)
+            .field("settings", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Replaces `${NAME}` in one string with the environment variable. A
+/// missing variable is recorded in `missing` and left as written; only its
+/// name is ever reported, never a value.
+fn expand_str(text: &str, missing: &mut Vec<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -143,13 +178,39 @@ fn expand_env(text: &str) -> Result<String, String> {
             .find('}')
             .ok_or_else(|| "unterminated `${` in manifest".to_string())?;
         let name = &after[..end];
-        let value =
-            std::env::var(name).map_err(|_| format!("environment variable `{name}` is not set"))?;
-        out.push_str(&value);
+        match std::env::var(name) {
+            Ok(value) => out.push_str(&value),
+            Err(_) => {
+                missing.push(name.to_string());
+                out.push_str(&rest[start..start + 2 + end + 1]);
+            }
+        }
         rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
+}
+
+/// Substitutes `${NAME}` in every string value (not in keys, not in
+/// comments). Working on parsed values means a secret containing `#`, `: `
+/// or quotes is taken literally instead of changing the YAML around it.
+fn expand_values(v: &mut serde_yaml::Value, missing: &mut Vec<String>) -> Result<(), String> {
+    match v {
+        serde_yaml::Value::String(s) => *s = expand_str(s, missing)?,
+        serde_yaml::Value::Sequence(items) => {
+            for item in items {
+                expand_values(item, missing)?;
+            }
+        }
+        serde_yaml::Value::Mapping(map) => {
+            for (_, item) in map.iter_mut() {
+                expand_values(item, missing)?;
+            }
+        }
+        serde_yaml::Value::Tagged(t) => expand_values(&mut t.value, missing)?,
+        _ => {}
+    }
+    Ok(())
 }
 
 pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
@@ -157,9 +218,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         path: path.to_path_buf(),
         message,
     };
-    let expanded = expand_env(text).map_err(invalid)?;
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(&expanded).map_err(|e| invalid(e.to_string()))?;
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+    let enabled = value
+        .get("enabled")
+        .and_then(serde_yaml::Value::as_bool)
+        .unwrap_or(true);
+    let mut missing = Vec::new();
+    expand_values(&mut value, &mut missing).map_err(invalid)?;
+    missing.dedup();
+    // A disabled manifest may name variables that are not set (a template
+    // waiting for its secret); its kind settings are checked once enabled.
+    if enabled && !missing.is_empty() {
+        let names: Vec<String> = missing.iter().map(|n| format!("`{n}`")).collect();
+        return Err(invalid(format!(
+            "environment variable {} is not set",
+            names.join(", ")
+        )));
+    }
     let serde_yaml::Value::Mapping(map) = value else {
         return Err(invalid("a manifest must be a YAML mapping".into()));
     };
@@ -191,8 +267,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
             "`max_attempts` and `batch_size` must be at least 1".into(),
         ));
     }
-    let build = super::builder(&common.kind).ok_or_else(|| {
-        let kinds: Vec<&str> = super::KINDS.iter().map(|(k, _)| *k).collect();
+    if common.timeout.is_zero() {
+        return Err(invalid("`timeout` must be more than 0".into()));
+    }
+    let kind = super::kind(&common.kind).ok_or_else(|| {
+        let kinds: Vec<&str> = super::KINDS.iter().map(|k| k.name).collect();
         invalid(format!(
             "unknown kind `{}` (known: {})",
             common.kind,
@@ -205,7 +284,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         serde_yaml::Value::Mapping(settings)
     };
     // Validate the kind's settings now, so `check` and reload catch them.
-    build(&settings).map_err(|e| invalid(format!("kind `{}`: {e}", common.kind)))?;
+    if missing.is_empty() {
+        kind.validate(&settings)
+            .map_err(|e| invalid(format!("kind `{}`: {e}", common.kind)))?;
+    }
     Ok(Manifest {
         path: path.to_path_buf(),
         name: common.name,
@@ -214,6 +296,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         route: common.route,
         max_attempts: common.max_attempts,
         batch_size: common.batch_size,
+        timeout: common.timeout,
         settings,
         source_hash: {
             use std::hash::{Hash, Hasher};
@@ -306,6 +389,30 @@ mod tests {
             "name: a\nkind: file\npath: ${TRIPLINE_SURELY_UNSET_VAR}\n",
         )
         .unwrap_err();
+        assert!(e.to_string().contains("TRIPLINE_SURELY_UNSET_VAR"), "{e}");
+    }
+
+    #[test]
+    fn env_values_are_literal_and_comments_are_not_expanded() {
+        // SAFETY: std serialises its own environment access (var, set_var,
+        // spawning), and nothing in this test binary reads the environment
+        // from C code; no other test uses this variable.
+        unsafe { std::env::set_var("TRIPLINE_TEST_TOKEN", "a#b: 'c\"") };
+        let m = parse(
+            Path::new("p.yaml"),
+            "# set ${TRIPLINE_SURELY_UNSET_VAR} first\nname: a\nkind: webhook\nurl: http://h/\nheaders: {X-Token: \"${TRIPLINE_TEST_TOKEN}\"}\n",
+        )
+        .unwrap();
+        assert_eq!(m.settings["headers"]["X-Token"].as_str(), Some("a#b: 'c\""));
+        let debug = format!("{m:?}");
+        assert!(!debug.contains("a#b"), "{debug}");
+    }
+
+    #[test]
+    fn disabled_manifest_may_wait_for_its_variables() {
+        let text = "name: a\nkind: slack\nenabled: false\nurl: ${TRIPLINE_SURELY_UNSET_VAR}\n";
+        assert!(!parse(Path::new("p.yaml"), text).unwrap().enabled);
+        let e = parse(Path::new("p.yaml"), &text.replace("false", "true")).unwrap_err();
         assert!(e.to_string().contains("TRIPLINE_SURELY_UNSET_VAR"), "{e}");
     }
 

@@ -12,7 +12,7 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{Manifest, Sink, builder, dispatch};
+use super::{BuildContext, Manifest, Sink, dispatch, kind};
 use crate::redis_conn::RedisTarget;
 
 struct Running {
@@ -92,8 +92,13 @@ impl Supervisor {
             if !changes.changed.contains(&name) {
                 changes.added.push(name.clone());
             }
-            let build = builder(&m.kind).expect("kind validated at load");
-            let sink: Arc<dyn Sink> = match build(&m.settings) {
+            let kind = kind(&m.kind).expect("kind validated at load");
+            let cx = BuildContext {
+                sink: name.clone(),
+                redis: self.target.clone(),
+                timeout: m.timeout,
+            };
+            let sink: Arc<dyn Sink> = match kind.build(&m.settings, &cx) {
                 Ok(s) => Arc::from(s),
                 Err(e) => {
                     tracing::error!(sink = %name, "sink failed to build: {e}");

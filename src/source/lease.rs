@@ -25,7 +25,8 @@ if v == false or v == ARGV[1] then
 end
 return 0";
 
-fn key(name: &str) -> String {
+/// The lease key of instance `name`; it exists while that instance lives.
+pub fn key(name: &str) -> String {
     format!("tripline:instance:{name}")
 }
 

@@ -7,4 +7,5 @@ mod lifecycle;
 mod logging;
 mod pipeline;
 mod reload;
+mod sinks;
 mod util;

@@ -294,7 +294,18 @@ impl Project {
     }
 
     pub fn start_with_args(&self, redis: &RedisServer, args: &[&str]) -> Tripline {
-        Tripline::spawn(self.dir.path(), &redis.addr(), args)
+        Tripline::spawn(self.dir.path(), &redis.addr(), args, &[])
+    }
+
+    /// Like `start_with_args`, with extra environment variables (applied
+    /// last, so `RUST_LOG` here wins).
+    pub fn start_with_env(
+        &self,
+        redis: &RedisServer,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Tripline {
+        Tripline::spawn(self.dir.path(), &redis.addr(), args, env)
     }
 
     /// Runs a tripline command to completion: (exit code, stdout, stderr).
@@ -326,7 +337,7 @@ pub struct Tripline {
 }
 
 impl Tripline {
-    fn spawn(dir: &Path, redis_addr: &str, args: &[&str]) -> Tripline {
+    fn spawn(dir: &Path, redis_addr: &str, args: &[&str], env: &[(&str, &str)]) -> Tripline {
         let n = free_port();
         let stdout = dir.join(format!("stdout-{n}.log"));
         let stderr = dir.join(format!("stderr-{n}.log"));
@@ -338,6 +349,7 @@ impl Tripline {
                 "RUST_LOG",
                 std::env::var("TRIPLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(std::fs::File::create(&stdout).unwrap())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -418,43 +430,6 @@ pub fn config(subscriptions: &str) -> String {
 
 /// A file sink manifest writing to `alerts.jsonl` in the project.
 pub const FILE_SINK: &str = "name: file\nkind: file\npath: alerts.jsonl\n";
-
-impl Project {
-    /// Starts `tripline <args>` against `redis` with extra environment
-    /// variables (they override the defaults, `RUST_LOG` included).
-    pub fn start_with_env(
-        &self,
-        redis: &RedisServer,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Tripline {
-        let dir = self.dir.path();
-        let n = free_port();
-        let stdout = dir.join(format!("stdout-{n}.log"));
-        let stderr = dir.join(format!("stderr-{n}.log"));
-        let mut cmd = Command::new(bin());
-        cmd.current_dir(dir)
-            .args(args)
-            .env("REDIS_ADDR", redis.addr())
-            .env(
-                "RUST_LOG",
-                std::env::var("TRIPLINE_TEST_LOG").unwrap_or_else(|_| "info".into()),
-            );
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Tripline {
-            child: Some(child),
-            stdout,
-            stderr,
-        }
-    }
-}
 
 /// An HTTP response read by [`http_call`].
 #[derive(Debug)]

@@ -1,0 +1,167 @@
+//! `redis_stream`: XADD each alert to a stream, on tripline's own Redis or
+//! another one. `format: watermill` writes Watermill's envelope (what the
+//! seed's Go services read), so a Go Watermill subscriber consumes alerts
+//! with its stock Redis Streams unmarshaller.
+//!
+//! A batch is one MULTI/EXEC: it lands whole or not at all, so a retry never
+//! follows a half-written batch.
+
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+use tokio::sync::Mutex;
+
+use super::{BuildContext, DeliverFuture, Sink, SinkError, SinkSettings};
+use crate::alert::Alert;
+use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
+use crate::redis_conn::RedisTarget;
+
+/// How an alert is laid out in the stream entry.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// One field, `alert`: the alert as JSON (the outbox's own layout).
+    #[default]
+    Json,
+    /// `_watermill_message_uuid`, `metadata` (msgpack map: fingerprint,
+    /// rule, name, severity, status) and `payload` (the alert as JSON).
+    Watermill,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisStreamSettings {
+    /// Stream to append to.
+    pub stream: String,
+    /// Another Redis (`host:port`, `redis://[user:password@]host:port[/db]`,
+    /// `unix:///path`); default: the Redis tripline reads from.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Approximate cap on the stream's length (`XADD MAXLEN ~`); default
+    /// unbounded.
+    #[serde(default)]
+    pub maxlen: Option<u64>,
+    /// `json` (default) or `watermill`.
+    #[serde(default)]
+    pub format: Format,
+}
+
+impl RedisStreamSettings {
+    /// The URL of `url`, without echoing it (it may hold a password).
+    fn other_redis(&self) -> Result<Option<String>, String> {
+        self.url
+            .as_deref()
+            .map(|u| {
+                crate::config::redis_url(u).map_err(|_| {
+                    "`url` is not a usable Redis address (host:port, redis://…, unix://…)"
+                        .to_string()
+                })
+            })
+            .transpose()
+    }
+}
+
+impl SinkSettings for RedisStreamSettings {
+    fn validate(&self) -> Result<(), String> {
+        if self.stream.is_empty() {
+            return Err("`stream` must not be empty".into());
+        }
+        if self.maxlen == Some(0) {
+            return Err("`maxlen` must be at least 1 (leave it out for no cap)".into());
+        }
+        self.other_redis().map(drop)
+    }
+
+    fn build(self, cx: &BuildContext) -> Result<Box<dyn Sink>, String> {
+        let target = match self.other_redis()? {
+            Some(url) => RedisTarget::new(&url, cx.timeout)
+                .map_err(|_| "`url` is not a usable Redis address".to_string())?,
+            None => cx.redis.clone(),
+        };
+        Ok(Box::new(RedisStreamSink {
+            target,
+            conn: Mutex::new(None),
+            settings: self,
+            timeout: cx.timeout,
+        }))
+    }
+}
+
+pub struct RedisStreamSink {
+    target: RedisTarget,
+    /// Kept between batches; taken out while in use, so a cancelled
+    /// delivery drops a connection in an unknown state instead of reusing it.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    settings: RedisStreamSettings,
+    /// Reply timeout of the connection, reported in timeout errors.
+    timeout: std::time::Duration,
+}
+
+impl RedisStreamSink {
+    fn error(&self, e: redis::RedisError) -> SinkError {
+        if e.is_timeout() {
+            SinkError::Timeout(self.timeout)
+        } else {
+            SinkError::Failed(format!("Redis: {e}"))
+        }
+    }
+
+    fn fields(&self, a: &Alert) -> Vec<(&'static str, Vec<u8>)> {
+        let json = serde_json::to_vec(a).expect("alerts always serialize");
+        match self.settings.format {
+            Format::Json => vec![(crate::outbox::ALERT_FIELD, json)],
+            Format::Watermill => {
+                let status = super::webhook::status_str(a.status);
+                let metadata = encode_metadata(&[
+                    ("fingerprint", &a.fingerprint),
+                    ("rule", &a.rule),
+                    ("name", &a.name),
+                    ("severity", a.severity.as_str()),
+                    ("status", status),
+                ]);
+                vec![
+                    (
+                        WATERMILL_UUID,
+                        uuid::Uuid::new_v4().to_string().into_bytes(),
+                    ),
+                    (WATERMILL_METADATA, metadata),
+                    (WATERMILL_PAYLOAD, json),
+                ]
+            }
+        }
+    }
+}
+
+impl Sink for RedisStreamSink {
+    fn deliver<'a>(&'a self, alerts: &'a [Alert]) -> DeliverFuture<'a> {
+        Box::pin(async move {
+            let taken = self.conn.lock().await.take();
+            let mut conn = match taken {
+                Some(c) => c,
+                None => self
+                    .target
+                    .connect(self.timeout)
+                    .await
+                    .map_err(|e| self.error(e))?,
+            };
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for a in alerts {
+                let cmd = pipe.cmd("XADD").arg(&self.settings.stream);
+                if let Some(n) = self.settings.maxlen {
+                    cmd.arg("MAXLEN").arg("~").arg(n);
+                }
+                cmd.arg("*");
+                for (k, v) in self.fields(a) {
+                    cmd.arg(k).arg(v);
+                }
+                cmd.ignore();
+            }
+            let _: () = pipe
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error(e))?;
+            *self.conn.lock().await = Some(conn);
+            Ok(())
+        })
+    }
+}
