@@ -155,6 +155,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         tail.clone(),
     ));
 
+    // Silences load in the background from here on; the first read is a
+    // single round trip, done long before a worker commits an alert.
+    tail_tasks.spawn(crate::alert::silence::refresh_loop(
+        target.clone(),
+        Duration::from_secs(2),
+        tail.clone(),
+    ));
     // Sinks start (and their groups exist) before any worker can write an
     // alert, so no alert is queued before the group that delivers it.
     let sinks = Arc::new(Supervisor::new(

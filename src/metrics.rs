@@ -45,6 +45,8 @@ pub struct Metrics {
     redis_up: Gauge,
     /// Resolves of removed rules' alerts that never reached the outbox.
     retired_unsent: Counter,
+    /// Notifications a silence kept from a sink.
+    sink_silenced: Family<Labels, Counter>,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
     sink_lag: Family<Labels, Gauge>,
@@ -78,6 +80,7 @@ impl Metrics {
             consumer_lag: Family::default(),
             redis_up: Gauge::default(),
             retired_unsent: Counter::default(),
+            sink_silenced: Family::default(),
             gateway_requests: Family::default(),
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
@@ -158,6 +161,11 @@ impl Metrics {
             "retired_alerts_unsent",
             "Resolved notifications for alerts of removed rules that could not be written to the outbox",
             m.retired_unsent.clone(),
+        );
+        registry.register(
+            "sink_silenced",
+            "Notifications not sent because a silence matched, by sink",
+            m.sink_silenced.clone(),
         );
         registry.register(
             "sink_lag",
@@ -472,6 +480,16 @@ pub fn config_loaded(kind: &str) {
     m.last_reload
         .get_or_create(&vec![("kind", kind.to_string())])
         .set(unix_now());
+}
+
+/// A sink did not send `alert` because a silence mutes it; it is
+/// acknowledged like a delivered one.
+pub fn sink_silenced(sink: &str, alert: &Alert, silence: &str) {
+    tracing::debug!(sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
+    get()
+        .sink_silenced
+        .get_or_create(&vec![("sink", sink.to_string())])
+        .inc();
 }
 
 /// A rules or plugins reload finished; `trigger` says what asked for it,

@@ -196,13 +196,20 @@ pub async fn list(
     Ok(live)
 }
 
-/// Keeps `current` in step with Redis until shutdown.
-pub async fn refresh_loop(
-    target: RedisTarget,
-    current: Arc<ArcSwap<Silences>>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+fn current() -> &'static ArcSwap<Silences> {
+    static CURRENT: std::sync::OnceLock<ArcSwap<Silences>> = std::sync::OnceLock::new();
+    CURRENT.get_or_init(|| ArcSwap::from_pointee(Silences::default()))
+}
+
+/// The silences in force in this process (empty until the first refresh,
+/// and in tools that never start one).
+pub fn active() -> Arc<Silences> {
+    current().load_full()
+}
+
+/// Keeps [`active`] in step with Redis until shutdown.
+pub async fn refresh_loop(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
+    let current = current();
     let mut conn = LazyConn::new(target, Duration::from_secs(5));
     loop {
         let fetched = match conn.get().await {

@@ -329,7 +329,31 @@ async fn step(
     }
     cmd.arg("STREAMS").arg(&streams).arg(&ids);
     let reply: Value = cmd.query_async(read.get().await?).await?;
-    let batches = parse_read_reply(reply);
+    let mut batches = parse_read_reply(reply);
+    let got_some = batches.iter().any(|(_, e)| !e.is_empty());
+    if got_some && !is_draining && !manifest.group_wait.is_zero() && !shutdown.is_cancelled() {
+        // Grouping: let the rest of a burst arrive, then deliver it together.
+        tokio::select! {
+            _ = tokio::time::sleep(manifest.group_wait) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        let mut more = redis::cmd("XREADGROUP");
+        more.arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(manifest.batch_size)
+            .arg("STREAMS")
+            .arg(&streams)
+            .arg(&ids);
+        let reply: Value = more.query_async(read.get().await?).await?;
+        for (stream, entries) in parse_read_reply(reply) {
+            match batches.iter_mut().find(|(s, _)| *s == stream) {
+                Some((_, e)) => e.extend(entries),
+                None => batches.push((stream, entries)),
+            }
+        }
+    }
     if is_draining {
         for s in &streams {
             match batches.iter().find(|(n, _)| n == s) {
@@ -374,9 +398,14 @@ async fn deliver_batch(
 ) -> Result<(), RedisError> {
     let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut alerts = Vec::new();
+    let silences = crate::alert::silence::active();
+    let now = crate::process::now_ms();
     for e in &entries {
         match parse_alert(e) {
-            Ok(a) if manifest.route.matches(&a) => alerts.push(a),
+            Ok(a) if manifest.route.matches(&a) => match silences.muting(&a, now) {
+                Some(silence) => metrics::sink_silenced(&manifest.name, &a, silence),
+                None => alerts.push(a),
+            },
             Ok(_) => {}
             Err(reason) => {
                 tracing::error!(sink = %manifest.name, outbox, id = %e.id, "skipping unreadable outbox entry: {reason}")

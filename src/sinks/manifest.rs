@@ -98,6 +98,8 @@ struct Common {
     batch_size: usize,
     #[serde(default = "default_timeout", with = "humantime_serde")]
     timeout: Duration,
+    #[serde(default, with = "humantime_serde")]
+    group_wait: Duration,
 }
 
 fn yes() -> bool {
@@ -113,7 +115,7 @@ fn default_timeout() -> Duration {
     Duration::from_secs(10)
 }
 
-const COMMON_KEYS: [&str; 7] = [
+const COMMON_KEYS: [&str; 8] = [
     "name",
     "kind",
     "enabled",
@@ -121,6 +123,7 @@ const COMMON_KEYS: [&str; 7] = [
     "max_attempts",
     "batch_size",
     "timeout",
+    "group_wait",
 ];
 
 /// A parsed, validated manifest. Its `Debug` leaves the kind settings out:
@@ -143,6 +146,10 @@ pub struct Manifest {
     /// Limit of one delivery attempt; the dispatcher enforces it for every
     /// kind, and an attempt that exceeds it is a failure (retried).
     pub timeout: Duration,
+    /// After the first alert of a batch arrives, wait this long for more
+    /// before delivering, so a burst (many interfaces of one device) leaves
+    /// as one notification; 0 delivers at once.
+    pub group_wait: Duration,
     /// The kind's own settings, as written (after `${ENV}` substitution).
     pub settings: serde_yaml::Value,
     /// Hash of the file text, so a reload restarts only changed sinks.
@@ -297,6 +304,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Manifest, PluginError> {
         max_attempts: common.max_attempts,
         batch_size: common.batch_size,
         timeout: common.timeout,
+        group_wait: common.group_wait,
         settings,
         source_hash: {
             use std::hash::{Hash, Hasher};

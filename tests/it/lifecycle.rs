@@ -123,3 +123,79 @@ fn deadman_fires_when_a_series_goes_silent_and_resolves_when_it_returns() {
         .get("quiet")
         == Some(&(1, 1))));
 }
+
+#[test]
+fn silences_from_http_and_cli_mute_matching_notifications_on_every_instance() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let project = Project::new(
+        &format!(
+            "http:\n  listen: 127.0.0.1:{port}\nsubscriptions:\n  - name: hot\n    streams: [s]\n"
+        ),
+        &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
+    );
+    let tl = project.start(&redis);
+    let addr = format!("127.0.0.1:{port}");
+    assert!(wait_until(Duration::from_secs(20), || {
+        http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
+    }));
+    let (status, body) = http_request(
+        &addr,
+        "POST",
+        "/api/silences",
+        r#"{"matchers": ["host=~muted-.*", "alertname=Hot"], "duration": "1h", "comment": "maintenance"}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let bad = http_request(
+        &addr,
+        "POST",
+        "/api/silences",
+        r#"{"matchers": [], "duration": "1h"}"#,
+    );
+    assert_eq!(bad.0, 400, "{}", bad.1);
+    // A second silence through the CLI, against the same Redis.
+    let (code, out, err) = project.command(
+        &["silence", "add", "host=other-1", "--duration", "1h"],
+        Some(&redis.addr()),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let cli_id = out.split_whitespace().next().unwrap().to_string();
+    // Let the instance pick the silences up (refreshed every 2 s).
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let mut con = redis.conn();
+    for host in ["muted-1", "muted-2", "other-1", "loud-1"] {
+        xadd(&mut con, "s", &[("host", host.as_bytes()), ("v", b"500")]);
+    }
+    assert!(
+        wait_until(Duration::from_secs(15), || counts(&project)
+            .contains_key("loud-1")),
+        "{}",
+        tl.stderr()
+    );
+    assert!(wait_until(Duration::from_secs(10), || http_request(
+        &addr, "GET", "/metrics", ""
+    )
+    .1
+    .contains("tripline_sink_silenced_total{sink=\"file\"} 3")));
+    let c = counts(&project);
+    assert_eq!(c.len(), 1, "only the unsilenced alert is delivered: {c:?}");
+
+    // Expire the CLI silence: the next notification for that host is sent.
+    let (code, out, err) = project.command(&["silence", "expire", &cli_id], Some(&redis.addr()));
+    assert_eq!(code, 0, "{out}{err}");
+    let listed = http_request(&addr, "GET", "/api/silences", "").1;
+    assert!(
+        !listed.contains(&cli_id) && listed.contains("maintenance"),
+        "{listed}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    xadd(&mut con, "s", &[("host", b"other-1"), ("v", b"1")]);
+    xadd(&mut con, "s", &[("host", b"other-1"), ("v", b"600")]);
+    assert!(
+        wait_until(Duration::from_secs(15), || counts(&project)
+            .contains_key("other-1")),
+        "{}",
+        tl.stderr()
+    );
+}
