@@ -95,12 +95,14 @@ impl Network {
         }
     }
 
-    /// Next interface error reading (a monotonic counter with bursts and resets).
+    /// Next interface error reading: a monotonic counter creeping up by a few
+    /// errors per reading (well under the shipped rate alert), with bursts
+    /// past the thresholds and resets (reboots).
     pub fn counter_reading(&mut self) -> serde_json::Value {
         let n = self.rng.random_range(0..self.ports.len());
         let roll: f64 = self.rng.random();
         let burst = self.rng.random_range(10_000..150_000);
-        let step = self.rng.random_range(0..40);
+        let step = self.rng.random_range(0..4);
         let p = &mut self.ports[n];
         if roll < 0.01 {
             p.input_errors = 0;
