@@ -7,12 +7,8 @@ use std::process::Command;
 
 use crate::util::*;
 
-fn shipped(rel: &str) -> String {
-    std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
-
 /// The seed's three subscriptions over the shipped rules.
-const SEED_SUBS: &str = "  - name: packet-error-alerts
+const SHIPPED_SUBS: &str = "  - name: packet-error-alerts
     streams: [packet-counter-errors]
     rules: [\"packet_errors/alert*.rhai\"]
   - name: packet-error-logs
@@ -33,7 +29,7 @@ fn seed_project(extra: &[(&str, &str)]) -> Project {
         ("rules/transceiver/rx_power.rhai", rx.as_str()),
     ];
     files.extend_from_slice(extra);
-    Project::new(&config(SEED_SUBS), &files)
+    Project::new(&config(SHIPPED_SUBS), &files)
 }
 
 const PASSING_TEST: &str = "\

@@ -11,18 +11,6 @@ use crate::util::*;
 
 const STREAM: &str = "packet-counter-errors";
 
-const SEED_SUBS: &str = "  - name: packet-error-alerts
-    streams: [packet-counter-errors]
-    rules: [\"packet_errors/alert*.rhai\"]
-  - name: packet-error-logs
-    streams: [packet-counter-errors]
-    rules: [\"packet_errors/log*.rhai\"]
-";
-
-fn shipped(rel: &str) -> String {
-    std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
-
 /// A tripline.yaml with HTTP on `addr`; `http_extra` is indented YAML
 /// added under `http:`.
 fn http_config(addr: &str, http_extra: &str, subscriptions: &str) -> String {

@@ -6,18 +6,6 @@ use std::time::Duration;
 
 use crate::util::*;
 
-const SEED_SUBS: &str = "  - name: packet-error-alerts
-    streams: [packet-counter-errors]
-    rules: [\"packet_errors/alert*.rhai\"]
-  - name: packet-error-logs
-    streams: [packet-counter-errors]
-    rules: [\"packet_errors/log*.rhai\"]
-";
-
-fn shipped(rel: &str) -> String {
-    std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
-}
-
 fn seed_project() -> Project {
     Project::new(
         &config(SEED_SUBS),

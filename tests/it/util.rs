@@ -428,6 +428,21 @@ pub fn config(subscriptions: &str) -> String {
     )
 }
 
+/// A shipped file of the repository (rules, plugins), read at test time so
+/// tests exercise what users get.
+pub fn shipped(rel: &str) -> String {
+    std::fs::read_to_string(format!("{}/{rel}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The seed's two groups on `packet-counter-errors`, over the shipped rules.
+pub const SEED_SUBS: &str = "  - name: packet-error-alerts
+    streams: [packet-counter-errors]
+    rules: [\"packet_errors/alert*.rhai\"]
+  - name: packet-error-logs
+    streams: [packet-counter-errors]
+    rules: [\"packet_errors/log*.rhai\"]
+";
+
 /// A file sink manifest writing to `alerts.jsonl` in the project.
 pub const FILE_SINK: &str = "name: file\nkind: file\npath: alerts.jsonl\n";
 
