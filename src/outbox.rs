@@ -95,7 +95,7 @@ i = 4
 for c = 1, ncas do
   if ARGV[i + 2] == '' then
     redis.call('HDEL', state, ARGV[i])
-  else
+  elseif ARGV[i + 2] ~= '=' then
     redis.call('HSET', state, ARGV[i], ARGV[i + 2])
   end
   i = i + 3
@@ -164,9 +164,14 @@ pub async fn commit(
         .arg(outbox_max_len)
         .arg(s.writes.len());
     for w in s.writes {
-        inv.arg(&w.field)
-            .arg(w.expected)
-            .arg(w.value.as_deref().unwrap_or(""));
+        // `=`: check only; ``: delete; else the new value (which starts
+        // with its version digits, so neither marker can collide).
+        let op = if w.check_only {
+            "="
+        } else {
+            w.value.as_deref().unwrap_or("")
+        };
+        inv.arg(&w.field).arg(w.expected).arg(op);
     }
     inv.arg(s.alerts.len());
     for a in s.alerts {

@@ -119,7 +119,11 @@ pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool 
 /// Records an error from Redis: a server error reply is the command's fault,
 /// anything else means Redis is unreachable.
 pub fn note_error(what: &str, e: &RedisError) {
-    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+    if e.kind() == redis::ErrorKind::Client {
+        // Raised by us (e.g. a batch that keeps conflicting): retried like a
+        // Redis error, but Redis itself is fine.
+        tracing::warn!(during = what, "{e}; retrying");
+    } else if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
         || e.code().is_some()
     {
         tracing::warn!(during = what, "Redis refused a command: {e}");

@@ -110,6 +110,11 @@ pub struct Write {
     pub expected: u64,
     /// New `<version>|<json>` value, or `None` to delete.
     pub value: Option<String>,
+    /// Only check `expected`, write nothing: the decision to do nothing (a
+    /// resolve of an alert believed not firing, a re-assertion within the
+    /// repeat interval) rested on the cached version, which another
+    /// instance may have changed.
+    pub check_only: bool,
 }
 
 /// How to undo one cached change if its commit fails.
@@ -205,15 +210,16 @@ impl AlertBook {
             }
         }
         for (fp, (expected, stream)) in first_version {
-            let Some(now) = cache.get(&fp) else { continue };
-            if now.version == expected {
-                continue;
-            }
+            let now = cache.get(&fp).cloned().unwrap_or_default();
+            let check_only = now.version == expected;
             d.writes.push(Write {
                 stream: stream.to_string(),
                 field: field(fp),
                 expected,
-                value: now.entry.as_ref().map(|e| encode(now.version, e)),
+                value: (!check_only)
+                    .then(|| now.entry.as_ref().map(|e| encode(now.version, e)))
+                    .flatten(),
+                check_only,
             });
         }
         d.writes.sort_by(|a, b| a.field.cmp(&b.field));
@@ -469,6 +475,7 @@ impl AlertBook {
                 field: field(fp),
                 expected: cur.version,
                 value: next.as_ref().map(|e| encode(version, e)),
+                check_only: false,
             });
             cache.insert(
                 fp,
@@ -566,6 +573,7 @@ impl AlertBook {
                 field: field(fp),
                 expected: cur.version,
                 value: None,
+                check_only: false,
             });
             d.undo.push(Transition { fp, previous: cur });
         }
@@ -727,6 +735,7 @@ mod tests {
         let d = book.decide(&[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)]);
         assert_eq!(d.notifications.len(), 3);
         assert_eq!(d.writes.len(), 1, "collapsed per fingerprint");
+        assert!(!d.writes[0].check_only);
         assert_eq!(d.writes[0].expected, 0);
         assert!(d.writes[0].value.as_ref().unwrap().starts_with("3|"));
         book.rollback(d.undo);
@@ -739,6 +748,19 @@ mod tests {
             notes(&book, fire(0, 5)).is_empty(),
             "already firing elsewhere"
         );
+    }
+
+    #[test]
+    fn doing_nothing_is_checked_too() {
+        let book = AlertBook::new(policy());
+        let d = book.decide(&[act(ActionKind::Resolve, 0)]);
+        assert!(d.notifications.is_empty());
+        assert_eq!(d.writes.len(), 1);
+        assert!(
+            d.writes[0].check_only,
+            "a stale 'not firing' must be caught"
+        );
+        assert_eq!(d.writes[0].expected, 0);
     }
 
     #[test]

@@ -68,13 +68,14 @@ fn advance(rule: &str, key: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> 
     Some((increase, (at_ms - prev.at_ms) as f64 / 1000.0))
 }
 
-/// Per-second rate; 0.0 on the first sample, for out-of-order samples and
-/// when no time passed.
+/// Samples closer together than this count as this far apart: a rate over
+/// a few milliseconds is noise (700 errors 1 ms apart are not 700,000/s),
+/// and two samples in the same millisecond must not read as "no change".
+const MIN_RATE_WINDOW_S: f64 = 1.0;
+
+/// Per-second rate; 0.0 on the first sample and for out-of-order samples.
 pub fn rate(rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
-    match advance(rule, key, value, at_ms) {
-        Some((inc, secs)) if secs > 0.0 => inc / secs,
-        _ => 0.0,
-    }
+    advance(rule, key, value, at_ms).map_or(0.0, |(inc, secs)| inc / secs.max(MIN_RATE_WINDOW_S))
 }
 
 /// Increase since the previous sample; 0.0 on the first.
@@ -217,6 +218,9 @@ mod tests {
         // Older than the last sample: ignored.
         assert_eq!(rate(r, "k", 40.0, 15_000), 0.0);
         assert_eq!(rate(r, "k", 70.0, 30_000), 2.0);
+        // Milliseconds apart, or the same millisecond: over at least 1 s.
+        assert_eq!(rate(r, "k", 770.0, 30_001), 700.0);
+        assert_eq!(rate(r, "k", 780.0, 30_001), 10.0);
     }
 
     #[test]

@@ -315,11 +315,12 @@ pub(crate) async fn commit_decisions(
             }
         }
     }
-    tracing::warn!(
-        stream,
-        "alert state kept changing under this batch; leaving it pending for redelivery"
-    );
-    Ok(Vec::new())
+    // Nothing was acknowledged: the caller backs off and re-reads its own
+    // pending entries, so the batch is judged again shortly, not lost.
+    Err(RedisError::from((
+        redis::ErrorKind::Client,
+        "alert state kept changing under this batch (other instances changing the same alerts); judging it again",
+    )))
 }
 
 fn judge(

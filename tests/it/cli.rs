@@ -333,13 +333,16 @@ summary:
   read by no subscription: 0
   undecodable: 1
   logs: 2
-  alerts: 3 (2 firing, 1 resolved)
-    packet_errors/alert: 1 firing, 1 resolved
+  alerts: 4 (3 firing, 1 resolved)
+    packet_errors/alert: 2 firing, 1 resolved
     transceiver/rx_power: 1 firing, 0 resolved
   drops: 0
   rule errors: 0
 ";
+    // 12,000 then 700 errors is a counter reset followed by 700 new errors
+    // within a second: the rate alert fires too (rates span at least 1 s).
     assert!(out.ends_with(summary), "got:\n{out}");
+    assert!(out.contains("ALERT FIRING major InputErrorRate"), "{out}");
 
     let (code, out, _) = project.command(
         &["record", "packet-counter-errors", "--count", "1"],

@@ -73,9 +73,15 @@ fn two_instances_notify_each_alert_and_its_resolve_exactly_once() {
             );
         }
     }
-    assert!(wait_until(Duration::from_secs(20), || counts(&project)
-        .values()
-        .all(|c| c.1 >= 1)));
+    assert!(
+        wait_until(Duration::from_secs(30), || counts(&project)
+            .values()
+            .all(|c| c.1 >= 1)),
+        "not every alert resolved: {:?}\na: {}\nb: {}",
+        counts(&project),
+        a.stderr(),
+        b.stderr()
+    );
     assert!(wait_until(Duration::from_secs(10), || group_position(
         &mut con, "s", "hot"
     ) == (0, 0)));
