@@ -1,6 +1,6 @@
 //! The command line: argument types (parsed by `main`) and one module per
 //! command. Commands return `anyhow::Result`; `main` prints the error chain
-//! and picks the exit code.
+//! (see [`error_chain`]) and picks the exit code.
 
 pub mod check;
 pub mod record;
@@ -99,6 +99,23 @@ pub fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
+/// The error and its causes, each on its own line, leaving out a cause whose
+/// text the message before it already shows (our errors often quote their
+/// source, e.g. `config.yaml: unknown field … at line 4`).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut last = out.clone();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&text);
+        }
+        last = text;
+    }
+    out
+}
+
 /// Runs the parsed command.
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     // `test` and `replay` report rule errors themselves; the engine's own
@@ -117,5 +134,23 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay::replay(config, args),
         Command::Record(args) => record::record(config, args),
         Command::Silence(action) => silence::silence(config, action),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn error_chain_skips_causes_already_quoted() {
+        let quoted = anyhow::Error::new(std::io::Error::other("disk full"))
+            .context("cannot write out.jsonl: disk full");
+        assert_eq!(
+            super::error_chain(&quoted),
+            "cannot write out.jsonl: disk full"
+        );
+        let plain = anyhow::Error::new(std::io::Error::other("disk full")).context("cannot write");
+        assert_eq!(
+            super::error_chain(&plain),
+            "cannot write\n  caused by: disk full"
+        );
     }
 }
