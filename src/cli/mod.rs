@@ -11,9 +11,13 @@ pub mod simulate;
 pub mod test;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
+
+/// Reply timeout of the commands' Redis connections (never blocking reads).
+const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
 #[command(
