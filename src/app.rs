@@ -10,7 +10,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
-use crate::config::{Config, redis_url};
+use crate::config::{Config, Subscription};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn::{self, RedisTarget};
@@ -82,14 +82,14 @@ pub fn outbox_streams(config: &Config) -> Vec<String> {
 }
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
-    let url = redis_url(&config.redis.url).map_err(AppError::RedisAddr)?;
-    let target = RedisTarget::new(&url, config.redis.connect_timeout)
+    let endpoint = config.redis.endpoint().map_err(AppError::RedisAddr)?;
+    let target = RedisTarget::new(&endpoint, config.redis.connect_timeout)
         .map_err(|e| AppError::RedisAddr(e.to_string()))?;
     let prepared = prepare(&config)?;
     tracing::info!(
         rules = prepared.rules.set.rules.len(),
         sinks = prepared.plugins.iter().filter(|m| m.enabled).count(),
-        redis = %redact(&url),
+        redis = %endpoint,
         "tripline starting"
     );
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
@@ -204,19 +204,36 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let workers_stop = shutdown.child_token();
     let mut workers = JoinSet::new();
     let subs: Vec<Arc<_>> = config.subscriptions.iter().cloned().map(Arc::new).collect();
+    let mut own_consumers = vec![instance.clone()];
     for sub in &subs {
         for stream in &sub.streams {
             metrics::consuming(&sub.name, stream, sub.group());
         }
         let consumer_base = sub.consumer.clone().unwrap_or_else(|| instance.clone());
-        for i in 0..sub.concurrency() {
-            workers.spawn(source::run_worker(
-                shared.clone(),
-                sub.clone(),
-                format!("{consumer_base}-w{i}"),
-                workers_stop.clone(),
-            ));
+        // One XREADGROUP covers one hash slot on Cluster: each worker reads
+        // one set of streams, and every set gets its share of `concurrency`.
+        let parts = target.read_groups(&sub.streams);
+        let per_part = sub.concurrency().div_ceil(parts.len());
+        for part in parts {
+            let part_sub = if part.len() == sub.streams.len() {
+                sub.clone()
+            } else {
+                Arc::new(Subscription {
+                    streams: part,
+                    ..(**sub).clone()
+                })
+            };
+            for i in 0..per_part {
+                workers.spawn(source::run_worker(
+                    shared.clone(),
+                    part_sub.clone(),
+                    format!("{consumer_base}-w{i}"),
+                    workers_stop.clone(),
+                ));
+            }
         }
+        own_consumers.extend((0..per_part).map(|i| format!("{consumer_base}-w{i}")));
+        own_consumers.push(format!("{consumer_base}-claim"));
         workers.spawn(source::run_claimer(
             shared.clone(),
             sub.clone(),
@@ -224,6 +241,19 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             workers_stop.clone(),
         ));
     }
+    workers.spawn(source::cleanup::run(
+        target.clone(),
+        source::cleanup::Scope {
+            subscriptions: subs
+                .iter()
+                .flat_map(|s| s.streams.iter().map(|x| (x.clone(), s.group().to_string())))
+                .collect(),
+            outboxes: outbox_streams(&config),
+            own: own_consumers,
+        },
+        config.consumer_cleanup.clone(),
+        workers_stop.clone(),
+    ));
     let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
     streams.sort();
     streams.dedup();
@@ -286,27 +316,4 @@ async fn reload_on_sighup(reloader: Arc<Reloader>, stop: CancellationToken) {
 
 async fn drain(set: &mut JoinSet<()>) {
     while set.join_next().await.is_some() {}
-}
-
-/// The URL without its password, for logs.
-fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => match rest.rsplit_once('@') {
-            Some((cred, host)) => {
-                let user = cred.split(':').next().unwrap_or("");
-                format!("{scheme}://{user}:***@{host}")
-            }
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn redact_hides_password() {
-        assert_eq!(super::redact("redis://u:secret@h:1/"), "redis://u:***@h:1/");
-        assert_eq!(super::redact("redis://h:1/"), "redis://h:1/");
-    }
 }

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::redis_conn::{RedisEndpoint, RedisTarget};
+
 /// The configuration shipped with tripline, used when no file is given and
 /// `tripline.yaml` does not exist in the working directory. It reproduces the
 /// seed system: two groups on `packet-counter-errors` plus the transceiver
@@ -54,6 +56,9 @@ pub struct Config {
     pub alerts: AlertPolicy,
     /// HTTP listener (metrics, health, gateway).
     pub http: HttpConfig,
+    /// Removal of consumers that are gone (instances scaled away, renamed
+    /// hosts) from the groups tripline reads.
+    pub consumer_cleanup: ConsumerCleanup,
     /// How long SIGINT/SIGTERM waits for in-flight batches and sinks.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
@@ -64,9 +69,13 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `host:port`, `redis://[user:pass@]host:port[/db]`, `rediss://…` or
-    /// `unix:///path`.
-    pub url: String,
+    /// `host:port`, `redis://[user:pass@]host:port[/db]`, `rediss://…`,
+    /// `unix:///path`, or `redis+cluster://host:port,host:port` for a Redis
+    /// Cluster. Unset: `127.0.0.1:6379`, unless `cluster` is given.
+    pub url: Option<String>,
+    /// Seed nodes of a Redis Cluster (`host:port` or `redis://` URLs), the
+    /// readable alternative to a `redis+cluster://` URL; exclusive with `url`.
+    pub cluster: Vec<String>,
     /// How long one connection attempt may take before backing off.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -81,6 +90,18 @@ pub struct OutboxConfig {
     /// Approximate cap on each outbox stream (XADD MAXLEN ~), so a sink that
     /// is down for days cannot exhaust Redis memory.
     pub max_len: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerCleanup {
+    /// A consumer idle this long with nothing pending is deleted (XGROUP
+    /// DELCONSUMER); `0s` keeps every consumer.
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    /// How often the groups are checked.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -148,6 +169,9 @@ pub struct GatewayConfig {
     pub enabled: bool,
     /// Stream the accepted readings are appended to, in Watermill's envelope.
     pub stream: String,
+    /// Above 1, `stream` is a sharded topic: a reading goes to the shard
+    /// `<stream>:{n}` its `hostname` hashes to (see [`crate::shard`]).
+    pub shards: u32,
     /// Larger bodies get 413 before they are parsed: a reading is a few
     /// hundred bytes, so anything near this is a mistake or an attack.
     pub max_body_bytes: usize,
@@ -167,7 +191,9 @@ pub struct Subscription {
     /// Consumer group; defaults to the subscription name.
     #[serde(default)]
     pub group: Option<String>,
-    /// Streams read as one.
+    /// Streams read as one; a sharded topic (`{topic: S, shards: N}`) is
+    /// expanded here into its streams `S:{0}` … `S:{N-1}`.
+    #[serde(deserialize_with = "deserialize_streams")]
     pub streams: Vec<String>,
     /// Globs (relative to `rules_dir`) choosing the rules; default all.
     #[serde(default = "default_rule_globs")]
@@ -197,6 +223,79 @@ pub struct Subscription {
     /// Deliveries after which an entry is dead-lettered instead of retried.
     #[serde(default = "default_max_deliveries")]
     pub max_deliveries: u64,
+}
+
+/// Most shards a topic may have: far more than nodes in any cluster, few
+/// enough that a typo (`shards: 80000`) is caught.
+pub const MAX_SHARDS: u32 = 1024;
+
+/// An entry of a subscription's `streams`: a stream name, or a topic split
+/// over several streams.
+enum StreamSpec {
+    Name(String),
+    Sharded(ShardedTopic),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShardedTopic {
+    /// The topic; its streams are `<topic>:{0}` … `<topic>:{shards-1}`.
+    topic: String,
+    /// How many streams the topic is split over.
+    shards: u32,
+}
+
+impl<'de> Deserialize<'de> for StreamSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = StreamSpec;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a stream name or {topic: NAME, shards: N}")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<StreamSpec, E> {
+                Ok(StreamSpec::Name(v.to_string()))
+            }
+            // A stream may be named `2024`: YAML reads that as a number.
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<StreamSpec, E> {
+                Ok(StreamSpec::Name(v.to_string()))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<StreamSpec, A::Error> {
+                ShardedTopic::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(StreamSpec::Sharded)
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+fn deserialize_streams<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    use serde::de::Error;
+    let mut streams = Vec::new();
+    for spec in Vec::<StreamSpec>::deserialize(d)? {
+        match spec {
+            StreamSpec::Name(s) => streams.push(s),
+            StreamSpec::Sharded(t) => {
+                if t.topic.trim().is_empty() || t.topic.contains(['{', '}']) {
+                    return Err(D::Error::custom(format!(
+                        "sharded topic `{}`: the name must be non-empty and without braces (its streams are `<topic>:{{n}}`)",
+                        t.topic
+                    )));
+                }
+                if !(1..=MAX_SHARDS).contains(&t.shards) {
+                    return Err(D::Error::custom(format!(
+                        "sharded topic `{}`: `shards` must be 1..={MAX_SHARDS}",
+                        t.topic
+                    )));
+                }
+                streams.extend(crate::shard::shard_streams(&t.topic, t.shards));
+            }
+        }
+    }
+    Ok(streams)
 }
 
 fn default_rule_globs() -> Vec<String> {
@@ -232,6 +331,7 @@ impl Default for Config {
             limits: Limits::default(),
             alerts: AlertPolicy::default(),
             http: HttpConfig::default(),
+            consumer_cleanup: ConsumerCleanup::default(),
             shutdown_timeout: Duration::from_secs(10),
             subscriptions: Vec::new(),
         }
@@ -241,9 +341,32 @@ impl Default for Config {
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
-            url: "127.0.0.1:6379".into(),
+            url: None,
+            cluster: Vec::new(),
             connect_timeout: Duration::from_secs(2),
         }
+    }
+}
+
+/// Redis when neither `redis.url`, `redis.cluster` nor `REDIS_ADDR` says.
+pub const DEFAULT_REDIS: &str = "127.0.0.1:6379";
+
+impl RedisConfig {
+    /// The configured Redis, single server or Cluster.
+    pub fn endpoint(&self) -> Result<RedisEndpoint, String> {
+        match (&self.url, self.cluster.is_empty()) {
+            (Some(_), false) => {
+                Err("`redis.url` and `redis.cluster` are exclusive; keep one".into())
+            }
+            (Some(url), true) => RedisEndpoint::parse(url),
+            (None, false) => RedisEndpoint::cluster_of(&self.cluster),
+            (None, true) => RedisEndpoint::parse(DEFAULT_REDIS),
+        }
+    }
+
+    /// A target built from [`RedisConfig::endpoint`].
+    pub fn target(&self) -> Result<RedisTarget, String> {
+        RedisTarget::new(&self.endpoint()?, self.connect_timeout).map_err(|e| e.to_string())
     }
 }
 
@@ -252,6 +375,16 @@ impl Default for OutboxConfig {
         OutboxConfig {
             prefix: "tripline:alerts".into(),
             max_len: 1_000_000,
+        }
+    }
+}
+
+impl Default for ConsumerCleanup {
+    /// The seed's: every 5 minutes, consumers idle for 10.
+    fn default() -> Self {
+        ConsumerCleanup {
+            max_idle: Duration::from_secs(600),
+            interval: Duration::from_secs(300),
         }
     }
 }
@@ -295,6 +428,7 @@ impl Default for GatewayConfig {
         GatewayConfig {
             enabled: true,
             stream: "packet-counter-errors".into(),
+            shards: 1,
             max_body_bytes: 64 * 1024,
             token: None,
             token_env: None,
@@ -322,6 +456,9 @@ impl HttpConfig {
         }
         if g.stream.trim().is_empty() {
             return Err("`http.gateway.stream` is empty".into());
+        }
+        if !(1..=MAX_SHARDS).contains(&g.shards) {
+            return Err(format!("`http.gateway.shards` must be 1..={MAX_SHARDS}"));
         }
         if g.max_body_bytes == 0 {
             return Err("`http.gateway.max_body_bytes` must be positive".into());
@@ -398,7 +535,8 @@ impl Config {
         if let Ok(addr) = std::env::var("REDIS_ADDR")
             && !addr.trim().is_empty()
         {
-            config.redis.url = addr.trim().to_string();
+            config.redis.url = Some(addr.trim().to_string());
+            config.redis.cluster.clear();
         }
         config.validate(
             &chosen
@@ -422,7 +560,7 @@ impl Config {
             path: origin.to_string(),
             message,
         };
-        redis_url(&self.redis.url).map_err(invalid)?;
+        let endpoint = self.redis.endpoint().map_err(invalid)?;
         if self.subscriptions.is_empty() {
             return Err(invalid(
                 "`subscriptions` is empty: nothing to consume".into(),
@@ -442,6 +580,11 @@ impl Config {
                 return Err(invalid(format!("{at}: `streams` must list stream names")));
             }
             for stream in &s.streams {
+                if endpoint.is_cluster() && crate::outbox::hash_tag(stream).contains(['{', '}']) {
+                    return Err(invalid(format!(
+                        "{at}: stream `{stream}` has braces but no hash tag; on Redis Cluster its outbox and dead-letter stream could not share its slot (name it `name:{{tag}}`, or without braces)"
+                    )));
+                }
                 if !groups.insert((s.group().to_string(), stream.clone())) {
                     return Err(invalid(format!(
                         "{at}: group `{}` on stream `{stream}` is already used by another subscription",
@@ -473,6 +616,11 @@ impl Config {
                     .map_err(|e| invalid(format!("{at}: bad rule glob `{g}`: {e}")))?;
             }
         }
+        if !self.consumer_cleanup.max_idle.is_zero() && self.consumer_cleanup.interval.is_zero() {
+            return Err(invalid(
+                "`consumer_cleanup.interval` must be positive (or set `max_idle: 0s` to turn cleanup off)".into(),
+            ));
+        }
         if self.alerts.timer_interval.is_zero() {
             return Err(invalid("`alerts.timer_interval` must be positive".into()));
         }
@@ -489,28 +637,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// Turns the accepted address forms into a URL the redis crate understands:
-/// the seed's bare `host:port`, or a `redis://`, `rediss://`, `unix://` URL.
-pub fn redis_url(addr: &str) -> Result<String, String> {
-    let addr = addr.trim();
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        let (host, port) = addr
-            .rsplit_once(':')
-            .ok_or_else(|| format!("Redis address `{addr}` is neither host:port nor a URL"))?;
-        port.parse::<u16>()
-            .map_err(|_| format!("Redis address `{addr}`: `{port}` is not a port number"))?;
-        if host.is_empty() {
-            return Err(format!("Redis address `{addr}` has no host"));
-        }
-        format!("redis://{addr}/")
-    };
-    redis::Client::open(url.as_str())
-        .map_err(|e| format!("Redis address `{addr}` is not usable: {e}"))?;
-    Ok(url)
 }
 
 #[cfg(test)]
@@ -532,18 +658,34 @@ mod tests {
         assert!(err.contains("line 4"), "{err}");
     }
 
+    fn endpoint(yaml: &str) -> Result<RedisEndpoint, String> {
+        let text = format!("redis:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
+        let c = Config::parse(&text, "t").map_err(|e| e.to_string())?;
+        c.validate("t").map_err(|e| e.to_string())?;
+        c.redis.endpoint()
+    }
+
     #[test]
-    fn redis_addr_forms() {
+    fn redis_single_or_cluster() {
         assert_eq!(
-            redis_url("10.0.0.1:6380").unwrap(),
-            "redis://10.0.0.1:6380/"
+            endpoint("  connect_timeout: 1s\n").unwrap(),
+            RedisEndpoint::Single("redis://127.0.0.1:6379/".into())
         );
         assert_eq!(
-            redis_url("redis://u:p@h:1/2").unwrap(),
-            "redis://u:p@h:1/2".to_string()
+            endpoint("  cluster: [\"10.0.0.1:7000\", \"redis://10.0.0.2:7000/\"]\n").unwrap(),
+            RedisEndpoint::Cluster(vec![
+                "redis://10.0.0.1:7000/".into(),
+                "redis://10.0.0.2:7000/".into()
+            ])
         );
-        assert!(redis_url("nohostport").is_err());
-        assert!(redis_url("h:notaport").is_err());
+        assert_eq!(
+            endpoint("  url: \"redis+cluster://10.0.0.1:7000\"\n").unwrap(),
+            RedisEndpoint::Cluster(vec!["redis://10.0.0.1:7000/".into()])
+        );
+        let err = endpoint("  url: \"h:1\"\n  cluster: [\"h:2\"]\n").unwrap_err();
+        assert!(err.contains("exclusive"), "{err}");
+        let err = endpoint("  cluster: [\"nohostport\"]\n").unwrap_err();
+        assert!(err.contains("nohostport"), "{err}");
     }
 
     fn validate_http(yaml: &str) -> Result<(), String> {
@@ -582,6 +724,37 @@ mod tests {
             "  gateway: {enabled: false, token_env: TRIPLINE_TEST_VARIABLE_NOBODY_SETS}\n",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn sharded_topics_expand() {
+        let text =
+            "subscriptions:\n  - name: a\n    streams: [plain, {topic: t, shards: 3}, 2024]\n";
+        let c = Config::parse(text, "t").unwrap();
+        c.validate("t").unwrap();
+        assert_eq!(
+            c.subscriptions[0].streams,
+            ["plain", "t:{0}", "t:{1}", "t:{2}", "2024"]
+        );
+        let bad = |streams: &str| {
+            let text = format!("subscriptions:\n  - name: a\n    streams: {streams}\n");
+            Config::parse(&text, "t").unwrap_err().to_string()
+        };
+        let err = bad("[{topic: t, shard: 3}]");
+        assert!(err.contains("unknown field `shard`"), "{err}");
+        let err = bad("[{topic: t, shards: 0}]");
+        assert!(err.contains("1..=1024"), "{err}");
+        let err = bad("[{topic: \"t:{1}\", shards: 2}]");
+        assert!(err.contains("without braces"), "{err}");
+    }
+
+    #[test]
+    fn cluster_rejects_streams_without_a_usable_tag() {
+        let text = "redis: {url: \"redis+cluster://h:1\"}\nsubscriptions:\n  - {name: a, streams: [\"a{}b\"]}\n";
+        let err = Config::parse(text, "t").unwrap().validate("t").unwrap_err();
+        assert!(err.to_string().contains("no hash tag"), "{err}");
+        let text = "subscriptions:\n  - {name: a, streams: [\"a{}b\"]}\n";
+        Config::parse(text, "t").unwrap().validate("t").unwrap();
     }
 
     #[test]

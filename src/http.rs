@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use redis::RedisError;
-use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -28,8 +27,9 @@ use crate::config::GatewayConfig;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 use crate::http_silences::SilenceApi;
 use crate::metrics;
-use crate::redis_conn::RedisTarget;
+use crate::redis_conn::{RedisConn, RedisTarget};
 use crate::reload::Reloader;
+use crate::shard::stream_for;
 
 /// Reply timeout of the gateway's Redis connection: a collector waits for
 /// our answer, so a stuck Redis must turn into a 503 quickly.
@@ -207,8 +207,10 @@ async fn ready(AxState(state): AxState<State>) -> impl IntoResponse {
 /// `POST /telemetry-data`: validates a reading and appends it to the
 /// configured stream in Watermill's envelope.
 pub struct Gateway {
-    /// Stream readings are appended to.
+    /// Stream (or sharded topic) readings are appended to.
     stream: String,
+    /// Shards of `stream`; above 1 a reading goes to its device's shard.
+    shards: u32,
     /// Bearer token requests must carry, if any.
     token: Option<String>,
     /// Body size limit in bytes.
@@ -218,7 +220,7 @@ pub struct Gateway {
     /// One multiplexed connection shared by all requests, opened on first
     /// use and dropped after a connection error so the next request
     /// reconnects. The lock is held only to open or clone it.
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<RedisConn>>,
 }
 
 impl Gateway {
@@ -226,6 +228,7 @@ impl Gateway {
     pub fn new(config: &GatewayConfig, token: Option<String>, target: RedisTarget) -> Gateway {
         Gateway {
             stream: config.stream.clone(),
+            shards: config.shards,
             token,
             max_body_bytes: config.max_body_bytes,
             target,
@@ -246,7 +249,7 @@ impl Gateway {
         presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes()))
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, RedisError> {
+    async fn connection(&self) -> Result<RedisConn, RedisError> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
@@ -263,10 +266,10 @@ impl Gateway {
     /// XADDs one reading; returns the entry id. A connection found dead
     /// (Redis restarted since the last request) is replaced and the XADD
     /// sent once more; a timeout is not retried, as Redis may have applied it.
-    async fn publish(&self, payload: &[u8]) -> Result<String, RedisError> {
+    async fn publish(&self, stream: &str, payload: &[u8]) -> Result<String, RedisError> {
         let uuid = uuid::Uuid::new_v4().to_string();
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.stream)
+        cmd.arg(stream)
             .arg("*")
             .arg(WATERMILL_UUID)
             .arg(&uuid)
@@ -342,17 +345,15 @@ async fn telemetry(
         }
     };
     let payload = serde_json::to_vec(&reading).expect("a JSON value serializes");
-    match gateway.publish(&payload).await {
+    let device = reading["hostname"].as_str().unwrap_or_default();
+    let stream = stream_for(&gateway.stream, gateway.shards, device);
+    match gateway.publish(&stream, &payload).await {
         Ok(id) => {
-            metrics::gateway_accepted(&gateway.stream, &id);
-            (
-                StatusCode::OK,
-                Json(json!({ "stream": gateway.stream, "id": id })),
-            )
-                .into_response()
+            metrics::gateway_accepted(&stream, &id);
+            (StatusCode::OK, Json(json!({ "stream": stream, "id": id }))).into_response()
         }
         Err(e) => {
-            metrics::gateway_publish_failed(&gateway.stream, &e);
+            metrics::gateway_publish_failed(&stream, &e);
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Could not publish the reading; try again later",

@@ -15,18 +15,17 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
-use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use serde_json::json;
 
 use crate::alert::silence::{self, Matcher, Silence};
 use crate::process::{now_ms, rfc3339};
-use crate::redis_conn::RedisTarget;
+use crate::redis_conn::{RedisConn, RedisTarget};
 
 /// Where silences are stored; one connection shared by all requests.
 pub struct SilenceApi {
     target: RedisTarget,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<RedisConn>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -56,7 +55,7 @@ impl SilenceApi {
             .with_state(self)
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, Response> {
+    async fn connection(&self) -> Result<RedisConn, Response> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());

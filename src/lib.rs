@@ -4,9 +4,13 @@
 //! Read top-down, the modules follow one message through the engine:
 //!
 //! - [`config`]: the YAML file, its defaults and `validate()`.
-//! - [`redis_conn`]: connection helpers (reply timeouts, reconnect backoff).
+//! - [`redis_conn`]: connections to one Redis or a Redis Cluster (reply
+//!   timeouts, reconnect backoff, reply parsing).
+//! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
+//!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
-//!   evaluate it, commit it; claiming stale entries; dead-lettering.
+//!   evaluate it, commit it; claiming stale entries; dead-lettering; removing
+//!   consumers idle for long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
 //! - [`alert`]: alert model, fingerprint and the firing/resolved book-keeping.
@@ -40,5 +44,6 @@ pub mod reload;
 pub mod replay;
 pub mod rules;
 pub mod ruletest;
+pub mod shard;
 pub mod sinks;
 pub mod source;

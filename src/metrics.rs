@@ -51,6 +51,8 @@ pub struct Metrics {
     gateway_requests: Family<Labels, Counter>,
     sink_lag: Family<Labels, Gauge>,
     sink_program_exits: Family<Labels, Counter>,
+    /// Consumers deleted from a group for being idle with nothing pending.
+    consumers_removed: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -84,6 +86,7 @@ impl Metrics {
             gateway_requests: Family::default(),
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
+            consumers_removed: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -176,6 +179,11 @@ impl Metrics {
             "sink_program_exits",
             "Exits of an exec sink's program (it is restarted on the next delivery), by sink",
             m.sink_program_exits.clone(),
+        );
+        registry.register(
+            "consumers_removed",
+            "Consumers deleted from a group (idle longer than consumer_cleanup.max_idle, nothing pending), by stream and group",
+            m.consumers_removed.clone(),
         );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
@@ -461,6 +469,23 @@ pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: Option<i6
             m.consumer_lag.remove(&labels);
         }
     }
+}
+
+/// A consumer idle for long with nothing pending was deleted from a group.
+pub fn consumer_removed(stream: &str, group: &str, consumer: &str) {
+    tracing::info!(
+        stream,
+        group,
+        consumer,
+        "removed an idle consumer with nothing pending"
+    );
+    get()
+        .consumers_removed
+        .get_or_create(&vec![
+            ("stream", stream.to_string()),
+            ("group", group.to_string()),
+        ])
+        .inc();
 }
 
 /// Rules or plugins loaded at startup: in sync, and the reload counters

@@ -7,10 +7,10 @@
 //! Keys are Redis Cluster-safe: everything in one MULTI hashes to the source
 //! stream's slot.
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 
 use crate::alert::{Alert, Write};
+use crate::redis_conn::RedisConn;
 
 /// The part of a key Redis Cluster hashes: the first non-empty `{…}`, else
 /// the whole key.
@@ -29,11 +29,17 @@ pub fn outbox_key(prefix: &str, stream: &str) -> String {
     format!("{prefix}:{{{}}}", hash_tag(stream))
 }
 
-/// Dead-letter stream of `stream`. A stream without a hash tag keeps the
-/// plain `<stream>:dead`, which hashes elsewhere on Cluster; sharded streams
-/// (`S:{n}`) carry their tag along and stay in one slot.
-pub fn dead_key(stream: &str) -> String {
-    format!("{stream}:dead")
+/// Dead-letter stream of `stream`: `<stream>:dead`, in the stream's slot
+/// when the stream has a hash tag (`S:{3}:dead`). On Cluster, a stream
+/// without one gets `{<stream>}:dead` instead, so the dead letters can be
+/// written in the same script run as the XACK; a single server keeps the
+/// seed's `<stream>:dead`.
+pub fn dead_key(stream: &str, cluster: bool) -> String {
+    if cluster && hash_tag(stream) == stream {
+        format!("{{{stream}}}:dead")
+    } else {
+        format!("{stream}:dead")
+    }
 }
 
 /// Field of an outbox entry that holds the alert as JSON.
@@ -137,7 +143,7 @@ fn script() -> &'static redis::Script {
 
 /// Commits one batch of `stream` (or, with no acks, a timer's decisions).
 pub async fn commit(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     group: &str,
     outbox_prefix: &str,
@@ -158,7 +164,7 @@ pub async fn commit(
     let mut inv = script().prepare_invoke();
     inv.key(state_key(stream))
         .key(outbox_key(outbox_prefix, stream))
-        .key(dead_key(stream))
+        .key(dead_key(stream, conn.is_cluster()))
         .key(stream)
         .arg(group)
         .arg(outbox_max_len)
@@ -197,7 +203,7 @@ pub async fn commit(
 
 /// Current values of alert-state fields (after a conflict).
 pub async fn read_state(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     fields: &[String],
 ) -> Result<Vec<(String, Option<String>)>, RedisError> {
@@ -229,6 +235,11 @@ mod tests {
             outbox_key("tripline:alerts", "S:{3}"),
             "tripline:alerts:{3}"
         );
-        assert_eq!(hash_tag(&dead_key("S:{3}")), "3");
+        for cluster in [false, true] {
+            assert_eq!(dead_key("S:{3}", cluster), "S:{3}:dead");
+        }
+        assert_eq!(dead_key("plain", false), "plain:dead");
+        assert_eq!(dead_key("plain", true), "{plain}:dead");
+        assert_eq!(hash_tag(&dead_key("plain", true)), hash_tag("plain"));
     }
 }

@@ -1,43 +1,282 @@
 //! Redis connections: one place that knows about reply timeouts, reconnect
-//! backoff and parsing the stream replies we read.
+//! backoff, single server versus Cluster, and parsing the stream replies we
+//! read.
 //!
 //! redis-rs times out every reply after 500 ms by default, BLOCK included, so
 //! each blocking reader gets its own connection with a timeout above its block
 //! time; writes (XACK, XADD, claims) use another connection.
+//!
+//! On Redis Cluster a connection ([`RedisConn::Cluster`]) routes each command
+//! by its key's hash slot, follows MOVED/ASK and reconnects to failed-over
+//! nodes by itself. A command over several keys must stay in one slot, so a
+//! blocking read covers only the streams of one hash tag
+//! ([`RedisTarget::read_groups`]).
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, RedisError, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, Value,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
+use crate::outbox::hash_tag;
+
+/// Scheme of a Cluster address: `redis+cluster://host:port,host:port`.
+const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Where Redis is, as the user wrote it: one server, or seed nodes of a
+/// Redis Cluster (the rest of the cluster is discovered from them).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisEndpoint {
+    /// A URL the redis crate opens: `redis://…`, `rediss://…`, `unix://…`.
+    Single(String),
+    /// `redis://[user:password@]host:port/` of each seed node.
+    Cluster(Vec<String>),
+}
+
+impl RedisEndpoint {
+    /// Parses every address form tripline accepts: the seed's bare
+    /// `host:port`, a `redis://`, `rediss://` or `unix://` URL, or
+    /// `redis+cluster://[user:password@]host:port[,host:port…]`.
+    pub fn parse(addr: &str) -> Result<RedisEndpoint, String> {
+        let addr = addr.trim();
+        let Some(rest) = addr.strip_prefix(CLUSTER_SCHEME) else {
+            let url = if addr.contains("://") {
+                addr.to_string()
+            } else {
+                host_port_url(addr, "")?
+            };
+            Client::open(url.as_str())
+                .map_err(|e| format!("Redis address `{addr}` is not usable: {e}"))?;
+            return Ok(RedisEndpoint::Single(url));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (userinfo, hosts) = match rest.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), rest),
+        };
+        let seeds = hosts
+            .split(',')
+            .map(|h| host_port_url(h.trim(), &userinfo))
+            .collect::<Result<Vec<_>, _>>()?;
+        RedisEndpoint::cluster(seeds)
+    }
+
+    /// A Cluster from seed nodes, each `host:port` or a `redis://` URL.
+    pub fn cluster_of(seeds: &[String]) -> Result<RedisEndpoint, String> {
+        let urls = seeds
+            .iter()
+            .map(|s| {
+                let s = s.trim();
+                if s.contains("://") {
+                    Ok(s.to_string())
+                } else {
+                    host_port_url(s, "")
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        RedisEndpoint::cluster(urls)
+    }
+
+    fn cluster(urls: Vec<String>) -> Result<RedisEndpoint, String> {
+        if urls.is_empty() {
+            return Err("a Redis Cluster needs at least one seed node".into());
+        }
+        ClusterClientBuilder::new(urls.iter().map(String::as_str))
+            .build()
+            .map_err(|e| format!("Redis Cluster seed nodes are not usable: {e}"))?;
+        Ok(RedisEndpoint::Cluster(urls))
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisEndpoint::Cluster(_))
+    }
+}
+
+/// `redis://<userinfo>host:port/` from a bare `host:port`.
+fn host_port_url(addr: &str, userinfo: &str) -> Result<String, String> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .ok_or_else(|| format!("Redis address `{addr}` is neither host:port nor a URL"))?;
+    port.parse::<u16>()
+        .map_err(|_| format!("Redis address `{addr}`: `{port}` is not a port number"))?;
+    if host.is_empty() {
+        return Err(format!("Redis address `{addr}` has no host"));
+    }
+    Ok(format!("redis://{userinfo}{addr}/"))
+}
+
+/// For logs: the address with passwords hidden.
+impl fmt::Display for RedisEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RedisEndpoint::Single(url) => f.write_str(&redact(url)),
+            RedisEndpoint::Cluster(seeds) => {
+                let seeds: Vec<String> = seeds.iter().map(|s| redact(s)).collect();
+                write!(f, "cluster {}", seeds.join(","))
+            }
+        }
+    }
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((cred, host)) => {
+                let user = cred.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}:***@{host}")
+            }
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
 
 /// Where Redis is, plus how long a connection attempt may take.
 #[derive(Clone)]
 pub struct RedisTarget {
-    client: Client,
+    /// The client of a single server, or the seed nodes of a Cluster.
+    kind: TargetKind,
     connect_timeout: Duration,
 }
 
+#[derive(Clone)]
+enum TargetKind {
+    Single(Client),
+    /// A Cluster client is built per connection: its reply timeout (which
+    /// also bounds its retries across a failover) is a client setting.
+    Cluster(Vec<ConnectionInfo>),
+}
+
 impl RedisTarget {
-    pub fn new(url: &str, connect_timeout: Duration) -> Result<RedisTarget, RedisError> {
+    pub fn new(
+        endpoint: &RedisEndpoint,
+        connect_timeout: Duration,
+    ) -> Result<RedisTarget, RedisError> {
+        let kind = match endpoint {
+            RedisEndpoint::Single(url) => TargetKind::Single(Client::open(url.as_str())?),
+            RedisEndpoint::Cluster(seeds) => TargetKind::Cluster(
+                seeds
+                    .iter()
+                    .map(|s| s.as_str().into_connection_info())
+                    .collect::<Result<_, _>>()?,
+            ),
+        };
         Ok(RedisTarget {
-            client: Client::open(url)?,
+            kind,
             connect_timeout,
         })
     }
 
-    pub async fn connect(
-        &self,
-        response_timeout: Duration,
-    ) -> Result<MultiplexedConnection, RedisError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(response_timeout));
-        self.client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.kind, TargetKind::Cluster(_))
+    }
+
+    /// A connection whose replies (a blocking read included) time out after
+    /// `response_timeout`. On Cluster the same bound covers the retries a
+    /// command makes while a failover moves its slot.
+    pub async fn connect(&self, response_timeout: Duration) -> Result<RedisConn, RedisError> {
+        match &self.kind {
+            TargetKind::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_response_timeout(Some(response_timeout));
+                let conn = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Ok(RedisConn::Single(conn))
+            }
+            TargetKind::Cluster(seeds) => {
+                let conn = ClusterClientBuilder::new(seeds.clone())
+                    .connection_timeout(self.connect_timeout)
+                    .response_timeout(response_timeout)
+                    .build()?
+                    .get_async_connection()
+                    .await?;
+                Ok(RedisConn::Cluster(conn))
+            }
+        }
+    }
+
+    /// A synchronous connection, for the command-line tools that read in a
+    /// plain loop (`tripline record`).
+    pub fn connect_blocking(&self) -> Result<Box<dyn redis::ConnectionLike>, RedisError> {
+        match &self.kind {
+            TargetKind::Single(client) => Ok(Box::new(
+                client.get_connection_with_timeout(self.connect_timeout)?,
+            )),
+            TargetKind::Cluster(seeds) => Ok(Box::new(
+                ClusterClientBuilder::new(seeds.clone())
+                    .connection_timeout(self.connect_timeout)
+                    .build()?
+                    .get_connection()?,
+            )),
+        }
+    }
+
+    /// Splits `streams` into the sets one XREADGROUP may name: all of them
+    /// on a single server; on Cluster, the streams sharing a hash tag (the
+    /// keys of one command must share a slot). Order is kept within a set.
+    pub fn read_groups(&self, streams: &[String]) -> Vec<Vec<String>> {
+        if !self.is_cluster() {
+            return vec![streams.to_vec()];
+        }
+        let mut by_tag: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for s in streams {
+            by_tag.entry(hash_tag(s)).or_default().push(s.clone());
+        }
+        by_tag.into_values().collect()
+    }
+}
+
+/// A connection to one Redis server or to a whole Cluster. Both kinds are
+/// multiplexed: clones share the underlying sockets.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(MultiplexedConnection),
+    /// Holds a connection per cluster node and routes by hash slot.
+    Cluster(ClusterConnection),
+}
+
+impl RedisConn {
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConn::Cluster(_))
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
     }
 }
 
@@ -83,7 +322,7 @@ impl Backoff {
 pub struct LazyConn {
     target: RedisTarget,
     response_timeout: Duration,
-    conn: Option<MultiplexedConnection>,
+    conn: Option<RedisConn>,
 }
 
 impl LazyConn {
@@ -95,7 +334,7 @@ impl LazyConn {
         }
     }
 
-    pub async fn get(&mut self) -> Result<&mut MultiplexedConnection, RedisError> {
+    pub async fn get(&mut self) -> Result<&mut RedisConn, RedisError> {
         if self.conn.is_none() {
             self.conn = Some(self.target.connect(self.response_timeout).await?);
         }
@@ -271,7 +510,7 @@ pub fn parse_groups(v: Value) -> Vec<(String, i64, Option<i64>)> {
 
 /// XGROUP CREATE … MKSTREAM, treating "group already exists" as success.
 pub async fn ensure_group(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     group: &str,
     start_id: &str,
@@ -355,6 +594,63 @@ mod tests {
         assert_eq!(
             parse_groups(v),
             vec![("a".to_string(), 3, Some(7)), ("b".to_string(), 3, None)]
+        );
+    }
+
+    #[test]
+    fn address_forms() {
+        let single = |u: &str| RedisEndpoint::Single(u.to_string());
+        assert_eq!(
+            RedisEndpoint::parse("10.0.0.1:6380"),
+            Ok(single("redis://10.0.0.1:6380/"))
+        );
+        assert_eq!(
+            RedisEndpoint::parse("redis://u:p@h:1/2"),
+            Ok(single("redis://u:p@h:1/2"))
+        );
+        assert!(RedisEndpoint::parse("nohostport").is_err());
+        assert!(RedisEndpoint::parse("h:notaport").is_err());
+        let cluster = RedisEndpoint::parse("redis+cluster://u:p@a:7000, b:7001/").unwrap();
+        assert_eq!(
+            cluster,
+            RedisEndpoint::Cluster(vec![
+                "redis://u:p@a:7000/".into(),
+                "redis://u:p@b:7001/".into()
+            ])
+        );
+        assert_eq!(
+            cluster.to_string(),
+            "cluster redis://u:***@a:7000/,redis://u:***@b:7001/"
+        );
+        assert!(RedisEndpoint::parse("redis+cluster://").is_err());
+        assert!(RedisEndpoint::parse("redis+cluster://a:1,b").is_err());
+        assert_eq!(
+            single("redis://u:secret@h:1/").to_string(),
+            "redis://u:***@h:1/"
+        );
+        assert_eq!(single("redis://h:1/").to_string(), "redis://h:1/");
+    }
+
+    #[test]
+    fn cluster_reads_one_hash_tag_at_a_time() {
+        let streams: Vec<String> = ["t:{1}", "plain", "t:{0}", "u:{1}"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let single = RedisTarget::new(
+            &RedisEndpoint::parse("h:1").unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(single.read_groups(&streams), vec![streams.clone()]);
+        let cluster = RedisTarget::new(
+            &RedisEndpoint::parse("redis+cluster://h:1").unwrap(),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert_eq!(
+            cluster.read_groups(&streams),
+            vec![vec!["t:{0}"], vec!["t:{1}", "u:{1}"], vec!["plain"]]
         );
     }
 

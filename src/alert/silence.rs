@@ -9,12 +9,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::RedisError;
-use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::Alert;
-use crate::redis_conn::{LazyConn, RedisTarget, note_error};
+use crate::redis_conn::{LazyConn, RedisConn, RedisTarget, note_error};
 
 /// Hash of all silences: field = id, value = JSON.
 pub const KEY: &str = "tripline:silences";
@@ -149,7 +148,7 @@ impl Silences {
     }
 }
 
-pub async fn add(conn: &mut MultiplexedConnection, s: &Silence) -> Result<(), RedisError> {
+pub async fn add(conn: &mut RedisConn, s: &Silence) -> Result<(), RedisError> {
     let json = serde_json::to_string(s).expect("silences serialize");
     let _: i64 = redis::cmd("HSET")
         .arg(KEY)
@@ -161,7 +160,7 @@ pub async fn add(conn: &mut MultiplexedConnection, s: &Silence) -> Result<(), Re
 }
 
 /// Removes a silence; false if there was none with that id.
-pub async fn expire(conn: &mut MultiplexedConnection, id: &str) -> Result<bool, RedisError> {
+pub async fn expire(conn: &mut RedisConn, id: &str) -> Result<bool, RedisError> {
     let n: i64 = redis::cmd("HDEL")
         .arg(KEY)
         .arg(id)
@@ -171,10 +170,7 @@ pub async fn expire(conn: &mut MultiplexedConnection, id: &str) -> Result<bool, 
 }
 
 /// Every silence still in effect, oldest first; ended ones are deleted.
-pub async fn list(
-    conn: &mut MultiplexedConnection,
-    now_ms: u64,
-) -> Result<Vec<Silence>, RedisError> {
+pub async fn list(conn: &mut RedisConn, now_ms: u64) -> Result<Vec<Silence>, RedisError> {
     let all: BTreeMap<String, String> = redis::cmd("HGETALL").arg(KEY).query_async(conn).await?;
     let mut live = Vec::new();
     let mut ended = Vec::new();

@@ -11,9 +11,13 @@ pub mod simulate;
 pub mod test;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
+
+/// Reply timeout of the commands' Redis connections (never blocking reads).
+const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -77,14 +81,29 @@ pub enum Command {
 /// Installs the log subscriber: level from `RUST_LOG`, else `default`.
 /// Colours only on a terminal, so log files and collectors get plain text.
 /// An unparsable `RUST_LOG` is reported, not silently replaced.
+///
+/// The redis client's own messages are kept to errors unless `RUST_LOG`
+/// names a `redis` target: its Cluster client warns about every reconnect
+/// attempt of every connection (hundreds of lines per failover), while
+/// tripline logs an outage once.
 pub fn init_logging(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
-    let (filter, bad_filter) = match std::env::var(EnvFilter::DEFAULT_ENV) {
-        Ok(spec) => match EnvFilter::try_new(&spec) {
+    let spec = std::env::var(EnvFilter::DEFAULT_ENV).ok();
+    let (filter, bad_filter) = match &spec {
+        Some(spec) => match EnvFilter::try_new(spec) {
             Ok(f) => (f, None),
             Err(e) => (EnvFilter::new(default), Some(format!("`{spec}`: {e}"))),
         },
-        Err(_) => (EnvFilter::new(default), None),
+        None => (EnvFilter::new(default), None),
+    };
+    let names_redis = spec
+        .iter()
+        .flat_map(|s| s.split(','))
+        .any(|d| d.trim().starts_with("redis"));
+    let filter = if names_redis {
+        filter
+    } else {
+        filter.add_directive("redis=error".parse().expect("a valid directive"))
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::{Config, redis_url};
+use crate::config::Config;
 use crate::redis_conn::{StreamEntry, parse_entries};
 use crate::replay::{Record, parse_rfc3339};
 
@@ -100,7 +100,10 @@ struct Cursor {
 
 impl Cursor {
     /// The next entry, fetching a page when the buffer is empty.
-    fn peek(&mut self, con: &mut redis::Connection) -> anyhow::Result<Option<&StreamEntry>> {
+    fn peek(
+        &mut self,
+        con: &mut dyn redis::ConnectionLike,
+    ) -> anyhow::Result<Option<&StreamEntry>> {
         if self.buffer.is_empty() && !self.exhausted && self.left > 0 {
             let want = PAGE.min(usize::try_from(self.left).unwrap_or(PAGE));
             let reply: redis::Value = redis::cmd("XRANGE")
@@ -132,10 +135,13 @@ fn order(id: &str) -> (u64, u64) {
 
 pub fn record(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let url = redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
-    let mut con = redis::Client::open(url.as_str())?
-        .get_connection_with_timeout(config.redis.connect_timeout)
-        .with_context(|| format!("cannot connect to Redis at {}", config.redis.url))?;
+    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
+    let mut con = config
+        .redis
+        .target()
+        .map_err(anyhow::Error::msg)?
+        .connect_blocking()
+        .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
     let now = crate::process::now_ms();
     let (start, end) = (args.from.resolve(now), args.to.resolve(now));
     let mut cursors: Vec<Cursor> = args
@@ -162,7 +168,7 @@ pub fn record(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     loop {
         let mut best: Option<(usize, (u64, u64))> = None;
         for (i, c) in cursors.iter_mut().enumerate() {
-            if let Some(e) = c.peek(&mut con)? {
+            if let Some(e) = c.peek(&mut *con)? {
                 let key = order(&e.id);
                 if best.is_none_or(|(_, b)| key < b) {
                     best = Some((i, key));

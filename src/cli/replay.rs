@@ -281,8 +281,7 @@ fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
     })?;
     // Connects lazily: only a `redis_stream` sink writing to tripline's own
     // Redis ever uses it.
-    let url = crate::config::redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
-    let redis = crate::redis_conn::RedisTarget::new(&url, config.redis.connect_timeout)?;
+    let redis = config.redis.target().map_err(anyhow::Error::msg)?;
     let mut live = Vec::new();
     for manifest in manifests.into_iter().filter(|m| m.enabled) {
         let kind = sinks::kind(&manifest.kind).with_context(|| {

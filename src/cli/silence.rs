@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::alert::silence::{self, Matcher, Silence};
-use crate::config::{Config, redis_url};
+use crate::config::Config;
 use crate::process::{now_ms, rfc3339};
 
 #[derive(Debug, clap::Subcommand)]
@@ -37,17 +37,17 @@ pub enum Action {
 
 pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let url = redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
+    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
+    let target = config.redis.target().map_err(anyhow::Error::msg)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
-        let client = redis::Client::open(url.as_str())?;
-        let mut conn = client
-            .get_multiplexed_async_connection()
+        let mut conn = target
+            .connect(super::REDIS_REPLY_TIMEOUT)
             .await
-            .with_context(|| format!("cannot connect to Redis at {url}"))?;
+            .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
         match action {
             Action::Add {
                 matchers,

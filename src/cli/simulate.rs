@@ -3,6 +3,7 @@
 //! the shipped thresholds and reset (a reboot); optical receive power that
 //! drifts around −30 dBm and sometimes sinks below −40 dBm and recovers.
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -11,8 +12,11 @@ use anyhow::Context;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
-use crate::config::{Config, redis_url};
+use crate::config::{Config, MAX_SHARDS};
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
+use crate::outbox::hash_tag;
+use crate::redis_conn::{RedisEndpoint, RedisTarget};
+use crate::shard::stream_for;
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum Format {
@@ -50,6 +54,10 @@ pub struct Args {
     /// Stream for optical power readings; empty to publish none.
     #[arg(long, default_value = "transceiver-telemetry")]
     pub transceiver_stream: String,
+    /// Publish to sharded topics: each reading goes to `<stream>:{n}`, the
+    /// shard its router's name hashes to (1 = the streams themselves).
+    #[arg(long, default_value_t = 1)]
+    pub shards: u32,
     /// Share of readings that are optical power (0..=1).
     #[arg(long, default_value_t = 0.25)]
     pub transceiver_share: f64,
@@ -163,9 +171,13 @@ pub fn encode(format: Format, body: &serde_json::Value) -> Vec<(String, Vec<u8>)
 
 pub fn simulate(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
-    let url = redis_url(&config.redis.url).map_err(anyhow::Error::msg)?;
+    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
+    let target = config.redis.target().map_err(anyhow::Error::msg)?;
     if args.devices == 0 || args.interfaces == 0 {
         anyhow::bail!("--devices and --interfaces must be at least 1");
+    }
+    if !(1..=MAX_SHARDS).contains(&args.shards) {
+        anyhow::bail!("--shards must be 1..={MAX_SHARDS}");
     }
     if !(0.0..=1.0).contains(&args.transceiver_share) || !(0.0..=1.0).contains(&args.burst_chance) {
         anyhow::bail!("--transceiver-share and --burst-chance must be between 0 and 1");
@@ -174,15 +186,14 @@ pub fn simulate(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(publish(url, args))
+    runtime.block_on(publish(target, endpoint, args))
 }
 
-async fn publish(url: String, args: Args) -> anyhow::Result<()> {
-    let client = redis::Client::open(url.as_str())?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
+async fn publish(target: RedisTarget, endpoint: RedisEndpoint, args: Args) -> anyhow::Result<()> {
+    let mut conn = target
+        .connect(super::REDIS_REPLY_TIMEOUT)
         .await
-        .with_context(|| format!("cannot connect to Redis at {url}"))?;
+        .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut net = Network::new(args.devices, args.interfaces, args.burst_chance, seed);
     let mut mix = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
@@ -209,25 +220,35 @@ async fn publish(url: String, args: Args) -> anyhow::Result<()> {
             Some(c) => per_tick.min(c - sent),
             None => per_tick,
         };
-        let mut pipe = redis::pipe();
+        // One pipeline per hash slot: a Cluster pipeline must stay in one.
+        let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
         for _ in 0..n {
-            let (stream, body) =
+            let (topic, body) =
                 if !args.transceiver_stream.is_empty() && mix.random_bool(args.transceiver_share) {
                     (&args.transceiver_stream, net.power_reading())
                 } else {
                     (&args.stream, net.counter_reading())
                 };
+            let device = body["hostname"].as_str().unwrap_or_default();
+            let stream = stream_for(topic, args.shards, device);
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(stream).arg("*");
+            cmd.arg(&stream).arg("*");
             for (k, v) in encode(args.format, &body) {
                 cmd.arg(k).arg(v);
             }
-            pipe.add_command(cmd).ignore();
+            let slot = if conn.is_cluster() {
+                hash_tag(&stream).to_string()
+            } else {
+                String::new()
+            };
+            pipes.entry(slot).or_default().add_command(cmd).ignore();
         }
-        let _: () = pipe
-            .query_async(&mut conn)
-            .await
-            .context("publishing to Redis failed")?;
+        for pipe in pipes.values() {
+            let _: () = pipe
+                .query_async(&mut conn)
+                .await
+                .context("publishing to Redis failed")?;
+        }
         sent += n;
         if tty && last_report.elapsed() >= Duration::from_secs(1) {
             let rate = sent as f64 / started.elapsed().as_secs_f64();

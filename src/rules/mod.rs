@@ -105,10 +105,13 @@ impl Rule {
         self.topics.as_deref()
     }
 
+    /// Whether the rule sees entries of `stream`; a shard `S:{n}` counts
+    /// as its topic `S` too.
     pub fn handles(&self, stream: &str) -> bool {
-        self.topics
-            .as_ref()
-            .is_none_or(|t| t.iter().any(|s| s == stream))
+        self.topics.as_ref().is_none_or(|t| {
+            let topic = crate::shard::topic_of(stream);
+            t.iter().any(|s| s == stream || s == topic)
+        })
     }
 }
 
@@ -417,6 +420,8 @@ mod tests {
         let r = run(&set, "a", r#"{"v": 11}"#);
         assert_eq!(r[0].outcome.as_ref().unwrap().alerts.len(), 1);
         assert!(run(&set, "b", r#"{"v": 11}"#).is_empty());
+        assert_eq!(run(&set, "a:{3}", r#"{"v": 11}"#).len(), 1, "a shard of a");
+        assert!(run(&set, "b:{3}", r#"{"v": 11}"#).is_empty());
     }
 
     #[test]

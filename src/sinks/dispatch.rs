@@ -12,7 +12,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +21,8 @@ use crate::alert::Alert;
 use crate::metrics;
 use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{
-    Backoff, LazyConn, RedisTarget, StreamEntry, note_error, parse_groups, parse_pending,
-    parse_read_reply, pause,
+    Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, note_error, parse_groups,
+    parse_pending, parse_read_reply, pause,
 };
 use crate::source::lease;
 
@@ -36,8 +35,11 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Pending entries claimed per round trip when adopting.
 const ADOPT_BATCH: usize = 1000;
 
+/// Start of every sink's consumer group name.
+pub const SINK_GROUP_PREFIX: &str = "tripline-sink:";
+
 pub fn group_name(sink: &str) -> String {
-    format!("tripline-sink:{sink}")
+    format!("{SINK_GROUP_PREFIX}{sink}")
 }
 
 pub fn sink_dead_key(outbox: &str, sink: &str) -> String {
@@ -48,7 +50,7 @@ pub fn sink_dead_key(outbox: &str, sink: &str) -> String {
 /// sink is new (it wants alerts from now on, not the outbox's history), `0`
 /// when recreating a group that Redis lost along with its data.
 pub async fn ensure_groups(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     sink: &str,
     outboxes: &[String],
     start: &str,
@@ -62,6 +64,11 @@ pub async fn ensure_groups(
 /// Runs one sink until `shutdown`; in-flight deliveries finish first, and
 /// anything unacknowledged stays pending for the next start. `ready` fires
 /// once the sink's groups exist, i.e. from when on no alert can miss it.
+///
+/// The outboxes are read in lanes, one per set a single XREADGROUP may name
+/// ([`RedisTarget::read_groups`]): one lane on a single server, one per
+/// outbox hash tag on Cluster. Lanes deliver independently (a sink may see
+/// concurrent `deliver` calls on Cluster); the sink closes once all ended.
 pub async fn run(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
@@ -71,9 +78,7 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
-    let write_target = target.clone();
-    let mut write = LazyConn::new(target, Duration::from_secs(5));
+    let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let created = match write.get().await {
@@ -94,17 +99,52 @@ pub async fn run(
             }
         }
     }
-    backoff.reset();
+    drop(write);
     let _ = ready.send(());
     let group = group_name(&manifest.name);
     let lag_stop = CancellationToken::new();
     let lag_task = tokio::spawn(report_lag(
-        write_target.clone(),
+        target.clone(),
         manifest.name.clone(),
         group.clone(),
         outboxes.clone(),
         lag_stop.clone(),
     ));
+    let mut lanes = tokio::task::JoinSet::new();
+    for lane_outboxes in target.read_groups(&outboxes) {
+        lanes.spawn(lane(
+            sink.clone(),
+            manifest.clone(),
+            lane_outboxes,
+            group.clone(),
+            consumer.clone(),
+            target.clone(),
+            shutdown.clone(),
+        ));
+    }
+    while lanes.join_next().await.is_some() {}
+    if let Err(e) = sink.close().await {
+        tracing::warn!(sink = %manifest.name, "closing the sink failed: {e}");
+    }
+    lag_stop.cancel();
+    let _ = lag_task.await;
+    metrics::sink_lag_clear(&manifest.name);
+}
+
+/// Reads, delivers and acknowledges the alerts of `outboxes` until
+/// `shutdown`, then until they hold nothing new for us (the flush on exit).
+async fn lane(
+    sink: Arc<dyn Sink>,
+    manifest: Arc<Manifest>,
+    outboxes: Vec<String>,
+    group: String,
+    consumer: String,
+    target: RedisTarget,
+    shutdown: CancellationToken,
+) {
+    let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
+    let mut write = LazyConn::new(target, Duration::from_secs(5));
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut draining: HashMap<String, String> =
         outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
     let mut next_adopt = Instant::now();
@@ -158,12 +198,6 @@ pub async fn run(
             }
         }
     }
-    if let Err(e) = sink.close().await {
-        tracing::warn!(sink = %manifest.name, "closing the sink failed: {e}");
-    }
-    lag_stop.cancel();
-    let _ = lag_task.await;
-    metrics::sink_lag_clear(&manifest.name);
 }
 
 /// Refreshes `tripline_sink_lag` from XINFO GROUPS of every outbox, on its

@@ -65,6 +65,9 @@ pub type DeliverFuture<'a> = Pin<Box<dyn Future<Output = Result<(), SinkError>> 
 ///
 /// The dispatcher drops the future when the manifest's `timeout` passes, so
 /// `deliver` must leave the sink usable when cancelled at any `.await`.
+/// On Redis Cluster the outboxes of different hash slots are delivered
+/// independently, so `deliver` may run concurrently with itself; a sink
+/// that cannot take that serializes inside (as `exec` and `console` do).
 pub trait Sink: Send + Sync {
     fn deliver<'a>(&'a self, alerts: &'a [Alert]) -> DeliverFuture<'a>;
 

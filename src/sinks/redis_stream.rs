@@ -6,14 +6,13 @@
 //! A batch is one MULTI/EXEC: it lands whole or not at all, so a retry never
 //! follows a half-written batch.
 
-use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 use tokio::sync::Mutex;
 
 use super::{BuildContext, DeliverFuture, Sink, SinkError, SinkSettings};
 use crate::alert::Alert;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
-use crate::redis_conn::RedisTarget;
+use crate::redis_conn::{RedisConn, RedisEndpoint, RedisTarget};
 
 /// How an alert is laid out in the stream entry.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
@@ -33,7 +32,8 @@ pub struct RedisStreamSettings {
     /// Stream to append to.
     pub stream: String,
     /// Another Redis (`host:port`, `redis://[user:password@]host:port[/db]`,
-    /// `unix:///path`); default: the Redis tripline reads from.
+    /// `unix:///path`, `redis+cluster://host:port,…`); default: the Redis
+    /// tripline reads from.
     #[serde(default)]
     pub url: Option<String>,
     /// Approximate cap on the stream's length (`XADD MAXLEN ~`); default
@@ -47,12 +47,12 @@ pub struct RedisStreamSettings {
 
 impl RedisStreamSettings {
     /// The URL of `url`, without echoing it (it may hold a password).
-    fn other_redis(&self) -> Result<Option<String>, String> {
+    fn other_redis(&self) -> Result<Option<RedisEndpoint>, String> {
         self.url
             .as_deref()
             .map(|u| {
-                crate::config::redis_url(u).map_err(|_| {
-                    "`url` is not a usable Redis address (host:port, redis://…, unix://…)"
+                RedisEndpoint::parse(u).map_err(|_| {
+                    "`url` is not a usable Redis address (host:port, redis://…, unix://…, redis+cluster://…)"
                         .to_string()
                 })
             })
@@ -73,7 +73,7 @@ impl SinkSettings for RedisStreamSettings {
 
     fn build(self, cx: &BuildContext) -> Result<Box<dyn Sink>, String> {
         let target = match self.other_redis()? {
-            Some(url) => RedisTarget::new(&url, cx.timeout)
+            Some(endpoint) => RedisTarget::new(&endpoint, cx.timeout)
                 .map_err(|_| "`url` is not a usable Redis address".to_string())?,
             None => cx.redis.clone(),
         };
@@ -90,7 +90,7 @@ pub struct RedisStreamSink {
     target: RedisTarget,
     /// Kept between batches; taken out while in use, so a cancelled
     /// delivery drops a connection in an unknown state instead of reusing it.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<RedisConn>>,
     settings: RedisStreamSettings,
     /// Reply timeout of the connection, reported in timeout errors.
     timeout: std::time::Duration,

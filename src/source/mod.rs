@@ -6,6 +6,7 @@
 //! after a Redis error it can safely re-read *its own* pending entries (id
 //! `0`) before new ones (`>`): nobody else is working on them.
 
+pub mod cleanup;
 pub mod lease;
 pub mod timers;
 
@@ -14,7 +15,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -24,8 +24,8 @@ use crate::metrics;
 use crate::outbox::{self, Committed, DeadLetter, Settlement};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
-    Backoff, LazyConn, RedisTarget, StreamEntry, ensure_group, note_error, parse_entries,
-    parse_groups, parse_pending, parse_read_reply, pause,
+    Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
+    parse_entries, parse_groups, parse_pending, parse_read_reply, pause,
 };
 
 /// Reply timeout of connections that never block.
@@ -202,7 +202,7 @@ async fn worker_step(
 
 /// Delivery counts of entries re-read from our own pending list.
 async fn delivery_counts(
-    conn: &mut MultiplexedConnection,
+    conn: &mut RedisConn,
     stream: &str,
     group: &str,
     consumer: &str,

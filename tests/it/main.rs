@@ -2,6 +2,7 @@
 //! Every test starts its own `redis-server` and real `tripline` processes.
 
 mod cli;
+mod cluster;
 mod http;
 mod lifecycle;
 mod logging;

@@ -593,3 +593,246 @@ fn unchunk(mut rest: &str) -> String {
     }
     body
 }
+
+/// One `redis-server` of a [`RedisCluster`].
+pub struct ClusterNode {
+    pub port: u16,
+    /// Cluster bus port, chosen free too (the default, port + 10000, may
+    /// not exist for a high port).
+    bus_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// A local Redis Cluster made of `redis-server` processes, as
+/// `scripts/redis-cluster` builds one: `masters` masters with `replicas`
+/// replicas each, created with `redis-cli --cluster create`; every node is
+/// killed on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+    replicas_total: usize,
+}
+
+impl RedisCluster {
+    /// `node_timeout_ms`: how long a master may be unreachable before its
+    /// replica takes over.
+    pub fn start(masters: usize, replicas: usize, node_timeout_ms: u64) -> RedisCluster {
+        let mut cluster = RedisCluster {
+            nodes: Vec::new(),
+            replicas_total: masters * replicas,
+        };
+        for _ in 0..masters * (1 + replicas) {
+            let mut node = ClusterNode {
+                port: free_port(),
+                bus_port: free_port(),
+                dir: tempfile::tempdir().unwrap(),
+                child: None,
+            };
+            node.spawn(node_timeout_ms);
+            cluster.nodes.push(node);
+        }
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|n| format!("127.0.0.1:{}", n.port)),
+            )
+            .arg("--cluster-replicas")
+            .arg(replicas.to_string())
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and sees all
+    /// replicas, and every replica has synced with its master.
+    pub fn wait_ok(&self) {
+        for node in self.nodes.iter().filter(|n| n.child.is_some()) {
+            let ok = wait_until(Duration::from_secs(30), || {
+                let Ok(mut con) = node.try_conn() else {
+                    return false;
+                };
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut con)
+                    .unwrap_or_default();
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query(&mut con)
+                    .unwrap_or_default();
+                let replicas = nodes
+                    .lines()
+                    .filter(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("slave")))
+                    .count();
+                // A replica can take over only once it has synced.
+                let replication: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query(&mut con)
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+                    && replicas >= self.replicas_total
+                    && !replication.contains("master_link_status:down")
+            });
+            assert!(ok, "node {} never reached cluster_state:ok", node.port);
+        }
+    }
+
+    /// The seed nodes in tripline's `redis+cluster://` form (every node, so
+    /// a killed one is never the only way in).
+    pub fn addr(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
+
+    /// A cluster client that follows MOVED and failovers by itself.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClientBuilder::new(
+            self.nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| format!("redis://127.0.0.1:{}/", n.port)),
+        )
+        .connection_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
+        .get_connection()
+        .unwrap()
+    }
+
+    /// The port of the master serving `key`'s slot, as a live node sees it.
+    pub fn master_of(&self, key: &str) -> u16 {
+        let node = self.nodes.iter().find(|n| n.child.is_some()).unwrap();
+        let mut con = node.try_conn().unwrap();
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut con)
+            .unwrap();
+        let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut con).unwrap();
+        for r in ranges {
+            let (Value::Int(lo), Value::Int(hi), Value::Array(master)) = (&r[0], &r[1], &r[2])
+            else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&slot)
+                && let Value::Int(port) = master[1]
+            {
+                return port as u16;
+            }
+        }
+        panic!("no master serves the slot of {key}");
+    }
+
+    /// A replica of the master on `port`.
+    pub fn replica_of(&self, port: u16) -> u16 {
+        let node = self.node(port);
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut node.try_conn().unwrap())
+            .unwrap();
+        let lines: Vec<String> = redis::cmd("CLUSTER")
+            .arg("REPLICAS")
+            .arg(&id)
+            .query(&mut node.try_conn().unwrap())
+            .unwrap();
+        let addr = lines[0].split(' ').nth(1).unwrap();
+        addr.split(['@', ':']).nth(1).unwrap().parse().unwrap()
+    }
+
+    pub fn node(&self, port: u16) -> &ClusterNode {
+        self.nodes.iter().find(|n| n.port == port).unwrap()
+    }
+
+    /// SIGKILLs the node on `port`. The cluster has one replica fewer
+    /// after that: the node itself, or the replica promoted in its place.
+    pub fn kill(&mut self, port: u16) {
+        self.replicas_total = self.replicas_total.saturating_sub(1);
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .unwrap()
+            .stop();
+    }
+
+    /// Whether the node on `port` is a master now (ROLE).
+    pub fn is_master(&self, port: u16) -> bool {
+        let Ok(mut con) = self.node(port).try_conn() else {
+            return false;
+        };
+        let role: Vec<Value> = redis::cmd("ROLE").query(&mut con).unwrap_or_default();
+        role.first() == Some(&Value::BulkString(b"master".to_vec()))
+    }
+}
+
+impl ClusterNode {
+    fn spawn(&mut self, node_timeout_ms: u64) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--cluster-port", &self.bus_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+            .args(["--cluster-config-file", "nodes.conf"])
+            .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--logfile", "redis.log"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (.ci/run installs it)");
+        self.child = Some(child);
+        assert!(
+            wait_until(Duration::from_secs(10), || self
+                .try_conn()
+                .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                .is_ok()),
+            "cluster node did not come up on port {}",
+            self.port
+        );
+    }
+
+    /// A plain connection to this node alone.
+    pub fn try_conn(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))?
+            .get_connection_with_timeout(Duration::from_secs(2))
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// The node's log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ClusterNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Project {
+    /// Starts `tripline run` with `REDIS_ADDR=addr` (e.g. a cluster's
+    /// [`RedisCluster::addr`]).
+    pub fn start_on(&self, addr: &str) -> Tripline {
+        Tripline::spawn(self.dir.path(), addr, &["run"], &[])
+    }
+}
