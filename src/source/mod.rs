@@ -195,7 +195,11 @@ async fn worker_step(
                 fields: e.fields,
             })
             .collect();
-        settle(shared, sub, &stream, delivered, write).await?;
+        if !settle(shared, sub, &stream, delivered, write).await? {
+            // Left pending after too many state conflicts: read it again
+            // from our own pending list now, not after claim_min_idle.
+            state.draining.insert(stream, "0".to_string());
+        }
     }
     Ok(())
 }
@@ -226,14 +230,15 @@ async fn delivery_counts(
         .collect())
 }
 
-/// Judges a batch of one stream and commits its outcome.
+/// Judges a batch of one stream and commits its outcome; false when it was
+/// left pending (see [`commit_decisions`]).
 async fn settle(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
     stream: &str,
     batch: Vec<Delivered>,
     write: &mut LazyConn,
-) -> Result<(), RedisError> {
+) -> Result<bool, RedisError> {
     // Held until the batch is committed or rolled back: a reload that
     // removes a rule waits for every batch judged with the old set to let go
     // of it before resolving that rule's alerts.
@@ -247,7 +252,7 @@ async fn settle(
             .await
             .expect("judge catches rule panics itself")
     };
-    let notified = commit_decisions(
+    let Some(notified) = commit_decisions(
         shared,
         stream,
         sub.group(),
@@ -256,7 +261,10 @@ async fn settle(
         &judged.actions,
         write,
     )
-    .await?;
+    .await?
+    else {
+        return Ok(false);
+    };
     drop(rules);
     let group = sub.group();
     metrics::messages(stream, group, "processed", judged.processed);
@@ -268,13 +276,16 @@ async fn settle(
     for a in &notified {
         metrics::alert_notified(a);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Runs the alert lifecycle on `actions` and commits the result with the
 /// acks and dead-letters; on a state conflict (another instance changed one
-/// of the alerts) refreshes those alerts and decides again. Returns the
-/// notifications committed.
+/// of the alerts) refreshes those alerts and decides again, after a short
+/// random pause that grows with each conflict (instances committing the
+/// same alerts in lockstep would otherwise keep colliding). Returns the
+/// notifications committed; `None` when the state kept changing and the
+/// batch was left pending, to be judged again.
 pub(crate) async fn commit_decisions(
     shared: &Shared,
     stream: &str,
@@ -283,9 +294,9 @@ pub(crate) async fn commit_decisions(
     dead: &[DeadLetter],
     actions: &[Action],
     write: &mut LazyConn,
-) -> Result<Vec<crate::alert::Alert>, RedisError> {
+) -> Result<Option<Vec<crate::alert::Alert>>, RedisError> {
     let book = &shared.processor.book;
-    for _ in 0..MAX_CONFLICTS {
+    for attempt in 0..MAX_CONFLICTS {
         let decision = book.decide(actions);
         let settlement = Settlement {
             acks,
@@ -303,9 +314,11 @@ pub(crate) async fn commit_decisions(
         )
         .await;
         match committed {
-            Ok(Committed::Done) => return Ok(decision.notifications),
+            Ok(Committed::Done) => return Ok(Some(decision.notifications)),
             Ok(Committed::Conflict(fields)) => {
                 book.rollback(decision.undo);
+                let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
+                tokio::time::sleep(pause).await;
                 let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
                 book.refresh(fresh);
             }
@@ -317,9 +330,9 @@ pub(crate) async fn commit_decisions(
     }
     tracing::warn!(
         stream,
-        "alert state kept changing under this batch; leaving it pending for redelivery"
+        "alert state kept changing under this batch; it stays pending and is judged again"
     );
-    Ok(Vec::new())
+    Ok(None)
 }
 
 fn judge(
