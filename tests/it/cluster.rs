@@ -83,10 +83,13 @@ fn publish(urls: &[String], con: &mut Option<redis::cluster::ClusterConnection>,
 /// `None`), a little paced so the run lasts a few seconds; `sent` counts
 /// acknowledged messages.
 struct Publisher {
+    /// Messages Redis acknowledged so far.
     sent: Arc<AtomicU64>,
     /// Set by `finish` when the publisher runs unbounded.
     stop: Arc<AtomicBool>,
+    /// Whether it stops by itself after its last message.
     bounded: bool,
+    /// Taken by `finish`.
     thread: Option<JoinHandle<()>>,
 }
 
