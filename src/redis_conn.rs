@@ -145,11 +145,14 @@ fn redact(url: &str) -> String {
 pub struct RedisTarget {
     /// The client of a single server, or the seed nodes of a Cluster.
     kind: TargetKind,
+    /// Bound of one connection attempt (per node on Cluster), so a dead
+    /// address fails fast into the caller's backoff.
     connect_timeout: Duration,
 }
 
 #[derive(Clone)]
 enum TargetKind {
+    /// Opens multiplexed connections to the one server.
     Single(Client),
     /// A Cluster client is built per connection: its reply timeout (which
     /// also bounds its retries across a failover) is a client setting.
@@ -241,6 +244,7 @@ impl RedisTarget {
 /// multiplexed: clones share the underlying sockets.
 #[derive(Clone)]
 pub enum RedisConn {
+    /// One socket to the one server.
     Single(MultiplexedConnection),
     /// Holds a connection per cluster node and routes by hash slot.
     Cluster(ClusterConnection),

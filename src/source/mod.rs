@@ -61,8 +61,10 @@ struct Judged {
 
 /// How often a batch retries its lifecycle decisions when other instances
 /// keep changing the same alerts, before giving up (the batch then stays
-/// pending and is redelivered).
-const MAX_CONFLICTS: u32 = 20;
+/// pending and is re-read, which counts as a delivery). High, because each
+/// give-up brings the batch closer to `max_deliveries`; the growing random
+/// pause between attempts (up to 0.1 s) breaks lockstep long before.
+const MAX_CONFLICTS: u32 = 100;
 
 fn backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
@@ -195,7 +197,11 @@ async fn worker_step(
                 fields: e.fields,
             })
             .collect();
-        settle(shared, sub, &stream, delivered, write).await?;
+        if !settle(shared, sub, &stream, delivered, write).await? {
+            // Left pending after too many state conflicts: read it again
+            // from our own pending list now, not after claim_min_idle.
+            state.draining.insert(stream, "0".to_string());
+        }
     }
     Ok(())
 }
@@ -226,14 +232,15 @@ async fn delivery_counts(
         .collect())
 }
 
-/// Judges a batch of one stream and commits its outcome.
+/// Judges a batch of one stream and commits its outcome; false when it was
+/// left pending (see [`commit_decisions`]).
 async fn settle(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
     stream: &str,
     batch: Vec<Delivered>,
     write: &mut LazyConn,
-) -> Result<(), RedisError> {
+) -> Result<bool, RedisError> {
     // Held until the batch is committed or rolled back: a reload that
     // removes a rule waits for every batch judged with the old set to let go
     // of it before resolving that rule's alerts.
@@ -247,7 +254,7 @@ async fn settle(
             .await
             .expect("judge catches rule panics itself")
     };
-    let notified = commit_decisions(
+    let Some(notified) = commit_decisions(
         shared,
         stream,
         sub.group(),
@@ -256,7 +263,10 @@ async fn settle(
         &judged.actions,
         write,
     )
-    .await?;
+    .await?
+    else {
+        return Ok(false);
+    };
     drop(rules);
     let group = sub.group();
     metrics::messages(stream, group, "processed", judged.processed);
@@ -268,13 +278,16 @@ async fn settle(
     for a in &notified {
         metrics::alert_notified(a);
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Runs the alert lifecycle on `actions` and commits the result with the
 /// acks and dead-letters; on a state conflict (another instance changed one
-/// of the alerts) refreshes those alerts and decides again. Returns the
-/// notifications committed.
+/// of the alerts) refreshes those alerts and decides again, after a short
+/// random pause that grows with each conflict (instances committing the
+/// same alerts in lockstep would otherwise keep colliding). Returns the
+/// notifications committed; `None` when the state kept changing and the
+/// batch was left pending, to be judged again.
 pub(crate) async fn commit_decisions(
     shared: &Shared,
     stream: &str,
@@ -283,9 +296,9 @@ pub(crate) async fn commit_decisions(
     dead: &[DeadLetter],
     actions: &[Action],
     write: &mut LazyConn,
-) -> Result<Vec<crate::alert::Alert>, RedisError> {
+) -> Result<Option<Vec<crate::alert::Alert>>, RedisError> {
     let book = &shared.processor.book;
-    for _ in 0..MAX_CONFLICTS {
+    for attempt in 0..MAX_CONFLICTS {
         let decision = book.decide(actions);
         let settlement = Settlement {
             acks,
@@ -303,9 +316,11 @@ pub(crate) async fn commit_decisions(
         )
         .await;
         match committed {
-            Ok(Committed::Done) => return Ok(decision.notifications),
+            Ok(Committed::Done) => return Ok(Some(decision.notifications)),
             Ok(Committed::Conflict(fields)) => {
                 book.rollback(decision.undo);
+                let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
+                tokio::time::sleep(pause).await;
                 let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
                 book.refresh(fresh);
             }
@@ -315,12 +330,11 @@ pub(crate) async fn commit_decisions(
             }
         }
     }
-    // Nothing was acknowledged: the caller backs off and re-reads its own
-    // pending entries, so the batch is judged again shortly, not lost.
-    Err(RedisError::from((
-        redis::ErrorKind::Client,
-        "alert state kept changing under this batch (other instances changing the same alerts); judging it again",
-    )))
+    tracing::warn!(
+        stream,
+        "alert state kept changing under this batch; it stays pending and is judged again"
+    );
+    Ok(None)
 }
 
 fn judge(

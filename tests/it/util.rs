@@ -596,11 +596,14 @@ fn unchunk(mut rest: &str) -> String {
 
 /// One `redis-server` of a [`RedisCluster`].
 pub struct ClusterNode {
+    /// Client port.
     pub port: u16,
     /// Cluster bus port, chosen free too (the default, port + 10000, may
     /// not exist for a high port).
     bus_port: u16,
+    /// Its `nodes.conf` and log; removed on drop.
     dir: tempfile::TempDir,
+    /// `None` once killed.
     child: Option<Child>,
 }
 
@@ -609,7 +612,10 @@ pub struct ClusterNode {
 /// replicas each, created with `redis-cli --cluster create`; every node is
 /// killed on drop.
 pub struct RedisCluster {
+    /// Masters first (as `redis-cli --cluster create` assigns them), then
+    /// replicas; roles change with failovers.
     pub nodes: Vec<ClusterNode>,
+    /// Replicas [`RedisCluster::wait_ok`] expects to see.
     replicas_total: usize,
 }
 
