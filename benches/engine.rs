@@ -46,6 +46,9 @@ enum Mode {
     Latency(LatencyArgs),
     /// Distinct label sets through the shipped rule's `rate()`; resident memory after.
     Memory(MemoryArgs),
+    /// No Redis: decode + rules + alert lifecycle in this process, one
+    /// thread, per subscription (what `perf record` of the hot path wants).
+    Judge(JudgeArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -111,6 +114,21 @@ struct MemoryArgs {
     passes: usize,
 }
 
+#[derive(clap::Args, Clone)]
+struct JudgeArgs {
+    /// Entries judged per subscription.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    #[arg(long, value_enum, default_value_t = Rules::Shipped)]
+    rules: Rules,
+    #[arg(long, default_value_t = 0.0)]
+    alert_share: f64,
+    #[arg(long, default_value_t = 0.05)]
+    log_share: f64,
+    #[arg(long, default_value_t = 1000)]
+    series: usize,
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // cargo bench appends `--bench`; cargo test passes libtest flags instead.
@@ -123,6 +141,7 @@ fn main() {
         Mode::Throughput(a) => throughput(&a),
         Mode::Latency(a) => latency(&a),
         Mode::Memory(a) => memory(&a),
+        Mode::Judge(a) => judge(&a),
     }
 }
 
@@ -147,6 +166,13 @@ fn smoke() {
     memory(&MemoryArgs {
         series: 1_000,
         passes: 2,
+    });
+    judge(&JudgeArgs {
+        messages: 1_000,
+        rules: Rules::Shipped,
+        alert_share: 0.1,
+        log_share: 0.05,
+        series: 100,
     });
 }
 
@@ -883,4 +909,85 @@ fn memory(a: &MemoryArgs) {
         "  tripline RSS idle {idle:.1} MiB, after {rss:.1} MiB (peak {hwm:.1} MiB); {:.0} bytes per label set",
         (rss - idle) * 1024.0 * 1024.0 / a.series as f64
     );
+}
+
+// ---------------------------------------------------------------- judge
+
+/// A stream entry's field/value pairs.
+type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn judge(a: &JudgeArgs) {
+    use tripline::process::{Input, LoadedRules, Processor};
+    let project = Project::new(a.rules, 2);
+    let config =
+        tripline::config::Config::load(Some(&project.path("tripline.yaml"))).expect("config");
+    let engine = tripline::rules::build_engine(&config.limits);
+    let set = tripline::rules::RuleSet::load(&engine, &config.rules_dir).expect("rules");
+    let processor = Processor {
+        engine,
+        rules: Arc::new(arc_swap::ArcSwap::from_pointee(LoadedRules::new(
+            set,
+            &config.subscriptions,
+        ))),
+        book: Arc::new(tripline::alert::AlertBook::new(config.alerts.policy())),
+    };
+    let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
+    let entries: Vec<(String, Fields)> = (0..a.messages)
+        .map(|i| {
+            let payload = reading(i % a.series, a.series, a.alert_share, a.log_share);
+            let fields = vec![
+                (
+                    b"_watermill_message_uuid".to_vec(),
+                    uuid::Uuid::new_v4().to_string().into_bytes(),
+                ),
+                (b"metadata".to_vec(), meta.clone()),
+                (b"payload".to_vec(), payload.into_bytes()),
+            ];
+            (
+                format!("{}-{}", 1_700_000_000_000u64 + i as u64 / 100, i % 100),
+                fields,
+            )
+        })
+        .collect();
+    println!(
+        "judge: {} entries per subscription, one thread, no Redis",
+        a.messages
+    );
+    let loaded = processor.rules.load();
+    for sub in config
+        .subscriptions
+        .iter()
+        .filter(|s| s.streams.iter().any(|s| s == STREAM))
+    {
+        let start = Instant::now();
+        let (mut actions, mut notified) = (0, 0);
+        for batch in entries.chunks(100) {
+            let mut acts = Vec::new();
+            for (id, fields) in batch {
+                let out = processor.evaluate(
+                    &loaded,
+                    &Input {
+                        subscription: &sub.name,
+                        group: sub.group(),
+                        stream: STREAM,
+                        id,
+                        deliveries: 1,
+                        fields,
+                        now_ms: 1_700_000_000_000,
+                    },
+                );
+                acts.extend(out.actions);
+            }
+            actions += acts.len();
+            notified += processor.book.decide(&acts).notifications.len();
+        }
+        let took = start.elapsed().as_secs_f64();
+        println!(
+            "  {:<22} {:.2} µs/entry ({} actions, {} notifications)",
+            sub.name,
+            took / a.messages as f64 * 1e6,
+            actions,
+            notified
+        );
+    }
 }
