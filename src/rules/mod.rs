@@ -73,6 +73,11 @@ pub fn build_engine(limits: &Limits) -> Arc<Engine> {
     engine.set_max_map_size(limits.max_map_size);
     engine.set_max_expr_depths(64, 32);
     engine.disable_symbol("eval");
+    // Rhai interns short strings (map keys, property names) in one cache
+    // behind a spin lock: every worker thread contends on it, and once it
+    // holds its 256 entries (hostnames fill it at once) each new string
+    // scans it to evict one. Allocating the string is cheaper.
+    engine.set_max_strings_interned(0);
     api::register(&mut engine);
     Arc::new(engine)
 }
