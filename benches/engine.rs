@@ -79,10 +79,6 @@ struct ThroughputArgs {
     /// to see what they cost.
     #[arg(long)]
     quiet_rule_logs: bool,
-    /// Run tripline under this command, for profiling (e.g. "perf record -g");
-    /// CPU and memory figures then describe the wrapper.
-    #[arg(long)]
-    wrap: Option<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -157,7 +153,6 @@ fn smoke() {
         series: 100,
         repeat: 1,
         quiet_rule_logs: false,
-        wrap: None,
     });
     latency(&LatencyArgs {
         rate: 200,
@@ -461,7 +456,9 @@ impl Project {
     }
 
     /// `tripline run` with stdout discarded and stderr (its log) in `tripline.log`.
-    fn start(&self, redis: &RedisServer, quiet_rule_logs: bool, wrap: Option<&str>) -> Child {
+    /// `BENCH_WRAP` runs it under a profiler (e.g. `perf record -g -o
+    /// /tmp/perf.data`); CPU and memory figures then describe the wrapper.
+    fn start(&self, redis: &RedisServer, quiet_rule_logs: bool) -> Child {
         let log = std::fs::File::create(self.path("tripline.log")).expect("log file");
         let filter = if quiet_rule_logs {
             "info,tripline::rule=error"
@@ -469,7 +466,10 @@ impl Project {
             "info"
         };
         let bin = env!("CARGO_BIN_EXE_tripline");
-        let mut cmd = match wrap {
+        let mut cmd = match std::env::var("BENCH_WRAP")
+            .ok()
+            .filter(|w| !w.trim().is_empty())
+        {
             Some(w) => {
                 let mut parts = w.split_whitespace();
                 let mut c = Command::new(parts.next().expect("--wrap is not empty"));
@@ -641,7 +641,7 @@ fn run_tripline(redis: &RedisServer, redis_pid: u32, a: &ThroughputArgs) -> Phas
     let mut con = redis.conn();
     let redis_cpu = process_cpu(redis_pid);
     let start = Instant::now();
-    let mut child = project.start(redis, a.quiet_rule_logs, a.wrap.as_deref());
+    let mut child = project.start(redis, a.quiet_rule_logs);
     let d = watch_drain(&mut con, &tripline_groups(a.groups), a.messages, start);
     let redis_cpu = process_cpu(redis_pid) - redis_cpu;
     let cpu = process_cpu(child.id());
@@ -765,7 +765,7 @@ fn wait_ready(con: &mut redis::Connection) {
 fn latency(a: &LatencyArgs) {
     let redis = RedisServer::start();
     let project = Project::new(Rules::Shipped, 2);
-    let mut child = project.start(&redis, false, None);
+    let mut child = project.start(&redis, false);
     let mut con = redis.conn();
     wait_ready(&mut con);
     std::thread::sleep(Duration::from_millis(500));
@@ -878,7 +878,7 @@ fn watch_file(path: &Path, sent: &[AtomicU64], base: Instant, done: &AtomicBool)
 fn memory(a: &MemoryArgs) {
     let redis = RedisServer::start();
     let project = Project::new(Rules::Shipped, 2);
-    let mut child = project.start(&redis, false, None);
+    let mut child = project.start(&redis, false);
     let mut con = redis.conn();
     wait_ready(&mut con);
     std::thread::sleep(Duration::from_secs(1));
