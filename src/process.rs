@@ -129,21 +129,18 @@ impl Processor {
         let results = loaded.set.evaluate(
             &self.engine,
             selected,
-            &Message {
+            Message {
                 stream: input.stream,
                 body: &msg,
-                ctx: &ctx,
+                ctx,
                 id: input.id,
                 now_ms: event_ms,
             },
         );
         let mut dropped = false;
         let mut rule_errors = 0;
-        let origin = Origin {
-            stream: input.stream.to_string(),
-            id: input.id.to_string(),
-            group: input.group.to_string(),
-        };
+        // Built on the first action only: most messages raise none.
+        let mut origin: Option<Origin> = None;
         for r in results {
             let rule = &loaded.set.rules[r.rule];
             let Ok(actions) = r.outcome else {
@@ -177,7 +174,12 @@ impl Processor {
                         .map(|(raw, after_ms)| (ActionKind::Deadman { after_ms }, raw)),
                 );
             for (kind, raw) in asserted {
-                let (fp, alert) = build_alert(&rule.name, raw, &origin);
+                let origin = origin.get_or_insert_with(|| Origin {
+                    stream: input.stream.to_string(),
+                    id: input.id.to_string(),
+                    group: input.group.to_string(),
+                });
+                let (fp, alert) = build_alert(&rule.name, raw, origin, &kind);
                 if rule.shadow {
                     if kind != ActionKind::Resolve {
                         metrics::alert_shadowed(&alert);
@@ -201,18 +203,23 @@ impl Processor {
 }
 
 /// Gives a rule's alert its identity and fills `{{label}}`, `{{value}}` and
-/// `{{name}}` placeholders in its annotations.
-fn build_alert(rule: &str, raw: RawAlert, origin: &Origin) -> (u64, Alert) {
+/// `{{name}}` placeholders in its annotations. A resolve carries none: the
+/// lifecycle resolves the alert it stored when it fired, and rules assert
+/// resolves on nearly every message, so templating them is wasted work.
+fn build_alert(rule: &str, raw: RawAlert, origin: &Origin, kind: &ActionKind) -> (u64, Alert) {
     let name = raw.name.unwrap_or_else(|| rule.to_string());
     let fp = fingerprint(rule, &name, &raw.labels);
-    let annotations = raw
-        .annotations
-        .into_iter()
-        .map(|(k, v)| {
-            let filled = template(&v, &name, &raw.labels, raw.value.as_deref());
-            (k, filled)
-        })
-        .collect();
+    let annotations = if *kind == ActionKind::Resolve {
+        Default::default()
+    } else {
+        raw.annotations
+            .into_iter()
+            .map(|(k, v)| {
+                let filled = template(&v, &name, &raw.labels, raw.value.as_deref());
+                (k, filled)
+            })
+            .collect()
+    };
     let alert = Alert {
         fingerprint: format!("{fp:016x}"),
         rule: rule.to_string(),
