@@ -300,21 +300,21 @@ fn event_time(body: &Dynamic) -> Option<u64> {
 }
 
 fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) -> Dynamic {
-    let mut ctx = Map::new();
-    ctx.insert("stream".into(), input.stream.into());
-    ctx.insert("id".into(), input.id.into());
-    ctx.insert("group".into(), input.group.into());
-    ctx.insert(
-        "delivery_count".into(),
-        Dynamic::from_int(input.deliveries as i64),
-    );
-    ctx.insert("metadata".into(), Dynamic::from_map(metadata));
-    ctx.insert(
-        "uuid".into(),
-        uuid.map(Dynamic::from).unwrap_or(Dynamic::UNIT),
-    );
-    ctx.insert("timestamp_ms".into(), Dynamic::from_int(event_ms as i64));
-    ctx.insert("received_ms".into(), Dynamic::from_int(input.now_ms as i64));
+    // Built per message: collecting sorts the eight entries once and builds
+    // the tree in one go, cheaper than eight inserts that each search it.
+    let ctx: Map = [
+        ("stream", input.stream.into()),
+        ("id", input.id.into()),
+        ("group", input.group.into()),
+        ("delivery_count", Dynamic::from_int(input.deliveries as i64)),
+        ("metadata", Dynamic::from_map(metadata)),
+        ("uuid", uuid.map(Dynamic::from).unwrap_or(Dynamic::UNIT)),
+        ("timestamp_ms", Dynamic::from_int(event_ms as i64)),
+        ("received_ms", Dynamic::from_int(input.now_ms as i64)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.into(), v))
+    .collect();
     Dynamic::from_map(ctx)
 }
 
