@@ -88,6 +88,10 @@ pub fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Decoded, DecodeError> {
 }
 
 fn json_object(field: &str, raw: &[u8]) -> Result<Dynamic, DecodeError> {
+    if let Ok(Object(map)) = serde_json::from_slice(raw) {
+        return Ok(Dynamic::from_map(map));
+    }
+    // Not an object, or not JSON: parse again the general way, which says which.
     let value: Dynamic = serde_json::from_slice(raw).map_err(|e| DecodeError::Json {
         field: field.to_string(),
         reason: e.to_string(),
@@ -99,6 +103,73 @@ fn json_object(field: &str, raw: &[u8]) -> Result<Dynamic, DecodeError> {
             field: field.to_string(),
             got: value.type_name(),
         })
+    }
+}
+
+/// A payload's top-level JSON object as a rule map. Rhai's own `Dynamic`
+/// deserializer allocates a `String` per key before turning it into the map's
+/// inline key, and inserts one key at a time; here keys are borrowed from the
+/// input and the map is built in one go. Values nest as usual.
+struct Object(Map);
+
+impl<'de> serde::Deserialize<'de> for Object {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+        d.deserialize_map(ObjectVisitor)
+    }
+}
+
+struct ObjectVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ObjectVisitor {
+    type Value = Object;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<Object, A::Error> {
+        let mut entries = Vec::with_capacity(access.size_hint().unwrap_or(8));
+        while let Some(Key(key)) = access.next_key()? {
+            entries.push((key, access.next_value::<Dynamic>()?));
+        }
+        // Like inserting one by one, the last of duplicate keys wins.
+        Ok(Object(
+            entries
+                .into_iter()
+                .map(|(k, v)| (k.as_ref().into(), v))
+                .collect(),
+        ))
+    }
+}
+
+/// An object key, borrowed from the input unless it holds escapes.
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key<'de>, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for KeyVisitor {
+    type Value = Key<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+        Ok(Key(v.into()))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+        Ok(Key(v.to_owned().into()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+        Ok(Key(v.into()))
     }
 }
 
@@ -243,6 +314,20 @@ mod tests {
         assert_eq!(m["rx"].as_float().unwrap(), -40.5);
         assert_eq!(m["hostname"].clone().into_string().unwrap(), "r1");
         assert!(decode(&f(&[("name", b"inf")])).unwrap().body.cast::<Map>()["name"].is_string());
+    }
+
+    #[test]
+    fn payload_keys_with_escapes_nesting_and_duplicates() {
+        let d = decode(&f(&[(
+            "payload",
+            br#"{"a\u0062":1,"n":{"x":[1,"y"]},"d":1,"d":2}"#,
+        )]))
+        .unwrap();
+        let m = d.body.cast::<Map>();
+        assert_eq!(m["ab"].as_int().unwrap(), 1);
+        assert_eq!(m["d"].as_int().unwrap(), 2, "last duplicate wins");
+        let n = m["n"].clone().cast::<Map>();
+        assert_eq!(n["x"].clone().into_array().unwrap().len(), 2);
     }
 
     #[test]

@@ -391,11 +391,13 @@ impl AlertBook {
     /// Timer-driven transitions at `now`: auto-resolve of alerts not
     /// re-asserted, deadman watches whose series went silent.
     pub fn due(&self, now: u64) -> Decision {
+        // Runs every timer tick under the lock the workers' `decide` needs:
+        // clone only the entries that are due, not the whole book.
         let candidates: Vec<(u64, Entry)> = {
             let cache = self.cache.lock().expect("alert book poisoned");
             cache
                 .iter()
-                .filter_map(|(fp, c)| c.entry.clone().map(|e| (*fp, e)))
+                .filter_map(|(fp, c)| c.entry.as_ref().map(|e| (*fp, e)))
                 .filter(|(_, e)| {
                     self.settled(e, now)
                         || match e.phase {
@@ -414,6 +416,7 @@ impl AlertBook {
                             }
                         }
                 })
+                .map(|(fp, e)| (fp, e.clone()))
                 .collect()
         };
         let mut cache = self.cache.lock().expect("alert book poisoned");
@@ -527,23 +530,33 @@ impl AlertBook {
     /// with what Redis holds there: picks up alerts other instances raised
     /// (so this instance's timers cover them) and forgets deleted ones.
     pub fn load_partition(&self, tag: &str, fields: Vec<(String, String)>) {
-        let mut cache = self.cache.lock().expect("alert book poisoned");
-        cache.retain(|_, c| {
-            c.entry
-                .as_ref()
-                .is_none_or(|e| crate::outbox::hash_tag(&e.alert.origin.stream) != tag)
-        });
-        for (f, raw) in fields {
-            if let (Some(fp), Some((version, entry))) = (parse_field(&f), decode(&raw)) {
-                cache.insert(
-                    fp,
-                    Cached {
-                        version,
-                        entry: Some(entry),
-                    },
-                );
-            }
-        }
+        // With thousands of alerts, decoding their JSON and dropping the old
+        // entries takes milliseconds: both happen outside the lock that
+        // every worker's `decide` waits for.
+        let fresh: Vec<(u64, Cached)> = fields
+            .iter()
+            .filter_map(|(f, raw)| {
+                let (version, entry) = decode(raw)?;
+                let cached = Cached {
+                    version,
+                    entry: Some(entry),
+                };
+                Some((parse_field(f)?, cached))
+            })
+            .collect();
+        let stale: Vec<(u64, Cached)> = {
+            let mut cache = self.cache.lock().expect("alert book poisoned");
+            let stale = cache
+                .extract_if(|_, c| {
+                    c.entry
+                        .as_ref()
+                        .is_some_and(|e| crate::outbox::hash_tag(&e.alert.origin.stream) == tag)
+                })
+                .collect();
+            cache.extend(fresh);
+            stale
+        };
+        drop(stale);
     }
 
     /// Drops the state of rules that no longer exist; returns the resolved

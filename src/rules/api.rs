@@ -171,28 +171,37 @@ fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
     }
 }
 
+/// A value as text, the way Rhai prints it. Strings (nearly every label and
+/// annotation) are copied directly rather than through the formatter.
+fn text(v: &Dynamic) -> String {
+    match v.read_lock::<rhai::ImmutableString>() {
+        Some(s) => s.as_str().to_owned(),
+        None => v.to_string(),
+    }
+}
+
 /// Validates an alert map here, so a typo fails the rule with a position
 /// instead of producing a half-filled alert.
 fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
     let mut alert = RawAlert::default();
     for (key, value) in map {
         match key.as_str() {
-            "value" => alert.value = Some(value.to_string()),
+            "value" => alert.value = Some(text(&value)),
             // `for` is a Rhai keyword: `for_duration` reads better than `"for"`.
             "for_duration" | "for" => alert.for_ms = duration_ms(ctx, func, &key, &value)?,
             "resolve_after" => {
                 alert.resolve_after_ms = Some(duration_ms(ctx, func, "resolve_after", &value)?)
             }
-            "name" => alert.name = Some(value.to_string()),
+            "name" => alert.name = Some(text(&value)),
             "severity" => {
-                let text = value.to_string();
-                alert.severity = match Severity::parse(&text) {
+                let level = text(&value);
+                alert.severity = match Severity::parse(&level) {
                     Some(s) => s,
                     None => {
                         return fail(
                             ctx,
                             format!(
-                                "{func}(): severity `{text}` is not one of info, warning, major, critical"
+                                "{func}(): severity `{level}` is not one of info, warning, major, critical"
                             ),
                         );
                     }
@@ -208,11 +217,11 @@ fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
                     &mut alert.annotations
                 };
                 for (k, v) in inner {
-                    target.insert(k.to_string(), v.to_string());
+                    target.insert(k.to_string(), text(&v));
                 }
             }
             "summary" | "description" => {
-                alert.annotations.insert(key.to_string(), value.to_string());
+                alert.annotations.insert(key.to_string(), text(&value));
             }
             other => {
                 return fail(

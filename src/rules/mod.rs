@@ -73,6 +73,11 @@ pub fn build_engine(limits: &Limits) -> Arc<Engine> {
     engine.set_max_map_size(limits.max_map_size);
     engine.set_max_expr_depths(64, 32);
     engine.disable_symbol("eval");
+    // Rhai interns short strings (map keys, property names) in one cache
+    // behind a spin lock: every worker thread contends on it, and once it
+    // holds its 256 entries (hostnames fill it at once) each new string
+    // scans it to evict one. Allocating the string is cheaper.
+    engine.set_max_strings_interned(0);
     api::register(&mut engine);
     Arc::new(engine)
 }
@@ -121,13 +126,14 @@ pub struct RuleSet {
 }
 
 /// One message as the rules see it.
-#[derive(Clone, Copy)]
 pub struct Message<'a> {
     pub stream: &'a str,
     /// The decoded message (a shared map).
     pub body: &'a Dynamic,
-    /// `ctx`: stream, id, group, delivery count, metadata, …
-    pub ctx: &'a Dynamic,
+    /// `ctx`: stream, id, group, delivery count, metadata, … Owned: each
+    /// rule gets its own copy, and the last one gets this one (a map copy
+    /// per rule and message is measurable).
+    pub ctx: Dynamic,
     /// Entry id, for error logs.
     pub id: &'a str,
     /// The message's time (its own timestamp, or arrival).
@@ -196,20 +202,29 @@ impl RuleSet {
 
     /// Runs the selected rules, in order, on one message. `msg.body` is
     /// shared: rules see each other's changes to it, nothing is copied.
-    pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: &Message) -> Vec<RuleResult> {
+    pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: Message) -> Vec<RuleResult> {
         let Message {
             stream,
             body,
             ctx,
             id: msg_id,
             now_ms,
-        } = *msg;
+        } = msg;
+        let last = selected
+            .iter()
+            .rposition(|&i| self.rules[i].handles(stream));
+        let mut ctx = Some(ctx);
         let mut results = Vec::with_capacity(selected.len());
-        for &i in selected {
+        for (n, &i) in selected.iter().enumerate() {
             let rule = &self.rules[i];
             if !rule.handles(stream) {
                 continue;
             }
+            let ctx = if Some(n) == last {
+                ctx.take().unwrap_or_default()
+            } else {
+                ctx.clone().unwrap_or_default()
+            };
             let started = Instant::now();
             api::begin(&rule.name, now_ms);
             let mut scope = rule.scope.clone();
@@ -219,7 +234,7 @@ impl RuleSet {
                 &mut scope,
                 &rule.ast,
                 ENTRY_POINT,
-                (body.clone(), ctx.clone()),
+                (body.clone(), ctx),
             );
             let actions = api::take();
             let outcome = match call {
@@ -388,10 +403,10 @@ mod tests {
         set.evaluate(
             &engine,
             &all,
-            &Message {
+            Message {
                 stream,
                 body: &msg,
-                ctx: &ctx,
+                ctx,
                 id: "1-0",
                 now_ms: 0,
             },
@@ -515,10 +530,10 @@ mod tests {
             let r = set.evaluate(
                 &engine,
                 &[0],
-                &Message {
+                Message {
                     stream: "s",
                     body: &body,
-                    ctx: &ctx,
+                    ctx: ctx.clone(),
                     id: "1",
                     now_ms: ms,
                 },

@@ -55,11 +55,15 @@ fn advance(rule: &str, key: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> 
         .lock()
         .expect("sample shard poisoned");
     let now = Sample { value, at_ms };
-    let prev = shard.insert(full.clone(), now)?;
-    if at_ms < prev.at_ms {
-        shard.insert(full, prev);
+    // Called per message: the key is copied into the map only for a new series.
+    let Some(slot) = shard.get_mut(&full) else {
+        shard.insert(full, now);
+        return None;
+    };
+    if at_ms < slot.at_ms {
         return None;
     }
+    let prev = std::mem::replace(slot, now);
     let increase = if value >= prev.value {
         value - prev.value
     } else {
