@@ -81,6 +81,15 @@ pub struct Alert {
 }
 
 impl Alert {
+    /// `k=v, k=v` in label order, for human-readable sinks.
+    pub fn labels_text(&self) -> String {
+        self.labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn summary(&self) -> &str {
         self.annotations
             .get("summary")

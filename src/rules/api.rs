@@ -275,52 +275,38 @@ pub fn register(engine: &mut Engine) {
         };
         record(|acts| acts.resolves.push(a));
     });
-    engine.register_fn(
-        "hysteresis_above",
-        |ctx: NativeCallContext,
-         map: Map,
-         value: Dynamic,
-         fire: Dynamic,
-         clear: Dynamic|
-         -> Res<()> {
-            let f = "hysteresis_above";
-            let (v, fire, clear) = (
-                number(&ctx, f, &value)?,
-                number(&ctx, f, &fire)?,
-                number(&ctx, f, &clear)?,
-            );
-            if clear > fire {
-                return fail(
-                    &ctx,
-                    format!("{f}(): clear threshold {clear} is above fire threshold {fire}"),
+    // Rising thresholds: fire above, clear below; falling ones the mirror.
+    for (name, rising) in [("hysteresis_above", true), ("hysteresis_below", false)] {
+        engine.register_fn(
+            name,
+            move |ctx: NativeCallContext,
+                  map: Map,
+                  value: Dynamic,
+                  fire: Dynamic,
+                  clear: Dynamic|
+                  -> Res<()> {
+                let (v, fire, clear) = (
+                    number(&ctx, name, &value)?,
+                    number(&ctx, name, &fire)?,
+                    number(&ctx, name, &clear)?,
                 );
-            }
-            band(&ctx, f, map, v > fire, v < clear)
-        },
-    );
-    engine.register_fn(
-        "hysteresis_below",
-        |ctx: NativeCallContext,
-         map: Map,
-         value: Dynamic,
-         fire: Dynamic,
-         clear: Dynamic|
-         -> Res<()> {
-            let f = "hysteresis_below";
-            let (v, fire, clear) = (
-                number(&ctx, f, &value)?,
-                number(&ctx, f, &fire)?,
-                number(&ctx, f, &clear)?,
-            );
-            if clear < fire {
-                return fail(
-                    &ctx,
-                    format!("{f}(): clear threshold {clear} is below fire threshold {fire}"),
-                );
-            }
-            band(&ctx, f, map, v < fire, v > clear)
-        },
-    );
+                if (rising && clear > fire) || (!rising && clear < fire) {
+                    let side = if rising { "above" } else { "below" };
+                    return fail(
+                        &ctx,
+                        format!(
+                            "{name}(): clear threshold {clear} is {side} fire threshold {fire}"
+                        ),
+                    );
+                }
+                if rising {
+                    band(&ctx, name, map, v > fire, v < clear)
+                } else {
+                    band(&ctx, name, map, v < fire, v > clear)
+                }
+            },
+        );
+    }
     engine.register_fn(
         "deadman",
         |ctx: NativeCallContext, map: Map, after: Dynamic| -> Res<()> {

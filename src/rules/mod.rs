@@ -516,6 +516,34 @@ mod tests {
     }
 
     #[test]
+    fn hysteresis_below_mirrors_above_and_checks_its_thresholds() {
+        let (_d, set) = set_of(&[(
+            "p.rhai",
+            "fn on_message(m, c) { hysteresis_below(#{ name: \"Low\" }, m.p, -40.0, -38.0); }",
+        )]);
+        let set = set.unwrap();
+        let acts = |p: f64| {
+            let r = run(&set, "s", &format!(r#"{{"p": {p}}}"#));
+            r[0].outcome.clone().unwrap()
+        };
+        assert_eq!(acts(-41.0).alerts.len(), 1);
+        let held = acts(-39.0);
+        assert!(held.alerts.is_empty() && held.resolves.is_empty());
+        assert_eq!(acts(-37.0).resolves.len(), 1);
+        let (_d, bad) = set_of(&[(
+            "b.rhai",
+            "fn on_message(m, c) { hysteresis_below(#{}, 1, -38.0, -40.0); }",
+        )]);
+        let r = run(&bad.unwrap(), "s", "{}");
+        assert!(
+            r[0].outcome
+                .as_ref()
+                .unwrap_err()
+                .contains("clear threshold -40")
+        );
+    }
+
+    #[test]
     fn rate_in_a_rule_uses_the_message_time() {
         let (_d, set) = set_of(&[(
             "r.rhai",

@@ -49,12 +49,7 @@ pub fn line(a: &Alert) -> String {
         Status::Firing => "FIRING",
         Status::Resolved => "RESOLVED",
     };
-    let labels = a
-        .labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let labels = a.labels_text();
     format!(
         "{status} {} {} {{{labels}}} {} [rule {}]",
         a.severity.as_str(),

@@ -43,12 +43,7 @@ pub fn line(a: &Alert) -> String {
         Status::Firing => (":red_circle:", "FIRING"),
         Status::Resolved => (":large_green_circle:", "RESOLVED"),
     };
-    let labels = a
-        .labels
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let labels = a.labels_text();
     format!(
         "{icon} *{status}* [{}] *{}* {} ({})",
         a.severity.as_str(),
