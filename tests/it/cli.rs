@@ -262,6 +262,9 @@ fn record_then_replay_round_trips_a_real_stream() {
         "packet-counter-errors",
         r#"{"hostname":"core-1","interface":"et-0/0/1","input_errors":12000}"#,
     );
+    // Entries on two streams in one millisecond get equal ids, and their
+    // merge order is then a tie: keep each in its own millisecond.
+    std::thread::sleep(std::time::Duration::from_millis(3));
     xadd(
         &mut con,
         "transceiver-telemetry",
@@ -270,6 +273,7 @@ fn record_then_replay_round_trips_a_real_stream() {
             br#"{"hostname":"core-1","interface":"et-0/0/1","rx_power_dbm":-41.5}"#,
         )],
     );
+    std::thread::sleep(std::time::Duration::from_millis(3));
     xadd(
         &mut con,
         "packet-counter-errors",
@@ -278,6 +282,7 @@ fn record_then_replay_round_trips_a_real_stream() {
             ("payload", b"{not json"),
         ],
     );
+    std::thread::sleep(std::time::Duration::from_millis(3));
     xadd(
         &mut con,
         "packet-counter-errors",
