@@ -85,7 +85,7 @@ pub struct RedisConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxConfig {
     /// The outbox of stream `S` is `<prefix>:{S}`: the braces keep it in S's
-    /// hash slot so it can share a MULTI with S's XACK on Redis Cluster.
+    /// hash slot so it can share one atomic commit with S's XACK on Redis Cluster.
     pub prefix: String,
     /// Approximate cap on each outbox stream (XADD MAXLEN ~), so a sink that
     /// is down for days cannot exhaust Redis memory.

@@ -13,8 +13,10 @@
 //!   consumers idle for long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
-//! - [`alert`]: alert model, fingerprint and the firing/resolved book-keeping.
-//! - [`outbox`]: the alert hand-off committed in the same MULTI as the XACK.
+//! - [`alert`]: alert model, fingerprint, the lifecycle book (state in Redis,
+//!   version-checked) and silences.
+//! - [`outbox`]: the alert hand-off, committed in one script run with the
+//!   XACK, the dead letters and the alert-state writes.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
 //!   `POST /telemetry-data` gateway.
@@ -26,8 +28,8 @@
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
-//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record` and `simulate`
-//!   commands behind `main`.
+//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate` and
+//!   `silence` commands behind `main`.
 
 pub mod alert;
 pub mod app;

@@ -4,7 +4,7 @@
 //! the alerts depend on. A crash therefore loses neither: either the entries
 //! are still pending (and will be judged again) or their alerts are queued.
 //!
-//! Keys are Redis Cluster-safe: everything in one MULTI hashes to the source
+//! Keys are Redis Cluster-safe: everything in one commit hashes to the source
 //! stream's slot.
 
 use redis::{RedisError, Value};
