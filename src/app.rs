@@ -30,6 +30,7 @@ pub enum AppError {
     Rules(#[from] RuleError),
     #[error("plugins failed to load:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Plugins(Vec<PluginError>),
+    /// A bad HTTP setting (a token variable unset, …) found at start-up.
     #[error("{0}")]
     Gateway(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -117,6 +118,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
                 addr: config.http.listen.clone(),
                 source,
             })?;
+        let admin_token = config.http.admin_token().map_err(AppError::Gateway)?;
         let gateway = if config.http.gateway.enabled {
             let token = config.http.gateway.token().map_err(AppError::Gateway)?;
             Some(http::Gateway::new(
@@ -133,7 +135,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             http::State::new(
                 engine_handle.clone(),
                 gateway,
-                crate::http_silences::SilenceApi::new(target.clone()),
+                crate::http_silences::SilenceApi::new(target.clone(), admin_token.clone()),
+                admin_token,
             ),
             tail.clone(),
         ));

@@ -160,6 +160,13 @@ pub struct HttpConfig {
     /// `POST /telemetry-data`, the seed's gateway for collectors that cannot
     /// speak Redis.
     pub gateway: GatewayConfig,
+    /// Bearer token the endpoints that change the engine (`POST /-/reload`,
+    /// `POST`/`DELETE /api/silences`) require; none means open, which is
+    /// only safe while `listen` is a loopback address.
+    pub admin_token: Option<String>,
+    /// Environment variable holding the admin token. Exclusive with
+    /// `admin_token`.
+    pub admin_token_env: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -419,6 +426,8 @@ impl Default for HttpConfig {
             listen: "127.0.0.1:9464".into(),
             enabled: true,
             gateway: GatewayConfig::default(),
+            admin_token: None,
+            admin_token_env: None,
         }
     }
 }
@@ -450,6 +459,7 @@ impl HttpConfig {
                 self.listen
             ));
         }
+        self.admin_token()?;
         let g = &self.gateway;
         if !g.enabled {
             return Ok(());
@@ -468,29 +478,55 @@ impl HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// The bearer token of the admin endpoints; `None` when they are open.
+    pub fn admin_token(&self) -> Result<Option<String>, String> {
+        resolve_token(
+            "http.admin_token",
+            &self.admin_token,
+            "http.admin_token_env",
+            &self.admin_token_env,
+        )
+    }
+}
+
 impl GatewayConfig {
     /// The bearer token requests must carry, from `token` or the variable
     /// named by `token_env`; `None` when authentication is off.
     pub fn token(&self) -> Result<Option<String>, String> {
-        match (&self.token, &self.token_env) {
-            (Some(_), Some(_)) => {
-                Err("`http.gateway.token` and `http.gateway.token_env` are exclusive".into())
-            }
-            (Some(t), None) if t.trim().is_empty() => {
-                Err("`http.gateway.token` is empty; remove it to turn authentication off".into())
-            }
-            (Some(t), None) => Ok(Some(t.clone())),
-            (None, Some(var)) => match std::env::var(var) {
-                Ok(t) if !t.trim().is_empty() => Ok(Some(t)),
-                Ok(_) => Err(format!(
-                    "`http.gateway.token_env`: environment variable `{var}` is empty"
-                )),
-                Err(_) => Err(format!(
-                    "`http.gateway.token_env`: environment variable `{var}` is not set"
-                )),
-            },
-            (None, None) => Ok(None),
-        }
+        resolve_token(
+            "http.gateway.token",
+            &self.token,
+            "http.gateway.token_env",
+            &self.token_env,
+        )
+    }
+}
+
+/// A secret given inline or through an environment variable (so it need not
+/// be in the file); the keys name themselves in errors.
+fn resolve_token(
+    key: &str,
+    token: &Option<String>,
+    env_key: &str,
+    env: &Option<String>,
+) -> Result<Option<String>, String> {
+    match (token, env) {
+        (Some(_), Some(_)) => Err(format!("`{key}` and `{env_key}` are exclusive")),
+        (Some(t), None) if t.trim().is_empty() => Err(format!(
+            "`{key}` is empty; remove it to turn authentication off"
+        )),
+        (Some(t), None) => Ok(Some(t.clone())),
+        (None, Some(var)) => match std::env::var(var) {
+            Ok(t) if !t.trim().is_empty() => Ok(Some(t)),
+            Ok(_) => Err(format!(
+                "`{env_key}`: environment variable `{var}` is empty"
+            )),
+            Err(_) => Err(format!(
+                "`{env_key}`: environment variable `{var}` is not set"
+            )),
+        },
+        (None, None) => Ok(None),
     }
 }
 

@@ -50,16 +50,49 @@ pub struct State {
     gateway: Option<Arc<Gateway>>,
     /// `/api/silences`.
     silences: Arc<SilenceApi>,
+    /// Bearer token `POST /-/reload` requires (`http.admin_token`); none
+    /// means open.
+    admin_token: Option<Arc<str>>,
 }
 
 impl State {
-    pub fn new(engine: Arc<EngineHandle>, gateway: Option<Gateway>, silences: SilenceApi) -> State {
+    pub fn new(
+        engine: Arc<EngineHandle>,
+        gateway: Option<Gateway>,
+        silences: SilenceApi,
+        admin_token: Option<String>,
+    ) -> State {
         State {
             engine,
             gateway: gateway.map(Arc::new),
             silences: Arc::new(silences),
+            admin_token: admin_token.map(Arc::from),
         }
     }
+}
+
+/// True when no token is required, or the request carries `Authorization:
+/// Bearer <expected>`.
+pub fn bearer_ok(headers: &HeaderMap, expected: Option<&str>) -> bool {
+    let Some(expected) = expected else {
+        return true;
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes()))
+}
+
+/// 401 with the `WWW-Authenticate` challenge.
+pub fn unauthorized() -> Response {
+    let mut response = error(StatusCode::UNAUTHORIZED, "Missing or invalid bearer token");
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// The engine's phase as the HTTP side sees it; written by `app::run`.
@@ -116,12 +149,17 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, shutdown: Ca
 
 /// Reloads rules and plugins; 200 with what changed, or 500 with the
 /// compile errors (the previous set keeps running).
-async fn reload(AxState(state): AxState<State>) -> impl IntoResponse {
+async fn reload(AxState(state): AxState<State>, headers: HeaderMap) -> Response {
+    if !bearer_ok(&headers, state.admin_token.as_deref()) {
+        tracing::warn!("POST /-/reload refused: missing or wrong bearer token");
+        return unauthorized();
+    }
     let Some(reloader) = state.engine.reloader.get() else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({"error": "engine is starting"})),
-        );
+        )
+            .into_response();
     };
     let report = reloader.reload("HTTP /-/reload").await;
     let status = if report.ok() {
@@ -133,6 +171,7 @@ async fn reload(AxState(state): AxState<State>) -> impl IntoResponse {
         status,
         Json(serde_json::to_value(&report).expect("reports serialize")),
     )
+        .into_response()
 }
 
 /// OpenMetrics when the client asks for it (Prometheus does), else the
@@ -237,16 +276,7 @@ impl Gateway {
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(expected) = &self.token else {
-            return true;
-        };
-        let presented = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        presented.is_some_and(|p| constant_time_eq(p.as_bytes(), expected.as_bytes()))
+        bearer_ok(headers, self.token.as_deref())
     }
 
     async fn connection(&self) -> Result<RedisConn, RedisError> {
@@ -312,11 +342,7 @@ async fn telemetry(
 ) -> Response {
     if !gateway.authorized(&headers) {
         metrics::gateway_rejected("unauthorized", "missing or wrong bearer token");
-        let mut response = error(StatusCode::UNAUTHORIZED, "Missing or invalid bearer token");
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return response;
+        return unauthorized();
     }
     let body = match body {
         Ok(b) => b,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get};
 use axum::{Json, Router};
@@ -19,12 +19,16 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::alert::silence::{self, Matcher, Silence};
+use crate::http::{bearer_ok, unauthorized};
 use crate::process::{now_ms, rfc3339};
 use crate::redis_conn::{RedisConn, RedisTarget};
 
 /// Where silences are stored; one connection shared by all requests.
 pub struct SilenceApi {
     target: RedisTarget,
+    /// Bearer token adding or ending a silence requires
+    /// (`http.admin_token`); listing is open, like `/metrics`.
+    admin_token: Option<String>,
     conn: tokio::sync::Mutex<Option<RedisConn>>,
 }
 
@@ -41,9 +45,10 @@ struct NewSilence {
 }
 
 impl SilenceApi {
-    pub fn new(target: RedisTarget) -> SilenceApi {
+    pub fn new(target: RedisTarget, admin_token: Option<String>) -> SilenceApi {
         SilenceApi {
             target,
+            admin_token,
             conn: tokio::sync::Mutex::new(None),
         }
     }
@@ -99,7 +104,15 @@ async fn list(State(api): State<Arc<SilenceApi>>) -> Response {
     }
 }
 
-async fn add(State(api): State<Arc<SilenceApi>>, body: axum::body::Bytes) -> Response {
+async fn add(
+    State(api): State<Arc<SilenceApi>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !bearer_ok(&headers, api.admin_token.as_deref()) {
+        tracing::warn!("POST /api/silences refused: missing or wrong bearer token");
+        return unauthorized();
+    }
     let new: NewSilence = match serde_json::from_slice(&body) {
         Ok(n) => n,
         Err(e) => return bad_request(format!("invalid silence: {e}")),
@@ -134,7 +147,15 @@ async fn add(State(api): State<Arc<SilenceApi>>, body: axum::body::Bytes) -> Res
     }
 }
 
-async fn expire(State(api): State<Arc<SilenceApi>>, Path(id): Path<String>) -> Response {
+async fn expire(
+    State(api): State<Arc<SilenceApi>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if !bearer_ok(&headers, api.admin_token.as_deref()) {
+        tracing::warn!("DELETE /api/silences refused: missing or wrong bearer token");
+        return unauthorized();
+    }
     let mut conn = match api.connection().await {
         Ok(c) => c,
         Err(r) => return r,

@@ -205,3 +205,51 @@ fn silences_from_http_and_cli_mute_matching_notifications_on_every_instance() {
         tl.stderr()
     );
 }
+
+#[test]
+fn admin_token_guards_reload_and_silence_changes_but_not_reads() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let project = Project::new(
+        &format!(
+            "http:\n  listen: 127.0.0.1:{port}\n  admin_token_env: TRIPLINE_TEST_ADMIN\nsubscriptions:\n  - name: hot\n    streams: [s]\n"
+        ),
+        &[("rules/hot.rhai", RULE)],
+    );
+    let tl = project.start_with_env(&redis, &["run"], &[("TRIPLINE_TEST_ADMIN", "adm1n")]);
+    let addr = format!("127.0.0.1:{port}");
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
+        }),
+        "{}",
+        tl.stderr()
+    );
+    let silence = br#"{"matchers": ["host=a"], "duration": "1h"}"#;
+    let bearer = [("Authorization", "Bearer adm1n")];
+    let wrong = [("Authorization", "Bearer nope")];
+    let call = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
+        http_call(&addr, method, path, headers, body)
+            .unwrap()
+            .status
+    };
+    assert_eq!(call("POST", "/-/reload", &[], b""), 401);
+    assert_eq!(call("POST", "/-/reload", &wrong, b""), 401);
+    assert_eq!(call("POST", "/-/reload", &bearer, b""), 200);
+    assert_eq!(call("POST", "/api/silences", &[], silence), 401);
+    let added = http_call(&addr, "POST", "/api/silences", &bearer, silence).unwrap();
+    assert_eq!(added.status, 200, "{}", added.text());
+    let id = added.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(
+        call("GET", "/api/silences", &[], b""),
+        200,
+        "reads stay open"
+    );
+    let path = format!("/api/silences/{id}");
+    assert_eq!(call("DELETE", &path, &[], b""), 401);
+    assert_eq!(call("DELETE", &path, &bearer, b""), 200);
+    // `check` fails when the variable is missing, naming it.
+    let (code, _, err) = project.command(&["check"], Some(&redis.addr()));
+    assert_ne!(code, 0);
+    assert!(err.contains("TRIPLINE_TEST_ADMIN"), "{err}");
+}
