@@ -9,7 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rhai::{Dynamic, Engine, Map};
 
-use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, Transition, fingerprint};
+use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, fingerprint};
 use crate::decode;
 use crate::metrics;
 use crate::rules::{LogLevel, Message, RawAlert, RuleSet};
@@ -82,8 +82,6 @@ pub struct Output {
     pub verdict: Verdict,
     /// Notifications to send.
     pub notifications: Vec<Alert>,
-    /// Alert-book changes to undo if they cannot be committed.
-    pub transitions: Vec<Transition>,
     /// Log lines the rules asked for: (rule, level, text).
     pub logs: Vec<(String, LogLevel, String)>,
     /// Rules that failed on this entry: (rule, error with file:line:col), so
@@ -104,7 +102,6 @@ impl Processor {
         Output {
             verdict: e.verdict,
             notifications: d.notifications,
-            transitions: d.undo,
             logs: e.logs,
             errors: e.errors,
             dropped_by: e.dropped_by,

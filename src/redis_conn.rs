@@ -363,8 +363,8 @@ pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool 
 /// anything else means Redis is unreachable.
 pub fn note_error(what: &str, e: &RedisError) {
     if e.kind() == redis::ErrorKind::Client {
-        // Raised by us (e.g. a batch that keeps conflicting): retried like a
-        // Redis error, but Redis itself is fine.
+        // Raised by the client library before anything was sent (bad
+        // arguments, …): retried like a Redis error, but Redis itself is fine.
         tracing::warn!(during = what, "{e}; retrying");
     } else if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
         || e.code().is_some()

@@ -633,7 +633,8 @@ impl AlertBook {
         d
     }
 
-    pub fn firing_count(&self) -> usize {
+    #[cfg(test)]
+    fn firing_count(&self) -> usize {
         self.cache
             .lock()
             .expect("alert book poisoned")

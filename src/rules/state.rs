@@ -105,14 +105,6 @@ pub fn clear() {
     gauges().lock().expect("gauges poisoned").clear();
 }
 
-/// Number of counter series held (for the memory benchmark and tests).
-pub fn series_count() -> usize {
-    shards()
-        .iter()
-        .map(|s| s.lock().expect("sample shard poisoned").len())
-        .sum()
-}
-
 type Gauges = BTreeMap<String, GaugeFamily>;
 
 #[derive(Debug, Default)]
