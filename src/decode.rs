@@ -239,10 +239,11 @@ pub fn encode_metadata(pairs: &[(&str, &str)]) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn f(pairs: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Stream fields from literal pairs (also used by `replay`'s tests).
+    pub(crate) fn f(pairs: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
         pairs
             .iter()
             .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))

@@ -372,13 +372,7 @@ impl Serialize for OrderedFields<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn f(pairs: &[(&str, &[u8])]) -> Vec<(Vec<u8>, Vec<u8>)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
-            .collect()
-    }
+    use crate::decode::tests::f;
 
     #[test]
     fn message_at_top_level_or_under_payload_or_fields() {

@@ -157,40 +157,13 @@ fn committed(cluster: &RedisCluster) -> HashMap<u64, usize> {
     let mut con = cluster.conn();
     let mut seen = HashMap::new();
     for i in 0..SHARDS {
-        for (_, fields) in xrange_cluster(&mut con, &format!("tripline:alerts:{{{i}}}")) {
+        for (_, fields) in xrange(&mut con, &format!("tripline:alerts:{{{i}}}")) {
             let alert: serde_json::Value = serde_json::from_str(&fields["alert"]).unwrap();
             let seq = alert["labels"]["seq"].as_str().unwrap().parse().unwrap();
             *seen.entry(seq).or_insert(0) += 1;
         }
     }
     seen
-}
-
-fn xrange_cluster(
-    con: &mut redis::cluster::ClusterConnection,
-    stream: &str,
-) -> Vec<(String, HashMap<String, String>)> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query(con)
-        .unwrap();
-    reply
-        .ids
-        .into_iter()
-        .map(|e| {
-            let map = e
-                .map
-                .into_iter()
-                .map(|(k, v)| match v {
-                    Value::BulkString(b) => (k, String::from_utf8_lossy(&b).into_owned()),
-                    other => (k, format!("{other:?}")),
-                })
-                .collect();
-            (e.id, map)
-        })
-        .collect()
 }
 
 /// Entries pending in the subscription's group for consumers whose name
@@ -486,12 +459,11 @@ fn dead_letters_share_their_stream_slot_on_cluster() {
     // `plain:dead` would hash elsewhere than `plain`: Cluster gets `{plain}:dead`.
     for dead in ["{plain}:dead", "t:{1}:dead"] {
         assert!(
-            wait_until(Duration::from_secs(30), || xrange_cluster(&mut con, dead)
-                .len()
+            wait_until(Duration::from_secs(30), || xrange(&mut con, dead).len()
                 == 1),
             "nothing in {dead}"
         );
-        let (_, entry) = &xrange_cluster(&mut con, dead)[0];
+        let (_, entry) = &xrange(&mut con, dead)[0];
         assert!(entry["tripline_reason"].contains("JSON"), "{entry:?}");
     }
     // The same alert identity raised from two streams: its lifecycle state
@@ -524,7 +496,7 @@ fn simulate_keeps_each_device_on_one_shard_of_a_cluster() {
     let mut total = 0;
     for topic in ["packet-counter-errors", "transceiver-telemetry"] {
         for (i, stream) in shard_streams(topic, 4).iter().enumerate() {
-            for (_, fields) in xrange_cluster(&mut con, stream) {
+            for (_, fields) in xrange(&mut con, stream) {
                 let v: serde_json::Value = serde_json::from_str(&fields["payload"]).unwrap();
                 let device = v["hostname"].as_str().unwrap();
                 assert_eq!(shard_for(device, 4) as usize, i, "{device} on {stream}");

@@ -194,9 +194,9 @@ pub fn group_position(con: &mut redis::Connection, stream: &str, group: &str) ->
     (int("pending"), int("lag"))
 }
 
-/// Entries of a stream as (id, field → value).
+/// Entries of a stream as (id, field → value), on one server or a cluster.
 pub fn xrange(
-    con: &mut redis::Connection,
+    con: &mut impl redis::ConnectionLike,
     stream: &str,
 ) -> Vec<(String, std::collections::HashMap<String, String>)> {
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
