@@ -534,20 +534,27 @@ pub async fn ensure_group(
     }
 }
 
-/// PINGs Redis every `every` until `shutdown`, so an outage is noticed (and
-/// `/readyz` and `tripline_redis_up` follow it) even while every worker sits
-/// in a blocking read and no message flows.
-pub async fn watch_health(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
-    let mut conn = LazyConn::new(target, every);
+/// Runs `op` on a lazily (re)connected connection every `every` until
+/// `shutdown`, handing each result to `done`; an error is noted (`what`
+/// names the task in the log) and the connection dropped, so the next round
+/// reconnects. The loop of every periodic Redis task.
+pub async fn every<T>(
+    mut conn: LazyConn,
+    every: Duration,
+    shutdown: CancellationToken,
+    what: &str,
+    mut op: impl AsyncFnMut(&mut RedisConn) -> Result<T, RedisError>,
+    mut done: impl FnMut(T),
+) {
     loop {
-        let pong: Result<String, RedisError> = match conn.get().await {
-            Ok(c) => redis::cmd("PING").query_async(c).await,
+        let result = match conn.get().await {
+            Ok(c) => op(c).await,
             Err(e) => Err(e),
         };
-        match pong {
-            Ok(_) => metrics::redis_reachable(),
+        match result {
+            Ok(v) => done(v),
             Err(e) => {
-                note_error("health check", &e);
+                note_error(what, &e);
                 conn.reset();
             }
         }
@@ -556,6 +563,21 @@ pub async fn watch_health(target: RedisTarget, every: Duration, shutdown: Cancel
             _ = shutdown.cancelled() => return,
         }
     }
+}
+
+/// PINGs Redis every `every` until `shutdown`, so an outage is noticed (and
+/// `/readyz` and `tripline_redis_up` follow it) even while every worker sits
+/// in a blocking read and no message flows.
+pub async fn watch_health(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
+    self::every(
+        LazyConn::new(target, every),
+        every,
+        shutdown,
+        "health check",
+        async |c| redis::cmd("PING").query_async::<String>(c).await,
+        |_| metrics::redis_reachable(),
+    )
+    .await;
 }
 
 #[cfg(test)]

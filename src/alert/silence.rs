@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::Alert;
-use crate::redis_conn::{LazyConn, RedisConn, RedisTarget, note_error};
+use crate::redis_conn::{LazyConn, RedisConn, RedisTarget};
 
 /// Hash of all silences: field = id, value = JSON.
 pub const KEY: &str = "tripline:silences";
@@ -205,25 +205,15 @@ pub fn active() -> Arc<Silences> {
 
 /// Keeps [`active`] in step with Redis until shutdown.
 pub async fn refresh_loop(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
-    let current = current();
-    let mut conn = LazyConn::new(target, Duration::from_secs(5));
-    loop {
-        let fetched = match conn.get().await {
-            Ok(c) => list(c, crate::process::now_ms()).await,
-            Err(e) => Err(e),
-        };
-        match fetched {
-            Ok(l) => current.store(Arc::new(Silences::new(l))),
-            Err(e) => {
-                note_error("reading silences", &e);
-                conn.reset();
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
-    }
+    crate::redis_conn::every(
+        LazyConn::new(target, Duration::from_secs(5)),
+        every,
+        shutdown,
+        "reading silences",
+        async |c| list(c, crate::process::now_ms()).await,
+        |l| current().store(Arc::new(Silences::new(l))),
+    )
+    .await;
 }
 
 #[cfg(test)]
