@@ -979,7 +979,12 @@ fn judge(a: &JudgeArgs) {
                 acts.extend(out.actions);
             }
             actions += acts.len();
-            notified += processor.book.decide(&acts).notifications.len();
+            // As a lone instance decides once its cache is known to equal Redis.
+            notified += processor
+                .book
+                .decide(STREAM, &acts, false)
+                .notifications
+                .len();
         }
         let took = start.elapsed().as_secs_f64();
         println!(

@@ -53,6 +53,9 @@ pub struct Metrics {
     sink_program_exits: Family<Labels, Counter>,
     /// Consumers deleted from a group for being idle with nothing pending.
     consumers_removed: Family<Labels, Counter>,
+    /// Lifecycle decisions taken again because another writer moved the
+    /// alert state, by stream and reason.
+    state_redecisions: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -87,6 +90,7 @@ impl Metrics {
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
             consumers_removed: Family::default(),
+            state_redecisions: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -184,6 +188,11 @@ impl Metrics {
             "consumers_removed",
             "Consumers deleted from a group (idle longer than consumer_cleanup.max_idle, nothing pending), by stream and group",
             m.consumers_removed.clone(),
+        );
+        registry.register(
+            "alert_state_redecisions",
+            "Lifecycle decisions taken again because another writer changed the alert state first (reason: stale = the partition's generation moved, conflict = an alert relied on changed), by stream",
+            m.state_redecisions.clone(),
         );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
@@ -484,6 +493,24 @@ pub fn consumer_removed(stream: &str, group: &str, consumer: &str) {
         .get_or_create(&vec![
             ("stream", stream.to_string()),
             ("group", group.to_string()),
+        ])
+        .inc();
+}
+
+/// A lifecycle commit found the alert state changed by another writer
+/// (`stale`: the partition's generation moved; `conflict`: an alert the
+/// decisions relied on changed); the decisions are taken again.
+pub fn state_redecided(stream: &str, reason: &'static str) {
+    tracing::debug!(
+        stream,
+        reason,
+        "alert state changed under a commit; deciding again"
+    );
+    get()
+        .state_redecisions
+        .get_or_create(&vec![
+            ("stream", stream.to_string()),
+            ("reason", reason.to_string()),
         ])
         .inc();
 }

@@ -51,12 +51,32 @@ pub fn state_key(stream: &str) -> String {
     format!("tripline:state:{{{}}}", hash_tag(stream))
 }
 
+/// Generation counter of the alert state of `stream` (see `alert::book`):
+/// bumped by every commit that writes the state, in the stream's slot.
+pub fn gen_key(stream: &str) -> String {
+    format!("tripline:state:{{{}}}:gen", hash_tag(stream))
+}
+
 /// An entry that goes to the dead-letter stream instead of the rules.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
     pub id: String,
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
     pub reason: String,
+}
+
+/// What the lifecycle decisions of a commit rested on, and so what the
+/// commit checks before writing anything.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum Basis {
+    /// No decision: nothing to check.
+    #[default]
+    Nothing,
+    /// The version of each alert in `writes` (check-only writes included).
+    Versions,
+    /// The whole cached partition, known to equal Redis at this generation:
+    /// nobody else may have written since.
+    Generation(u64),
 }
 
 /// Everything one batch settles for one stream.
@@ -67,44 +87,63 @@ pub struct Settlement<'a> {
     pub dead: &'a [DeadLetter],
     /// Versioned alert-state writes the alerts depend on.
     pub writes: &'a [Write],
+    pub basis: Basis,
 }
 
 /// How a commit ended.
 #[derive(Debug, PartialEq)]
 pub enum Committed {
-    Done,
+    /// Written; the partition's generation is now this.
+    Done(u64),
     /// Another instance changed these state fields since we read them;
     /// nothing was written.
     Conflict(Vec<String>),
+    /// The partition's generation moved away from [`Basis::Generation`]:
+    /// someone else wrote; nothing was written.
+    Stale,
 }
 
-/// Checks the state versions, then writes state, alerts and dead-letters and
-/// acknowledges — all or nothing, in one script run.
+/// Checks the partition generation or the state versions, then writes
+/// state, alerts and dead-letters and acknowledges — all or nothing, in one
+/// script run. A counter that starts over (a Redis that lost its data)
+/// starts from a random seed, so an old generation cannot come back.
 const COMMIT_SCRIPT: &str = r"
-local state, outbox, dead, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local group, maxlen = ARGV[1], ARGV[2]
-local i = 3
+local state, outbox, dead, stream, gen_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local group, maxlen, based, seed = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local gen = redis.call('GET', gen_key) or '0'
+if based ~= '' and based ~= gen then return {'stale'} end
+local i = 5
 local ncas = tonumber(ARGV[i]); i = i + 1
-local conflicts = {}
-for c = 1, ncas do
-  local cur = redis.call('HGET', state, ARGV[i])
-  local ver = 0
-  if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
-  if ver ~= tonumber(ARGV[i + 1]) then conflicts[#conflicts + 1] = ARGV[i] end
-  i = i + 3
+if based == '' then
+  local conflicts = {}
+  for c = 1, ncas do
+    local cur = redis.call('HGET', state, ARGV[i])
+    local ver = 0
+    if cur then ver = tonumber(string.match(cur, '^(%d+)|')) or 0 end
+    if ver ~= tonumber(ARGV[i + 1]) then conflicts[#conflicts + 1] = ARGV[i] end
+    i = i + 3
+  end
+  if #conflicts > 0 then
+    table.insert(conflicts, 1, 'conflict')
+    return conflicts
+  end
 end
-if #conflicts > 0 then
-  table.insert(conflicts, 1, 'conflict')
-  return conflicts
-end
-i = 4
+i = 6
+local wrote = false
 for c = 1, ncas do
   if ARGV[i + 2] == '' then
     redis.call('HDEL', state, ARGV[i])
+    wrote = true
   elseif ARGV[i + 2] ~= '=' then
     redis.call('HSET', state, ARGV[i], ARGV[i + 2])
+    wrote = true
   end
   i = i + 3
+end
+if wrote then
+  if gen == '0' then redis.call('SET', gen_key, seed) end
+  redis.call('INCR', gen_key)
+  gen = redis.call('GET', gen_key)
 end
 local nnotes = tonumber(ARGV[i]); i = i + 1
 for n = 1, nnotes do
@@ -133,7 +172,7 @@ for a = 1, nacks do
     ids = {}
   end
 end
-return {'done'}
+return {'done', gen}
 ";
 
 fn script() -> &'static redis::Script {
@@ -150,7 +189,8 @@ pub async fn commit(
     outbox_max_len: u64,
     s: &Settlement<'_>,
 ) -> Result<Committed, RedisError> {
-    if s.alerts.is_empty() && s.dead.is_empty() && s.writes.is_empty() {
+    let checks_generation = matches!(s.basis, Basis::Generation(_));
+    if s.alerts.is_empty() && s.dead.is_empty() && s.writes.is_empty() && !checks_generation {
         if !s.acks.is_empty() {
             let _: Value = redis::cmd("XACK")
                 .arg(stream)
@@ -159,15 +199,24 @@ pub async fn commit(
                 .query_async(conn)
                 .await?;
         }
-        return Ok(Committed::Done);
+        return Ok(Committed::Done(0));
     }
+    let based = match s.basis {
+        Basis::Generation(g) => g.to_string(),
+        Basis::Nothing | Basis::Versions => String::new(),
+    };
+    // Below 2^62, so INCR never overflows.
+    let seed = rand::random::<u64>() >> 2;
     let mut inv = script().prepare_invoke();
     inv.key(state_key(stream))
         .key(outbox_key(outbox_prefix, stream))
         .key(dead_key(stream, conn.is_cluster()))
         .key(stream)
+        .key(gen_key(stream))
         .arg(group)
         .arg(outbox_max_len)
+        .arg(based)
+        .arg(seed)
         .arg(s.writes.len());
     for w in s.writes {
         // `=`: check only; ``: delete; else the new value (which starts
@@ -197,8 +246,19 @@ pub async fn commit(
     let reply: Vec<String> = inv.invoke_async(conn).await?;
     match reply.split_first() {
         Some((tag, fields)) if tag == "conflict" => Ok(Committed::Conflict(fields.to_vec())),
-        _ => Ok(Committed::Done),
+        Some((tag, _)) if tag == "stale" => Ok(Committed::Stale),
+        Some((_, [generation])) => Ok(Committed::Done(generation.parse().unwrap_or(0))),
+        _ => Ok(Committed::Done(0)),
     }
+}
+
+/// Reads the generation of the alert state of `stream` (0 = never written).
+pub async fn read_gen(conn: &mut RedisConn, stream: &str) -> Result<u64, RedisError> {
+    let generation: Option<u64> = redis::cmd("GET")
+        .arg(gen_key(stream))
+        .query_async(conn)
+        .await?;
+    Ok(generation.unwrap_or(0))
 }
 
 /// Current values of alert-state fields (after a conflict).

@@ -12,7 +12,7 @@ use rhai::{Dynamic, Engine, Map};
 use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, fingerprint};
 use crate::decode;
 use crate::metrics;
-use crate::rules::{LogLevel, Message, RawAlert, RuleSet};
+use crate::rules::{LogLevel, Message, RawAlert, RuleSet, raw_alert};
 
 /// A compiled rule set plus, per subscription, which of its rules apply.
 /// Swapped whole on reload, so a batch sees one consistent version.
@@ -98,7 +98,7 @@ impl Processor {
     /// retry the decisions when another instance changed the state.
     pub fn process(&self, loaded: &LoadedRules, input: &Input) -> Output {
         let e = self.evaluate(loaded, input);
-        let d = self.book.decide(&e.actions);
+        let d = self.book.decide(input.stream, &e.actions, false);
         Output {
             verdict: e.verdict,
             notifications: d.notifications,
@@ -150,8 +150,6 @@ impl Processor {
         );
         let mut dropped = false;
         let mut rule_errors = 0;
-        // Built on the first action only: most messages raise none.
-        let mut origin: Option<Origin> = None;
         for r in results {
             let rule = &loaded.set.rules[r.rule];
             let actions = match r.outcome {
@@ -169,43 +167,65 @@ impl Processor {
             for (level, text) in actions.logs {
                 out.logs.push((rule.name.clone(), level, text));
             }
-            let asserted = actions
-                .alerts
-                .into_iter()
-                .map(|raw| {
-                    let kind = ActionKind::Fire {
-                        for_ms: raw.for_ms,
-                        resolve_after_ms: raw.resolve_after_ms,
-                    };
-                    (kind, raw)
-                })
-                .chain(
-                    actions
-                        .resolves
-                        .into_iter()
-                        .map(|raw| (ActionKind::Resolve, raw)),
-                )
-                .chain(
-                    actions
-                        .deadmen
-                        .into_iter()
-                        .map(|(raw, after_ms)| (ActionKind::Deadman { after_ms }, raw)),
-                );
-            for (kind, raw) in asserted {
-                let origin = origin.get_or_insert_with(|| Origin {
-                    stream: input.stream.to_string(),
-                    id: input.id.to_string(),
-                    group: input.group.to_string(),
-                });
-                let (fp, alert) = build_alert(&rule.name, raw, origin, &kind);
+            let origin = || Origin {
+                stream: input.stream.to_string(),
+                id: input.id.to_string(),
+                group: input.group.to_string(),
+            };
+            for raw in actions.alerts {
+                let kind = ActionKind::Fire {
+                    for_ms: raw.for_ms,
+                    resolve_after_ms: raw.resolve_after_ms,
+                };
+                let (fp, alert) = build_alert(&rule.name, raw, origin());
                 if rule.shadow {
-                    if kind != ActionKind::Resolve {
-                        metrics::alert_shadowed(&alert);
-                    }
+                    metrics::alert_shadowed(&alert);
                     continue;
                 }
                 out.actions.push(Action {
                     fp,
+                    kind,
+                    alert: Some(alert),
+                    now_ms: input.now_ms,
+                });
+            }
+            if !rule.shadow {
+                out.actions
+                    .extend(actions.resolves.into_iter().map(|fp| Action {
+                        fp,
+                        kind: ActionKind::Resolve,
+                        alert: None,
+                        now_ms: input.now_ms,
+                    }));
+            }
+            for d in actions.deadmen {
+                let kind = ActionKind::Deadman {
+                    after_ms: d.after_ms,
+                };
+                let watched = !rule.shadow
+                    && self
+                        .book
+                        .is_watched(input.stream, d.fp, d.after_ms, input.now_ms);
+                let alert = if watched {
+                    None
+                } else {
+                    match raw_alert("deadman", d.alert) {
+                        Ok(raw) => Some(build_alert(&rule.name, raw, origin()).1),
+                        Err(text) => {
+                            rule_errors += 1;
+                            out.errors.push((rule.name.clone(), text));
+                            continue;
+                        }
+                    }
+                };
+                if rule.shadow {
+                    if let Some(alert) = &alert {
+                        metrics::alert_shadowed(alert);
+                    }
+                    continue;
+                }
+                out.actions.push(Action {
+                    fp: d.fp,
                     kind,
                     alert,
                     now_ms: input.now_ms,
@@ -221,23 +241,18 @@ impl Processor {
 }
 
 /// Gives a rule's alert its identity and fills `{{label}}`, `{{value}}` and
-/// `{{name}}` placeholders in its annotations. A resolve carries none: the
-/// lifecycle resolves the alert it stored when it fired, and rules assert
-/// resolves on nearly every message, so templating them is wasted work.
-fn build_alert(rule: &str, raw: RawAlert, origin: &Origin, kind: &ActionKind) -> (u64, Alert) {
+/// `{{name}}` placeholders in its annotations.
+fn build_alert(rule: &str, raw: RawAlert, origin: Origin) -> (u64, Alert) {
     let name = raw.name.unwrap_or_else(|| rule.to_string());
     let fp = fingerprint(rule, &name, &raw.labels);
-    let annotations = if *kind == ActionKind::Resolve {
-        Default::default()
-    } else {
-        raw.annotations
-            .into_iter()
-            .map(|(k, v)| {
-                let filled = template(&v, &name, &raw.labels, raw.value.as_deref());
-                (k, filled)
-            })
-            .collect()
-    };
+    let annotations = raw
+        .annotations
+        .into_iter()
+        .map(|(k, v)| {
+            let filled = template(&v, &name, &raw.labels, raw.value.as_deref());
+            (k, filled)
+        })
+        .collect();
     let alert = Alert {
         fingerprint: format!("{fp:016x}"),
         rule: rule.to_string(),
@@ -248,7 +263,7 @@ fn build_alert(rule: &str, raw: RawAlert, origin: &Origin, kind: &ActionKind) ->
         annotations,
         starts_at: String::new(),
         ends_at: None,
-        origin: origin.clone(),
+        origin,
     };
     (fp, alert)
 }

@@ -264,36 +264,54 @@ impl Reloader {
         let mut conn = LazyConn::new(self.target.clone(), Duration::from_secs(5));
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut sent = Vec::new();
-        loop {
-            let decision = self.book.forget_rules(removed, now_ms());
-            if decision.writes.is_empty() {
+        'attempt: loop {
+            let mut conflicted = false;
+            for tag in self.book.tags() {
+                let gate = self.book.gate(&tag);
+                let decided = gate.lock().await;
+                let decision = self.book.forget_rules(&tag, removed, now_ms());
+                let result = commit_unacked(
+                    &mut conn,
+                    &self.book,
+                    &tag,
+                    &self.outbox_prefix,
+                    self.outbox_max_len,
+                    decision,
+                )
+                .await;
+                match result {
+                    Ok((notified, again)) => {
+                        sent.extend(notified);
+                        conflicted |= again;
+                    }
+                    Err(e) => {
+                        drop(decided);
+                        conn.reset();
+                        let delay = backoff.next_delay();
+                        if tokio::time::Instant::now() + delay > deadline {
+                            self.give_up(removed, &e.to_string()).await;
+                            return sent;
+                        }
+                        tokio::time::sleep(delay).await;
+                        continue 'attempt;
+                    }
+                }
+                drop(decided);
+            }
+            if !conflicted {
                 return sent;
             }
-            let pending: Vec<Alert> = decision.notifications.clone();
-            let result = commit_unacked(
-                &mut conn,
-                &self.book,
-                &self.outbox_prefix,
-                self.outbox_max_len,
-                decision,
-            )
-            .await;
-            match result {
-                Ok((notified, false)) => {
-                    sent.extend(notified);
-                    return sent;
-                }
-                Ok((notified, true)) => sent.extend(notified),
-                Err(e) => {
-                    conn.reset();
-                    let delay = backoff.next_delay();
-                    if tokio::time::Instant::now() + delay > deadline {
-                        metrics::retired_alerts_unsent(&pending, &e.to_string());
-                        return sent;
-                    }
-                    tokio::time::sleep(delay).await;
-                }
-            }
+        }
+    }
+
+    /// Past the deadline: forgets the removed rules' alerts here anyway and
+    /// reports the resolves that could not be written.
+    async fn give_up(&self, removed: &[String], error: &str) {
+        for tag in self.book.tags() {
+            let gate = self.book.gate(&tag);
+            let _decided = gate.lock().await;
+            let decision = self.book.forget_rules(&tag, removed, now_ms());
+            metrics::retired_alerts_unsent(&decision.notifications, error);
         }
     }
 }

@@ -10,14 +10,24 @@
 //! the decisions taken again, so two instances never both notify, and a
 //! resolve is never lost because the other instance saw the firing.
 //!
+//! Checking a version per alert relied on costs Redis a lookup for every
+//! assertion, and nearly every assertion is a "nothing to do". So each
+//! partition (stream hash tag) also has a generation counter that every
+//! state write bumps. While this instance knows its cache of a partition
+//! equals Redis at some generation (it read the whole partition then, and
+//! only its own commits moved the counter since), a commit checks that one
+//! counter instead; when anyone else wrote, the commit is refused as stale
+//! and the per-alert checks take over until the next full read.
+//!
 //! Offline (`test`, `replay`) the same code runs on the cache alone.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
 use super::{Alert, Status};
+use crate::outbox::hash_tag;
 use crate::process::rfc3339;
 
 /// Lifecycle policy shared by every alert.
@@ -48,14 +58,18 @@ pub enum ActionKind {
     Deadman { after_ms: u64 },
 }
 
-/// One assertion from one message, with the alert fully built.
+/// One assertion from one message.
 #[derive(Debug, Clone)]
 pub struct Action {
     pub fp: u64,
     pub kind: ActionKind,
     /// The alert as the rule described it (status firing; `starts_at` is
-    /// replaced by the lifecycle).
-    pub alert: Alert,
+    /// replaced by the lifecycle). Always there for `Fire`; never for
+    /// `Resolve` (the lifecycle resolves the alert it stored); for `Deadman`
+    /// only when the watch was missing or due a refresh when judged
+    /// ([`AlertBook::is_watched`]). Building an alert costs more than most
+    /// rules, and nearly every assertion changes nothing.
+    pub alert: Option<Alert>,
     pub now_ms: u64,
 }
 
@@ -124,12 +138,6 @@ pub struct Transition {
     previous: Cached,
 }
 
-impl Transition {
-    pub fn field(&self) -> String {
-        field(self.fp)
-    }
-}
-
 #[derive(Debug, Clone, Default)]
 struct Cached {
     version: u64,
@@ -145,9 +153,25 @@ pub struct Decision {
     pub undo: Vec<Transition>,
 }
 
+/// The cached state of one partition: the alerts raised from the streams
+/// that share a hash tag, which Redis keeps in one hash.
+#[derive(Debug, Default)]
+struct Partition {
+    entries: HashMap<u64, Cached>,
+    /// The partition's generation (`outbox::gen_key`) at which `entries`
+    /// equal what Redis holds, if known: set by a full read, advanced by our
+    /// own commits, cleared when anyone else wrote or a commit failed.
+    synced: Option<u64>,
+}
+
 #[derive(Debug)]
 pub struct AlertBook {
-    cache: Mutex<HashMap<u64, Cached>>,
+    parts: Mutex<HashMap<String, Partition>>,
+    /// Per partition: held from a decision to the end of its commit (and
+    /// around a full read), so decisions on the cache are committed one
+    /// after the other. Without it `synced` could not vouch for the cache:
+    /// one worker's fast commit would certify another's uncommitted change.
+    gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     policy: Policy,
 }
 
@@ -174,23 +198,84 @@ fn decode(raw: &str) -> Option<(u64, Entry)> {
 impl AlertBook {
     pub fn new(policy: Policy) -> Self {
         AlertBook {
-            cache: Mutex::new(HashMap::new()),
+            parts: Mutex::new(HashMap::new()),
+            gates: Mutex::new(HashMap::new()),
             policy,
         }
     }
 
-    /// Applies `actions` in order to the cached state; returns the
-    /// notifications and the versioned writes that make them durable.
-    pub fn decide(&self, actions: &[Action]) -> Decision {
-        let mut cache = self.cache.lock().expect("alert book poisoned");
+    fn with_part<T>(&self, tag: &str, f: impl FnOnce(&mut Partition) -> T) -> T {
+        let mut parts = self.parts.lock().expect("alert book poisoned");
+        match parts.get_mut(tag) {
+            Some(p) => f(p),
+            None => f(parts.entry(tag.to_string()).or_default()),
+        }
+    }
+
+    /// The lock a decision on partition `tag` holds until it is committed.
+    pub fn gate(&self, tag: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut gates = self.gates.lock().expect("alert book poisoned");
+        gates.entry(tag.to_string()).or_default().clone()
+    }
+
+    /// Partitions this instance holds state of.
+    pub fn tags(&self) -> Vec<String> {
+        let parts = self.parts.lock().expect("alert book poisoned");
+        parts.keys().cloned().collect()
+    }
+
+    /// The generation at which the cache of `tag` is known to equal Redis.
+    pub fn synced(&self, tag: &str) -> Option<u64> {
+        self.with_part(tag, |p| p.synced)
+    }
+
+    /// After a commit to `tag` that found the generation at `based_on` and
+    /// left it at `generation`: the cache stays known-equal only if it was before.
+    pub fn committed(&self, tag: &str, based_on: Option<u64>, generation: u64) {
+        self.with_part(tag, |p| p.synced = based_on.map(|_| generation));
+    }
+
+    /// Someone else wrote `tag`, or a commit's outcome is unknown.
+    pub fn unsync(&self, tag: &str) {
+        self.with_part(tag, |p| p.synced = None);
+    }
+
+    /// True when a deadman assertion on `fp` at `now` would only confirm a
+    /// fresh watch ([`Self::is_noop`]), so the rule need not build its alert.
+    pub fn is_watched(&self, stream: &str, fp: u64, after_ms: u64, now: u64) -> bool {
+        let parts = self.parts.lock().expect("alert book poisoned");
+        parts
+            .get(hash_tag(stream))
+            .and_then(|p| p.entries.get(&fp))
+            .and_then(|c| c.entry.as_ref())
+            .is_some_and(|e| {
+                e.phase == Phase::Watching
+                    && now.saturating_sub(e.seen) * 10 < after_ms
+                    && e.deadman_ms == after_ms
+            })
+    }
+
+    /// Applies `actions` (raised from `stream`) in order to the cached state;
+    /// returns the notifications and the versioned writes that make them
+    /// durable. With `checks`, also a check-only write for every alert a
+    /// decision to do nothing rested on; without, only the changes (for a
+    /// commit that checks the partition's generation instead).
+    pub fn decide(&self, stream: &str, actions: &[Action], checks: bool) -> Decision {
+        let mut parts = self.parts.lock().expect("alert book poisoned");
+        let tag = hash_tag(stream);
+        if !parts.contains_key(tag) {
+            parts.insert(tag.to_string(), Partition::default());
+        }
+        let cache = &mut parts.get_mut(tag).expect("inserted").entries;
         let mut d = Decision::default();
-        let mut first_version: HashMap<u64, (u64, &str)> = HashMap::new();
+        let mut first_version: HashMap<u64, u64> = HashMap::new();
         for a in actions {
             let cached = cache.get(&a.fp);
-            let version = cached.map_or(0, |c| c.version);
-            first_version
-                .entry(a.fp)
-                .or_insert((version, &a.alert.origin.stream));
+            if checks {
+                first_version
+                    .entry(a.fp)
+                    .or_insert(cached.map_or(0, |c| c.version));
+            }
             // Most assertions change nothing (a resolve of a quiet alert, a
             // re-assertion within the repeat interval): decided without
             // copying the entry.
@@ -209,6 +294,7 @@ impl AlertBook {
                     entry: next,
                 },
             );
+            first_version.entry(a.fp).or_insert(cur.version);
             d.undo.push(Transition {
                 fp: a.fp,
                 previous: cur,
@@ -217,7 +303,7 @@ impl AlertBook {
                 d.notifications.push(n);
             }
         }
-        for (fp, (expected, stream)) in first_version {
+        for (fp, expected) in first_version {
             let now = cache.get(&fp);
             let version = now.map_or(0, |c| c.version);
             let check_only = version == expected;
@@ -245,9 +331,13 @@ impl AlertBook {
         match (&a.kind, entry) {
             (ActionKind::Resolve, None) => true,
             (ActionKind::Resolve, Some(e)) => matches!(e.phase, Phase::Watching | Phase::Resolved),
+            (ActionKind::Fire { .. }, _) if a.alert.is_none() => true,
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Watching => true,
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Firing => {
-                let escalated = e.alert.severity != a.alert.severity;
+                let escalated = a
+                    .alert
+                    .as_ref()
+                    .is_some_and(|n| n.severity != e.alert.severity);
                 let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
                 let refresh_seen =
                     e.resolve_after_ms > 0 && now.saturating_sub(e.seen) * 10 >= e.resolve_after_ms;
@@ -256,6 +346,9 @@ impl AlertBook {
             (ActionKind::Deadman { after_ms }, Some(e)) if e.phase == Phase::Watching => {
                 now.saturating_sub(e.seen) * 10 < *after_ms && e.deadman_ms == *after_ms
             }
+            (ActionKind::Deadman { .. }, e) if a.alert.is_none() => {
+                e.is_none_or(|e| e.phase == Phase::Resolved)
+            }
             _ => false,
         }
     }
@@ -263,6 +356,15 @@ impl AlertBook {
     /// The state machine for one action on one entry.
     fn step(&self, entry: Option<Entry>, a: &Action) -> (Option<Entry>, Option<Alert>) {
         let now = a.now_ms;
+        // Without the rule's alert nothing can be created (see `Action::alert`).
+        let absent = entry.as_ref().is_none_or(|e| e.phase == Phase::Resolved);
+        if a.alert.is_none()
+            && a.kind != ActionKind::Resolve
+            && (absent || matches!(a.kind, ActionKind::Fire { .. }))
+        {
+            return (entry, None);
+        }
+        let incoming = || a.alert.clone().expect("checked above");
         if a.kind == ActionKind::Resolve
             && entry.as_ref().is_some_and(|e| e.phase == Phase::Resolved)
         {
@@ -293,7 +395,7 @@ impl AlertBook {
                     deadman_ms: 0,
                     changes,
                     held,
-                    alert: a.alert.clone(),
+                    alert: incoming(),
                 };
                 if *for_ms == 0 {
                     let note = self.fire(&mut e, now);
@@ -306,7 +408,7 @@ impl AlertBook {
                 Phase::Pending => {
                     e.seen = now;
                     e.for_ms = *for_ms;
-                    e.alert = a.alert.clone();
+                    e.alert = incoming();
                     if now.saturating_sub(e.since) >= e.for_ms {
                         let note = self.fire(&mut e, now);
                         (Some(e), note)
@@ -315,7 +417,10 @@ impl AlertBook {
                     }
                 }
                 Phase::Firing => {
-                    let escalated = e.alert.severity != a.alert.severity;
+                    let escalated = a
+                        .alert
+                        .as_ref()
+                        .is_some_and(|n| n.severity != e.alert.severity);
                     let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
                     // `seen` only matters for auto-resolve; not rewriting it
                     // on every message keeps steady firing free of writes.
@@ -329,7 +434,7 @@ impl AlertBook {
                         return (Some(e), None);
                     }
                     let starts = e.alert.starts_at.clone();
-                    e.alert = a.alert.clone();
+                    e.alert = incoming();
                     e.alert.starts_at = starts;
                     e.notified = now;
                     let note = (!e.held).then(|| e.alert.clone());
@@ -357,7 +462,7 @@ impl AlertBook {
                     deadman_ms: *after_ms,
                     changes,
                     held,
-                    alert: a.alert.clone(),
+                    alert: incoming(),
                 }),
                 None,
             ),
@@ -368,7 +473,9 @@ impl AlertBook {
                     e.phase = Phase::Watching;
                     e.seen = now;
                     e.deadman_ms = *after_ms;
-                    e.alert = a.alert.clone();
+                    if let Some(n) = &a.alert {
+                        e.alert = n.clone();
+                    }
                     return (Some(e), note);
                 }
                 // Write the new deadline only when it moved by a tenth of the
@@ -378,7 +485,9 @@ impl AlertBook {
                 }
                 e.seen = now;
                 e.deadman_ms = *after_ms;
-                e.alert = a.alert.clone();
+                if let Some(n) = &a.alert {
+                    e.alert = n.clone();
+                }
                 (Some(e), None)
             }
         }
@@ -428,14 +537,29 @@ impl AlertBook {
         (!e.held).then_some(n)
     }
 
-    /// Timer-driven transitions at `now`: auto-resolve of alerts not
-    /// re-asserted, deadman watches whose series went silent.
+    /// Timer-driven transitions at `now` in every partition (offline use).
     pub fn due(&self, now: u64) -> Decision {
+        let mut d = Decision::default();
+        for tag in self.tags() {
+            let part = self.due_in(&tag, now);
+            d.notifications.extend(part.notifications);
+            d.writes.extend(part.writes);
+            d.undo.extend(part.undo);
+        }
+        d
+    }
+
+    /// Timer-driven transitions at `now` in partition `tag`: auto-resolve of
+    /// alerts not re-asserted, deadman watches whose series went silent.
+    pub fn due_in(&self, tag: &str, now: u64) -> Decision {
         // Runs every timer tick under the lock the workers' `decide` needs:
-        // clone only the entries that are due, not the whole book.
+        // clone only the entries that are due, not the whole partition.
         let candidates: Vec<(u64, Entry)> = {
-            let cache = self.cache.lock().expect("alert book poisoned");
-            cache
+            let parts = self.parts.lock().expect("alert book poisoned");
+            let Some(part) = parts.get(tag) else {
+                return Decision::default();
+            };
+            part.entries
                 .iter()
                 .filter_map(|(fp, c)| c.entry.as_ref().map(|e| (*fp, e)))
                 .filter(|(_, e)| {
@@ -459,7 +583,10 @@ impl AlertBook {
                 .map(|(fp, e)| (fp, e.clone()))
                 .collect()
         };
-        let mut cache = self.cache.lock().expect("alert book poisoned");
+        let mut parts = self.parts.lock().expect("alert book poisoned");
+        let Some(cache) = parts.get_mut(tag).map(|p| &mut p.entries) else {
+            return Decision::default();
+        };
         let mut d = Decision::default();
         for (fp, mut e) in candidates {
             let Some(cur) = cache.get(&fp).cloned() else {
@@ -542,38 +669,49 @@ impl AlertBook {
                 .is_none_or(|t| now.saturating_sub(*t) >= self.policy.flap_window_ms)
     }
 
-    /// Undoes cached changes, newest first, after their commit failed.
-    pub fn rollback(&self, undo: Vec<Transition>) {
-        let mut cache = self.cache.lock().expect("alert book poisoned");
-        for t in undo.into_iter().rev() {
-            cache.insert(t.fp, t.previous);
-        }
+    /// Undoes cached changes of partition `tag`, newest first, after their
+    /// commit failed.
+    pub fn rollback(&self, tag: &str, undo: Vec<Transition>) {
+        self.with_part(tag, |p| {
+            for t in undo.into_iter().rev() {
+                p.entries.insert(t.fp, t.previous);
+            }
+        });
     }
 
-    /// Replaces cached entries with what Redis holds (`None` = absent).
-    pub fn refresh(&self, fields: Vec<(String, Option<String>)>) {
-        let mut cache = self.cache.lock().expect("alert book poisoned");
-        for (f, raw) in fields {
-            let Some(fp) = parse_field(&f) else { continue };
-            let cached = match raw.as_deref().and_then(decode) {
-                Some((version, entry)) => Cached {
-                    version,
-                    entry: Some(entry),
-                },
-                None => Cached::default(),
-            };
-            cache.insert(fp, cached);
-        }
+    /// Replaces cached entries of partition `tag` with what Redis holds
+    /// (`None` = absent).
+    pub fn refresh(&self, tag: &str, fields: Vec<(String, Option<String>)>) {
+        let fresh: Vec<(u64, Cached)> = fields
+            .into_iter()
+            .filter_map(|(f, raw)| {
+                let cached = match raw.as_deref().and_then(decode) {
+                    Some((version, entry)) => Cached {
+                        version,
+                        entry: Some(entry),
+                    },
+                    None => Cached::default(),
+                };
+                Some((parse_field(&f)?, cached))
+            })
+            .collect();
+        self.with_part(tag, |p| p.entries.extend(fresh));
     }
 
-    /// Replaces everything cached for the streams whose hash tag is `tag`
-    /// with what Redis holds there: picks up alerts other instances raised
-    /// (so this instance's timers cover them) and forgets deleted ones.
-    pub fn load_partition(&self, tag: &str, fields: Vec<(String, String)>) {
+    /// Replaces everything cached for partition `tag` with what Redis holds
+    /// there: picks up alerts other instances raised (so this instance's
+    /// timers cover them) and forgets deleted ones. `generation` is the partition's
+    /// generation if nothing wrote while it was read.
+    pub fn load_partition(
+        &self,
+        tag: &str,
+        fields: Vec<(String, String)>,
+        generation: Option<u64>,
+    ) {
         // With thousands of alerts, decoding their JSON and dropping the old
         // entries takes milliseconds: both happen outside the lock that
         // every worker's `decide` waits for.
-        let fresh: Vec<(u64, Cached)> = fields
+        let fresh: HashMap<u64, Cached> = fields
             .iter()
             .filter_map(|(f, raw)| {
                 let (version, entry) = decode(raw)?;
@@ -584,61 +722,57 @@ impl AlertBook {
                 Some((parse_field(f)?, cached))
             })
             .collect();
-        let stale: Vec<(u64, Cached)> = {
-            let mut cache = self.cache.lock().expect("alert book poisoned");
-            let stale = cache
-                .extract_if(|_, c| {
-                    c.entry
-                        .as_ref()
-                        .is_some_and(|e| crate::outbox::hash_tag(&e.alert.origin.stream) == tag)
-                })
-                .collect();
-            cache.extend(fresh);
-            stale
-        };
+        let stale = self.with_part(tag, |p| {
+            p.synced = generation;
+            std::mem::replace(&mut p.entries, fresh)
+        });
         drop(stale);
     }
 
-    /// Drops the state of rules that no longer exist; returns the resolved
-    /// notifications of their firing alerts and the writes that delete them.
-    pub fn forget_rules(&self, removed: &[String], now: u64) -> Decision {
-        let mut cache = self.cache.lock().expect("alert book poisoned");
+    /// Drops the state of partition `tag` that belongs to rules that no
+    /// longer exist; returns the resolved notifications of their firing
+    /// alerts and the writes that delete them.
+    pub fn forget_rules(&self, tag: &str, removed: &[String], now: u64) -> Decision {
         let mut d = Decision::default();
-        let doomed: Vec<u64> = cache
-            .iter()
-            .filter(|(_, c)| {
-                c.entry
-                    .as_ref()
-                    .is_some_and(|e| removed.contains(&e.alert.rule))
-            })
-            .map(|(fp, _)| *fp)
-            .collect();
-        for fp in doomed {
-            let cur = cache.remove(&fp).expect("listed");
-            let mut e = cur.entry.clone().expect("filtered on entry");
-            if e.phase == Phase::Firing
-                && let Some(n) = self.resolved(&mut e, now)
-            {
-                d.notifications.push(n);
+        self.with_part(tag, |p| {
+            let cache = &mut p.entries;
+            let doomed: Vec<u64> = cache
+                .iter()
+                .filter(|(_, c)| {
+                    c.entry
+                        .as_ref()
+                        .is_some_and(|e| removed.contains(&e.alert.rule))
+                })
+                .map(|(fp, _)| *fp)
+                .collect();
+            for fp in doomed {
+                let cur = cache.remove(&fp).expect("listed");
+                let mut e = cur.entry.clone().expect("filtered on entry");
+                if e.phase == Phase::Firing
+                    && let Some(n) = self.resolved(&mut e, now)
+                {
+                    d.notifications.push(n);
+                }
+                d.writes.push(Write {
+                    stream: e.alert.origin.stream.clone(),
+                    field: field(fp),
+                    expected: cur.version,
+                    value: None,
+                    check_only: false,
+                });
+                d.undo.push(Transition { fp, previous: cur });
             }
-            d.writes.push(Write {
-                stream: e.alert.origin.stream.clone(),
-                field: field(fp),
-                expected: cur.version,
-                value: None,
-                check_only: false,
-            });
-            d.undo.push(Transition { fp, previous: cur });
-        }
+        });
         d
     }
 
     #[cfg(test)]
     fn firing_count(&self) -> usize {
-        self.cache
+        self.parts
             .lock()
             .expect("alert book poisoned")
             .values()
+            .flat_map(|p| p.entries.values())
             .filter(|c| c.entry.as_ref().is_some_and(|e| e.phase == Phase::Firing))
             .count()
     }
@@ -679,7 +813,7 @@ mod tests {
         Action {
             fp: 1,
             kind,
-            alert: alert(Severity::Major),
+            alert: Some(alert(Severity::Major)),
             now_ms: now,
         }
     }
@@ -695,7 +829,7 @@ mod tests {
     }
 
     fn notes(book: &AlertBook, a: Action) -> Vec<Status> {
-        book.decide(&[a])
+        book.decide("s", &[a], true)
             .notifications
             .iter()
             .map(|n| n.status)
@@ -739,7 +873,7 @@ mod tests {
         let book = AlertBook::new(policy());
         notes(&book, fire(0, 0));
         let mut worse = fire(0, 1);
-        worse.alert.severity = Severity::Critical;
+        worse.alert.as_mut().unwrap().severity = Severity::Critical;
         assert_eq!(notes(&book, worse), [Status::Firing]);
     }
 
@@ -786,18 +920,22 @@ mod tests {
     #[test]
     fn writes_carry_versions_and_rollback_restores() {
         let book = AlertBook::new(policy());
-        let d = book.decide(&[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)]);
+        let d = book.decide(
+            "s",
+            &[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)],
+            true,
+        );
         assert_eq!(d.notifications.len(), 3);
         assert_eq!(d.writes.len(), 1, "collapsed per fingerprint");
         assert!(!d.writes[0].check_only);
         assert_eq!(d.writes[0].expected, 0);
         assert!(d.writes[0].value.as_ref().unwrap().starts_with("3|"));
-        book.rollback(d.undo);
+        book.rollback("s", d.undo);
         assert_eq!(book.firing_count(), 0);
         // What another instance wrote replaces the cache.
-        let other = book.decide(&[fire(0, 0)]);
-        book.rollback(other.undo);
-        book.refresh(vec![(field(1), other.writes[0].value.clone())]);
+        let other = book.decide("s", &[fire(0, 0)], true);
+        book.rollback("s", other.undo);
+        book.refresh("s", vec![(field(1), other.writes[0].value.clone())]);
         assert!(
             notes(&book, fire(0, 5)).is_empty(),
             "already firing elsewhere"
@@ -837,9 +975,13 @@ mod tests {
                         .into_iter()
                         .enumerate()
                     {
-                        for sev in [Severity::Major, Severity::Critical] {
+                        // No alert: a resolve, or a deadman judged on a fresh watch.
+                        for sev in [Some(Severity::Major), Some(Severity::Critical), None] {
                             let mut a = act(k.clone(), i as u64 * 3 * MIN);
-                            a.alert.severity = sev;
+                            match sev {
+                                Some(sev) => a.alert.as_mut().unwrap().severity = sev,
+                                None => a.alert = None,
+                            }
                             let (next, note) = book.step(entry.clone(), &a);
                             let unchanged = next == entry && note.is_none();
                             assert_eq!(
@@ -860,7 +1002,7 @@ mod tests {
     #[test]
     fn doing_nothing_is_checked_too() {
         let book = AlertBook::new(policy());
-        let d = book.decide(&[act(ActionKind::Resolve, 0)]);
+        let d = book.decide("s", &[act(ActionKind::Resolve, 0)], true);
         assert!(d.notifications.is_empty());
         assert_eq!(d.writes.len(), 1);
         assert!(
@@ -871,10 +1013,67 @@ mod tests {
     }
 
     #[test]
+    fn without_checks_only_changes_are_written() {
+        let book = AlertBook::new(policy());
+        let d = book.decide("s", &[act(ActionKind::Resolve, 0)], false);
+        assert!(d.writes.is_empty());
+        let d = book.decide("s", &[fire(0, 1), act(ActionKind::Resolve, 2)], false);
+        assert_eq!(d.writes.len(), 1);
+        assert_eq!(d.writes[0].expected, 0);
+        assert_eq!(d.writes[0].value, None, "fired then resolved: deleted");
+    }
+
+    #[test]
+    fn partitions_are_separate_and_sync_follows_own_commits() {
+        let book = AlertBook::new(policy());
+        assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
+        // The same identity raised from a stream of another hash tag has
+        // its own lifecycle.
+        let other = book.decide("t", &[fire(0, 1)], true);
+        assert_eq!(other.notifications.len(), 1);
+        assert_eq!(book.synced("s"), None);
+        book.load_partition("s", Vec::new(), Some(7));
+        assert_eq!(book.synced("s"), Some(7));
+        book.committed("s", Some(7), 8);
+        assert_eq!(book.synced("s"), Some(8));
+        book.committed("s", None, 9);
+        assert_eq!(
+            book.synced("s"),
+            None,
+            "a version-checked commit proves nothing"
+        );
+        assert_eq!(book.synced("t"), None);
+    }
+
+    #[test]
+    fn a_deadman_without_its_alert_refreshes_but_never_creates() {
+        let book = AlertBook::new(policy());
+        let bare = |now| Action {
+            alert: None,
+            ..act(ActionKind::Deadman { after_ms: 10 * MIN }, now)
+        };
+        assert!(book.decide("s", &[bare(0)], false).writes.is_empty());
+        assert!(!book.is_watched("s", 1, 10 * MIN, 0));
+        book.decide(
+            "s",
+            &[act(ActionKind::Deadman { after_ms: 10 * MIN }, 0)],
+            false,
+        );
+        assert!(book.is_watched("s", 1, 10 * MIN, MIN / 2));
+        assert!(!book.is_watched("s", 1, 10 * MIN, 2 * MIN), "due a refresh");
+        assert!(
+            !book.is_watched("t", 1, 10 * MIN, MIN / 2),
+            "other partition"
+        );
+        assert_eq!(book.decide("s", &[bare(2 * MIN)], false).writes.len(), 1);
+        assert!(book.is_watched("s", 1, 10 * MIN, 2 * MIN + MIN / 2));
+    }
+
+    #[test]
     fn forgetting_a_rule_resolves_its_alerts() {
         let book = AlertBook::new(policy());
         notes(&book, fire(0, 0));
-        let d = book.forget_rules(&["r".to_string()], 10);
+        let d = book.forget_rules("s", &["r".to_string()], 10);
         assert_eq!(d.notifications[0].status, Status::Resolved);
         assert_eq!(d.writes[0].value, None);
         assert_eq!(book.firing_count(), 0);

@@ -101,22 +101,43 @@ impl Alert {
 /// Identity of an alert: FNV-1a over rule, name and the sorted labels.
 /// Stable across processes and versions, unlike `DefaultHasher`.
 pub fn fingerprint(rule: &str, name: &str, labels: &BTreeMap<String, String>) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
+    let mut fp = Fingerprint::new(rule, name);
+    for (k, v) in labels {
+        fp.label(k, v);
+    }
+    fp.finish()
+}
+
+/// [`fingerprint`] fed one label at a time, in key order: lets a rule's
+/// own label map be hashed without copying it.
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    pub fn new(rule: &str, name: &str) -> Fingerprint {
+        let mut fp = Fingerprint(0xcbf2_9ce4_8422_2325);
+        fp.eat(rule.as_bytes());
+        fp.eat(name.as_bytes());
+        fp
+    }
+
+    pub fn label(&mut self, key: &str, value: &str) {
+        self.eat(key.as_bytes());
+        self.eat(value.as_bytes());
+    }
+
+    pub fn finish(self) -> u64 {
+        self.0
+    }
+
+    fn eat(&mut self, bytes: &[u8]) {
+        let mut h = self.0;
         for b in bytes {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         h ^= 0xff;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    };
-    eat(rule.as_bytes());
-    eat(name.as_bytes());
-    for (k, v) in labels {
-        eat(k.as_bytes());
-        eat(v.as_bytes());
+        self.0 = h.wrapping_mul(0x0100_0000_01b3);
     }
-    h
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
 
 use super::state;
-use crate::alert::Severity;
+use crate::alert::{Fingerprint, Severity};
 
 /// An alert as a rule asserted it, before identity and lifecycle.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -62,15 +62,26 @@ impl LogLevel {
 }
 
 /// What one rule decided about one message.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 pub struct Actions {
     pub alerts: Vec<RawAlert>,
-    pub resolves: Vec<RawAlert>,
-    /// `deadman(alert, after)`: fire `alert` if this series stays silent
-    /// for `after` milliseconds.
-    pub deadmen: Vec<(RawAlert, u64)>,
+    /// Fingerprints of the alerts resolved: the lifecycle resolves the
+    /// alert it stored, so a resolve needs nothing else.
+    pub resolves: Vec<u64>,
+    pub deadmen: Vec<Deadman>,
     pub logs: Vec<(LogLevel, String)>,
     pub drop: bool,
+}
+
+/// `deadman(alert, after)`: fire `alert` if this series stays silent for
+/// `after_ms`. The alert map is kept as the rule built it (already checked)
+/// and parsed only when the watch needs it: nearly every call re-confirms
+/// a fresh watch ([`crate::alert::AlertBook::is_watched`]).
+#[derive(Debug, Clone)]
+pub struct Deadman {
+    pub fp: u64,
+    pub after_ms: u64,
+    pub alert: Map,
 }
 
 impl Actions {
@@ -138,7 +149,7 @@ const ALERT_KEYS: &str =
     "name, severity, labels, summary, description, annotations, value, for_duration, resolve_after";
 
 /// A duration given as `"5m"`/`"30s"` or as a number of seconds.
-fn duration_ms(ctx: &NativeCallContext, func: &str, key: &str, v: &Dynamic) -> Res<u64> {
+fn duration_ms(func: &str, key: &str, v: &Dynamic) -> Result<u64, String> {
     if let Ok(i) = v.as_int() {
         if i >= 0 {
             return Ok(i as u64 * 1000);
@@ -147,15 +158,14 @@ fn duration_ms(ctx: &NativeCallContext, func: &str, key: &str, v: &Dynamic) -> R
         if f >= 0.0 && f.is_finite() {
             return Ok((f * 1000.0) as u64);
         }
-    } else if let Ok(s) = v.clone().into_string()
+    } else if let Some(s) = v.read_lock::<rhai::ImmutableString>()
         && let Ok(d) = humantime::parse_duration(s.trim())
     {
         return Ok(d.as_millis() as u64);
     }
-    fail(
-        ctx,
-        format!("{func}(): `{key}` must be a duration like \"5m\" or a number of seconds, got {v}"),
-    )
+    Err(format!(
+        "{func}(): `{key}` must be a duration like \"5m\" or a number of seconds, got {v}"
+    ))
 }
 
 fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
@@ -174,42 +184,86 @@ fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
 /// A value as text, the way Rhai prints it. Strings (nearly every label and
 /// annotation) are copied directly rather than through the formatter.
 fn text(v: &Dynamic) -> String {
+    with_text(v, str::to_owned)
+}
+
+/// `f` of the value as text, without copying a string value.
+fn with_text<T>(v: &Dynamic, f: impl FnOnce(&str) -> T) -> T {
     match v.read_lock::<rhai::ImmutableString>() {
-        Some(s) => s.as_str().to_owned(),
-        None => v.to_string(),
+        Some(s) => f(s.as_str()),
+        None => f(&v.to_string()),
     }
 }
 
-/// Validates an alert map here, so a typo fails the rule with a position
-/// instead of producing a half-filled alert.
-fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
+fn bad_severity(func: &str, level: &str) -> String {
+    format!("{func}(): severity `{level}` is not one of info, warning, major, critical")
+}
+
+/// Checks an alert map the way [`raw_alert`] reads it, without building
+/// anything: a typo fails the rule with a position instead of producing a
+/// half-filled alert, even when the alert is never built.
+fn check_alert(func: &str, map: &Map) -> Result<(), String> {
+    for (key, value) in map {
+        match key.as_str() {
+            "value" | "name" | "summary" | "description" => {}
+            "for_duration" | "for" | "resolve_after" => {
+                duration_ms(func, key, value)?;
+            }
+            "severity" => with_text(value, |level| {
+                Severity::parse(level)
+                    .map(|_| ())
+                    .ok_or_else(|| bad_severity(func, level))
+            })?,
+            "labels" | "annotations" if value.is_map() => {}
+            "labels" | "annotations" => return Err(format!("{func}(): `{key}` must be a map")),
+            other => {
+                return Err(format!(
+                    "{func}(): unknown field `{other}` (expected {ALERT_KEYS})"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The fingerprint [`crate::alert::fingerprint`] gives the alert `map`
+/// describes once built, computed from the map itself.
+fn identity(rule: &str, map: &Map) -> u64 {
+    let hash = |name: &str| {
+        let mut fp = Fingerprint::new(rule, name);
+        if let Some(labels) = map.get("labels").and_then(|l| l.read_lock::<Map>()) {
+            for (k, v) in labels.iter() {
+                with_text(v, |v| fp.label(k, v));
+            }
+        }
+        fp.finish()
+    };
+    match map.get("name") {
+        Some(name) => with_text(name, hash),
+        None => hash(rule),
+    }
+}
+
+/// Reads an alert map into an alert; fails like [`check_alert`].
+pub fn raw_alert(func: &str, map: Map) -> Result<RawAlert, String> {
     let mut alert = RawAlert::default();
     for (key, value) in map {
         match key.as_str() {
             "value" => alert.value = Some(text(&value)),
             // `for` is a Rhai keyword: `for_duration` reads better than `"for"`.
-            "for_duration" | "for" => alert.for_ms = duration_ms(ctx, func, &key, &value)?,
+            "for_duration" | "for" => alert.for_ms = duration_ms(func, &key, &value)?,
             "resolve_after" => {
-                alert.resolve_after_ms = Some(duration_ms(ctx, func, "resolve_after", &value)?)
+                alert.resolve_after_ms = Some(duration_ms(func, "resolve_after", &value)?)
             }
             "name" => alert.name = Some(text(&value)),
             "severity" => {
                 let level = text(&value);
-                alert.severity = match Severity::parse(&level) {
-                    Some(s) => s,
-                    None => {
-                        return fail(
-                            ctx,
-                            format!(
-                                "{func}(): severity `{level}` is not one of info, warning, major, critical"
-                            ),
-                        );
-                    }
-                }
+                alert.severity =
+                    Severity::parse(&level).ok_or_else(|| bad_severity(func, &level))?;
             }
             "labels" | "annotations" => {
                 let Some(inner) = value.try_cast::<Map>() else {
-                    return fail(ctx, format!("{func}(): `{key}` must be a map"));
+                    return Err(format!("{func}(): `{key}` must be a map"));
                 };
                 let target = if key == "labels" {
                     &mut alert.labels
@@ -224,26 +278,39 @@ fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
                 alert.annotations.insert(key.to_string(), text(&value));
             }
             other => {
-                return fail(
-                    ctx,
-                    format!("{func}(): unknown field `{other}` (expected {ALERT_KEYS})"),
-                );
+                return Err(format!(
+                    "{func}(): unknown field `{other}` (expected {ALERT_KEYS})"
+                ));
             }
         }
     }
     Ok(alert)
 }
 
+fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
+    raw_alert(func, map).or_else(|e| fail(ctx, e))
+}
+
+/// Records a resolve of the alert `map` describes.
+fn resolve_map(ctx: &NativeCallContext, func: &str, map: &Map) -> Res<()> {
+    check_alert(func, map).or_else(|e| fail(ctx, e))?;
+    let fp = running(|rule, _| identity(rule, map));
+    record(|acts| acts.resolves.push(fp));
+    Ok(())
+}
+
 /// Fires when `fire`, resolves when `clear`, and between the two leaves the
 /// alert as it is: the band that stops an alert flapping on a threshold.
 fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) -> Res<()> {
-    let a = parse_alert(ctx, func, map)?;
     if fire {
+        let a = parse_alert(ctx, func, map)?;
         record(|acts| acts.alerts.push(a));
+        Ok(())
     } else if clear {
-        record(|acts| acts.resolves.push(a));
+        resolve_map(ctx, func, &map)
+    } else {
+        check_alert(func, &map).or_else(|e| fail(ctx, e))
     }
-    Ok(())
 }
 
 fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> Res<()> {
@@ -264,16 +331,11 @@ pub fn register(engine: &mut Engine) {
         Ok(())
     });
     engine.register_fn("resolve", |ctx: NativeCallContext, map: Map| -> Res<()> {
-        let a = parse_alert(&ctx, "resolve", map)?;
-        record(|acts| acts.resolves.push(a));
-        Ok(())
+        resolve_map(&ctx, "resolve", &map)
     });
     engine.register_fn("resolve", |name: &str| {
-        let a = RawAlert {
-            name: Some(name.to_string()),
-            ..RawAlert::default()
-        };
-        record(|acts| acts.resolves.push(a));
+        let fp = running(|rule, _| Fingerprint::new(rule, name).finish());
+        record(|acts| acts.resolves.push(fp));
     });
     // Rising thresholds: fire above, clear below; falling ones the mirror.
     for (name, rising) in [("hysteresis_above", true), ("hysteresis_below", false)] {
@@ -310,12 +372,19 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn(
         "deadman",
         |ctx: NativeCallContext, map: Map, after: Dynamic| -> Res<()> {
-            let ms = duration_ms(&ctx, "deadman", "after", &after)?;
-            if ms == 0 {
+            let after_ms = duration_ms("deadman", "after", &after).or_else(|e| fail(&ctx, e))?;
+            if after_ms == 0 {
                 return fail(&ctx, "deadman(): the silence must be longer than 0".into());
             }
-            let a = parse_alert(&ctx, "deadman", map)?;
-            record(|acts| acts.deadmen.push((a, ms)));
+            check_alert("deadman", &map).or_else(|e| fail(&ctx, e))?;
+            let fp = running(|rule, _| identity(rule, &map));
+            record(|acts| {
+                acts.deadmen.push(Deadman {
+                    fp,
+                    after_ms,
+                    alert: map,
+                })
+            });
             Ok(())
         },
     );
@@ -369,4 +438,44 @@ pub fn register(engine: &mut Engine) {
     engine.on_debug(|text, source, pos: Position| {
         tracing::debug!(target: "tripline::rule", source = source.unwrap_or(""), %pos, "{text}")
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(json: &str) -> Map {
+        serde_json::from_str::<Dynamic>(json).unwrap().cast::<Map>()
+    }
+
+    #[test]
+    fn identity_matches_the_built_alerts_fingerprint() {
+        for json in [
+            r#"{"name": "X", "labels": {"b": "2", "a": 1, "c": true}, "summary": "s"}"#,
+            r#"{"labels": {"hostname": "r1"}}"#,
+            r#"{"name": "Only"}"#,
+        ] {
+            let raw = raw_alert("resolve", map(json)).unwrap();
+            let name = raw.name.clone().unwrap_or_else(|| "rule".to_string());
+            assert_eq!(
+                identity("rule", &map(json)),
+                crate::alert::fingerprint("rule", &name, &raw.labels),
+                "{json}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_alert_fails_where_raw_alert_fails() {
+        for json in [
+            r#"{"severity": "bad"}"#,
+            r#"{"labels": "x"}"#,
+            r#"{"for_duration": "soon"}"#,
+            r#"{"colour": "red"}"#,
+        ] {
+            let checked = check_alert("alert", &map(json)).unwrap_err();
+            assert_eq!(raw_alert("alert", map(json)).unwrap_err(), checked);
+        }
+        assert!(check_alert("alert", &map(r#"{"severity": "major", "for": 5}"#)).is_ok());
+    }
 }

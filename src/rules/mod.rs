@@ -15,7 +15,7 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, Scope};
 
 use crate::config::Limits;
 use crate::metrics::RuleMetrics;
-pub use api::{Actions, LogLevel, RawAlert};
+pub use api::{Actions, LogLevel, RawAlert, raw_alert};
 
 /// Name of the function every rule defines.
 pub const ENTRY_POINT: &str = "on_message";
@@ -501,7 +501,7 @@ mod tests {
         assert_eq!(high.alerts.len(), 1);
         assert_eq!(high.alerts[0].for_ms, 300_000);
         assert_eq!(high.alerts[0].resolve_after_ms, Some(600_000));
-        assert_eq!(high.deadmen[0].1, 600_000);
+        assert_eq!(high.deadmen[0].after_ms, 600_000);
         let mid = acts(500);
         assert!(
             mid.alerts.is_empty() && mid.resolves.is_empty(),

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::Action;
 use crate::config::Subscription;
 use crate::metrics;
-use crate::outbox::{self, Committed, DeadLetter, Settlement};
+use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
@@ -282,12 +282,15 @@ async fn settle(
 }
 
 /// Runs the alert lifecycle on `actions` and commits the result with the
-/// acks and dead-letters; on a state conflict (another instance changed one
-/// of the alerts) refreshes those alerts and decides again, after a short
-/// random pause that grows with each conflict (instances committing the
-/// same alerts in lockstep would otherwise keep colliding). Returns the
-/// notifications committed; `None` when the state kept changing and the
-/// batch was left pending, to be judged again.
+/// acks and dead-letters, holding the partition's gate from decision to
+/// commit. When the partition's generation moved (someone else wrote), the
+/// decisions are taken again with a version check per alert. On a version
+/// conflict (another instance changed one of the alerts) those alerts are
+/// refreshed and the decisions taken again, after a short random pause
+/// that grows with each conflict (instances committing the same alerts in
+/// lockstep would otherwise keep colliding). Returns the notifications
+/// committed; `None` when the state kept changing and the batch was left
+/// pending, to be judged again.
 pub(crate) async fn commit_decisions(
     shared: &Shared,
     stream: &str,
@@ -297,17 +300,41 @@ pub(crate) async fn commit_decisions(
     actions: &[Action],
     write: &mut LazyConn,
 ) -> Result<Option<Vec<crate::alert::Alert>>, RedisError> {
+    if actions.is_empty() {
+        let settlement = Settlement {
+            acks,
+            dead,
+            ..Settlement::default()
+        };
+        let conn = write.get().await?;
+        outbox::commit(
+            conn,
+            stream,
+            group,
+            &shared.outbox_prefix,
+            shared.outbox_max_len,
+            &settlement,
+        )
+        .await?;
+        return Ok(Some(Vec::new()));
+    }
     let book = &shared.processor.book;
+    let tag = hash_tag(stream);
+    let gate = book.gate(tag);
+    let _decided = gate.lock().await;
     for attempt in 0..MAX_CONFLICTS {
-        let decision = book.decide(actions);
+        let conn = write.get().await?;
+        let synced = book.synced(tag);
+        let decision = book.decide(stream, actions, synced.is_none());
         let settlement = Settlement {
             acks,
             alerts: &decision.notifications,
             dead,
             writes: &decision.writes,
+            basis: synced.map_or(Basis::Versions, Basis::Generation),
         };
         let committed = outbox::commit(
-            write.get().await?,
+            conn,
             stream,
             group,
             &shared.outbox_prefix,
@@ -316,16 +343,26 @@ pub(crate) async fn commit_decisions(
         )
         .await;
         match committed {
-            Ok(Committed::Done) => return Ok(Some(decision.notifications)),
+            Ok(Committed::Done(generation)) => {
+                book.committed(tag, synced, generation);
+                return Ok(Some(decision.notifications));
+            }
+            Ok(Committed::Stale) => {
+                book.rollback(tag, decision.undo);
+                book.unsync(tag);
+                metrics::state_redecided(stream, "stale");
+            }
             Ok(Committed::Conflict(fields)) => {
-                book.rollback(decision.undo);
+                book.rollback(tag, decision.undo);
+                metrics::state_redecided(stream, "conflict");
                 let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
                 tokio::time::sleep(pause).await;
                 let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
-                book.refresh(fresh);
+                book.refresh(tag, fresh);
             }
             Err(e) => {
-                book.rollback(decision.undo);
+                book.rollback(tag, decision.undo);
+                book.unsync(tag);
                 return Err(e);
             }
         }

@@ -11,9 +11,9 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::alert::{Alert, AlertBook, Decision, Write};
+use crate::alert::{Alert, AlertBook, Decision};
 use crate::metrics;
-use crate::outbox::{self, Committed, Settlement, hash_tag, state_key};
+use crate::outbox::{self, Basis, Committed, Settlement, hash_tag, state_key};
 use crate::process::now_ms;
 use crate::redis_conn::{LazyConn, note_error};
 use crate::rules::state;
@@ -61,12 +61,17 @@ fn partitions(streams: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Reads every partition whole. The generation is read before and again
+/// under the partition's gate after: equal, nothing wrote in between and
+/// the cache is known to equal Redis from then on (see `alert::book`).
 async fn refresh(
     shared: &Shared,
     streams: &[String],
     conn: &mut LazyConn,
 ) -> Result<(), RedisError> {
+    let book = &shared.processor.book;
     for (tag, stream) in partitions(streams) {
+        let before = outbox::read_gen(conn.get().await?, &stream).await?;
         let mut cursor = 0u64;
         let mut fields = Vec::new();
         loop {
@@ -83,93 +88,98 @@ async fn refresh(
             }
             cursor = next;
         }
-        shared.processor.book.load_partition(&tag, fields);
+        let gate = book.gate(&tag);
+        let _decided = gate.lock().await;
+        let after = outbox::read_gen(conn.get().await?, &stream).await?;
+        book.load_partition(&tag, fields, (before == after).then_some(before));
     }
     Ok(())
 }
 
 async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError> {
     let book = &shared.processor.book;
-    let decision = book.due(now_ms());
-    commit_unacked(
-        conn,
-        book,
-        &shared.outbox_prefix,
-        shared.outbox_max_len,
-        decision,
-    )
-    .await?;
+    for tag in book.tags() {
+        let gate = book.gate(&tag);
+        let _decided = gate.lock().await;
+        let decision = book.due_in(&tag, now_ms());
+        commit_unacked(
+            conn,
+            book,
+            &tag,
+            &shared.outbox_prefix,
+            shared.outbox_max_len,
+            decision,
+        )
+        .await?;
+    }
     Ok(())
 }
 
 /// Commits lifecycle decisions that no message caused (timers, retired
-/// rules), one atomic step per stream hash tag. On a version conflict that
-/// part is rolled back and its fields refreshed from Redis: another
-/// instance got there first. Returns the notifications committed and
-/// whether any part conflicted.
+/// rules) in partition `tag`; the caller holds the partition's gate since
+/// it decided. On a conflict (another instance got there first) the
+/// decision is rolled back and the fields refreshed from Redis. Returns the
+/// notifications committed and whether it conflicted.
 pub async fn commit_unacked(
     conn: &mut LazyConn,
     book: &AlertBook,
+    tag: &str,
     outbox_prefix: &str,
     outbox_max_len: u64,
     decision: Decision,
 ) -> Result<(Vec<Alert>, bool), RedisError> {
-    let mut by_tag: BTreeMap<String, (String, Vec<Write>, Vec<Alert>)> = BTreeMap::new();
-    for w in decision.writes {
-        by_tag
-            .entry(hash_tag(&w.stream).to_string())
-            .or_insert_with(|| (w.stream.clone(), Vec::new(), Vec::new()))
-            .1
-            .push(w);
-    }
-    for n in decision.notifications {
-        if let Some(slot) = by_tag.get_mut(hash_tag(&n.origin.stream)) {
-            slot.2.push(n);
+    let Some(stream) = decision.writes.first().map(|w| w.stream.clone()) else {
+        return Ok((Vec::new(), false));
+    };
+    let conn = match conn.get().await {
+        Ok(c) => c,
+        Err(e) => {
+            book.rollback(tag, decision.undo);
+            return Err(e);
+        }
+    };
+    let synced = book.synced(tag);
+    let settlement = Settlement {
+        acks: &[],
+        alerts: &decision.notifications,
+        dead: &[],
+        writes: &decision.writes,
+        basis: synced.map_or(Basis::Versions, Basis::Generation),
+    };
+    let committed = outbox::commit(
+        conn,
+        &stream,
+        "",
+        outbox_prefix,
+        outbox_max_len,
+        &settlement,
+    )
+    .await;
+    match committed {
+        Ok(Committed::Done(generation)) => {
+            book.committed(tag, synced, generation);
+            for a in &decision.notifications {
+                metrics::alert_notified(a);
+            }
+            Ok((decision.notifications, false))
+        }
+        Ok(Committed::Stale) => {
+            book.rollback(tag, decision.undo);
+            book.unsync(tag);
+            metrics::state_redecided(&stream, "stale");
+            Ok((Vec::new(), true))
+        }
+        Ok(Committed::Conflict(changed)) => {
+            book.rollback(tag, decision.undo);
+            metrics::state_redecided(&stream, "conflict");
+            let fresh = outbox::read_state(conn, &stream, &changed).await?;
+            book.refresh(tag, fresh);
+            Ok((Vec::new(), true))
+        }
+        Err(e) => {
+            book.rollback(tag, decision.undo);
+            book.unsync(tag);
+            Err(e)
         }
     }
-    let mut undo = decision.undo;
-    let mut notified = Vec::new();
-    let mut conflicted = false;
-    for (stream, writes, alerts) in by_tag.into_values() {
-        let settlement = Settlement {
-            acks: &[],
-            alerts: &alerts,
-            dead: &[],
-            writes: &writes,
-        };
-        let committed = outbox::commit(
-            conn.get().await?,
-            &stream,
-            "",
-            outbox_prefix,
-            outbox_max_len,
-            &settlement,
-        )
-        .await;
-        let fields: Vec<&str> = writes.iter().map(|w| w.field.as_str()).collect();
-        let (mine, rest): (Vec<_>, Vec<_>) = undo
-            .into_iter()
-            .partition(|t| fields.contains(&t.field().as_str()));
-        undo = rest;
-        match committed {
-            Ok(Committed::Done) => {
-                for a in &alerts {
-                    metrics::alert_notified(a);
-                }
-                notified.extend(alerts);
-            }
-            Ok(Committed::Conflict(changed)) => {
-                conflicted = true;
-                book.rollback(mine);
-                let fresh = outbox::read_state(conn.get().await?, &stream, &changed).await?;
-                book.refresh(fresh);
-            }
-            Err(e) => {
-                book.rollback(mine);
-                book.rollback(undo);
-                return Err(e);
-            }
-        }
-    }
-    Ok((notified, conflicted))
 }

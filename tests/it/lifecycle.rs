@@ -100,6 +100,72 @@ fn two_instances_notify_each_alert_and_its_resolve_exactly_once() {
     }
 }
 
+/// Two instances on two streams of one hash tag share one lifecycle. Both
+/// start by reading the (empty) state whole, so each knows its cache equals
+/// Redis and commits with one generation check instead of a version check
+/// per alert. Then A fires, and B, whose cache still says "not firing",
+/// gets the reading that resolves it: B's commit must see that the
+/// generation moved and decide again on fresh state, or the resolve is lost.
+#[test]
+fn a_cache_known_current_notices_that_another_instance_wrote() {
+    let redis = RedisServer::start();
+    let config = |stream: &str| {
+        format!(
+            "http:\n  enabled: false\nsubscriptions:\n  - name: hot\n    streams: [\"{stream}\"]\n"
+        )
+    };
+    let files = [("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)];
+    let pa = Project::new(&config("a{t}"), &files);
+    let pb = Project::new(&config("b{t}"), &files);
+    let debug = [("RUST_LOG", "info,tripline=debug")];
+    let a = pa.start_with_env(&redis, &["run"], &debug);
+    let b = pb.start_with_env(&redis, &["run"], &debug);
+    // Each reads the whole state on its first timer tick (after 1 s).
+    std::thread::sleep(Duration::from_millis(2500));
+    // Either instance's sink may deliver a notification: count both files.
+    let total = || {
+        let mut c = counts(&pa);
+        for (h, (f, r)) in counts(&pb) {
+            let e = c.entry(h).or_default();
+            e.0 += f;
+            e.1 += r;
+        }
+        c.get("h").copied().unwrap_or_default()
+    };
+    let mut con = redis.conn();
+    xadd(&mut con, "a{t}", &[("host", b"h"), ("v", b"100")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || total() == (1, 0)),
+        "{:?}\na: {}",
+        total(),
+        a.stderr()
+    );
+    xadd(&mut con, "b{t}", &[("host", b"h"), ("v", b"0")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || total() == (1, 1)),
+        "the resolve was lost: {:?}\nb: {}",
+        total(),
+        b.stderr()
+    );
+    assert!(
+        b.stderr().contains("deciding again"),
+        "B never committed on a cache it believed current, so this proves nothing:\n{}",
+        b.stderr()
+    );
+    // A still believes the alert firing: its resolve must not be sent a
+    // second time, and the next firing must be.
+    xadd(&mut con, "a{t}", &[("host", b"h"), ("v", b"0")]);
+    xadd(&mut con, "a{t}", &[("host", b"h"), ("v", b"100")]);
+    assert!(
+        wait_until(Duration::from_secs(10), || total() == (2, 1)),
+        "{:?}\na: {}",
+        total(),
+        a.stderr()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(total(), (2, 1));
+}
+
 #[test]
 fn deadman_fires_when_a_series_goes_silent_and_resolves_when_it_returns() {
     let redis = RedisServer::start();
