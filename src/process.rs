@@ -3,6 +3,7 @@
 //! notifications. The consumer loop, `replay` and `test` all call this, so a
 //! rule behaves the same offline as in production.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -332,22 +333,48 @@ fn event_time(body: &Dynamic) -> Option<u64> {
         .and_then(|d| u64::try_from(d.timestamp_millis()).ok())
 }
 
+thread_local! {
+    /// The context map of the last message judged on this thread, with the
+    /// stream and group it was built for: the next message of the same batch
+    /// copies it (one tree node) and overwrites the six values that differ,
+    /// cheaper than building and sorting eight entries per message.
+    static CONTEXT: RefCell<Option<(String, String, Map)>> = const { RefCell::new(None) };
+}
+
 fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) -> Dynamic {
-    // Built per message: collecting sorts the eight entries once and builds
-    // the tree in one go, cheaper than eight inserts that each search it.
-    let ctx: Map = [
-        ("stream", input.stream.into()),
+    let values = [
         ("id", input.id.into()),
-        ("group", input.group.into()),
         ("delivery_count", Dynamic::from_int(input.deliveries as i64)),
         ("metadata", Dynamic::from_map(metadata)),
         ("uuid", uuid.map(Dynamic::from).unwrap_or(Dynamic::UNIT)),
         ("timestamp_ms", Dynamic::from_int(event_ms as i64)),
         ("received_ms", Dynamic::from_int(input.now_ms as i64)),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.into(), v))
-    .collect();
+    ];
+    let mut ctx = CONTEXT.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((stream, group, ctx)) if stream == input.stream && group == input.group => {
+                ctx.clone()
+            }
+            _ => {
+                let ctx: Map = [
+                    ("stream", input.stream.into()),
+                    ("group", input.group.into()),
+                ]
+                .into_iter()
+                .chain(values.iter().map(|(k, _)| (*k, Dynamic::UNIT)))
+                .map(|(k, v)| (k.into(), v))
+                .collect();
+                *last = Some((input.stream.to_string(), input.group.to_string(), ctx.clone()));
+                ctx
+            }
+        }
+    });
+    for (key, value) in values {
+        if let Some(slot) = ctx.get_mut(key) {
+            *slot = value;
+        }
+    }
     Dynamic::from_map(ctx)
 }
 
