@@ -365,7 +365,11 @@ fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) ->
                 .chain(values.iter().map(|(k, _)| (*k, Dynamic::UNIT)))
                 .map(|(k, v)| (k.into(), v))
                 .collect();
-                *last = Some((input.stream.to_string(), input.group.to_string(), ctx.clone()));
+                *last = Some((
+                    input.stream.to_string(),
+                    input.group.to_string(),
+                    ctx.clone(),
+                ));
                 ctx
             }
         }
