@@ -210,7 +210,7 @@ impl Processor {
                 let alert = if watched {
                     None
                 } else {
-                    match raw_alert("deadman", d.alert) {
+                    match raw_alert("deadman", &d.alert) {
                         Ok(raw) => Some(build_alert(&rule.name, raw, origin()).1),
                         Err(text) => {
                             rule_errors += 1;

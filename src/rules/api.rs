@@ -245,24 +245,24 @@ fn identity(rule: &str, map: &Map) -> u64 {
 }
 
 /// Reads an alert map into an alert; fails like [`check_alert`].
-pub fn raw_alert(func: &str, map: Map) -> Result<RawAlert, String> {
+pub fn raw_alert(func: &str, map: &Map) -> Result<RawAlert, String> {
     let mut alert = RawAlert::default();
     for (key, value) in map {
         match key.as_str() {
-            "value" => alert.value = Some(text(&value)),
+            "value" => alert.value = Some(text(value)),
             // `for` is a Rhai keyword: `for_duration` reads better than `"for"`.
-            "for_duration" | "for" => alert.for_ms = duration_ms(func, &key, &value)?,
+            "for_duration" | "for" => alert.for_ms = duration_ms(func, key, value)?,
             "resolve_after" => {
-                alert.resolve_after_ms = Some(duration_ms(func, "resolve_after", &value)?)
+                alert.resolve_after_ms = Some(duration_ms(func, "resolve_after", value)?)
             }
-            "name" => alert.name = Some(text(&value)),
+            "name" => alert.name = Some(text(value)),
             "severity" => {
-                let level = text(&value);
+                let level = text(value);
                 alert.severity =
                     Severity::parse(&level).ok_or_else(|| bad_severity(func, &level))?;
             }
             "labels" | "annotations" => {
-                let Some(inner) = value.try_cast::<Map>() else {
+                let Some(inner) = value.read_lock::<Map>() else {
                     return Err(format!("{func}(): `{key}` must be a map"));
                 };
                 let target = if key == "labels" {
@@ -270,12 +270,12 @@ pub fn raw_alert(func: &str, map: Map) -> Result<RawAlert, String> {
                 } else {
                     &mut alert.annotations
                 };
-                for (k, v) in inner {
-                    target.insert(k.to_string(), text(&v));
+                for (k, v) in inner.iter() {
+                    target.insert(k.to_string(), text(v));
                 }
             }
             "summary" | "description" => {
-                alert.annotations.insert(key.to_string(), text(&value));
+                alert.annotations.insert(key.to_string(), text(value));
             }
             other => {
                 return Err(format!(
@@ -287,7 +287,7 @@ pub fn raw_alert(func: &str, map: Map) -> Result<RawAlert, String> {
     Ok(alert)
 }
 
-fn parse_alert(ctx: &NativeCallContext, func: &str, map: Map) -> Res<RawAlert> {
+fn parse_alert(ctx: &NativeCallContext, func: &str, map: &Map) -> Res<RawAlert> {
     raw_alert(func, map).or_else(|e| fail(ctx, e))
 }
 
@@ -303,7 +303,7 @@ fn resolve_map(ctx: &NativeCallContext, func: &str, map: &Map) -> Res<()> {
 /// alert as it is: the band that stops an alert flapping on a threshold.
 fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) -> Res<()> {
     if fire {
-        let a = parse_alert(ctx, func, map)?;
+        let a = parse_alert(ctx, func, &map)?;
         record(|acts| acts.alerts.push(a));
         Ok(())
     } else if clear {
@@ -325,14 +325,20 @@ fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> 
 
 /// Registers the rule API on an engine that is about to be frozen.
 pub fn register(engine: &mut Engine) {
-    engine.register_fn("alert", |ctx: NativeCallContext, map: Map| -> Res<()> {
-        let a = parse_alert(&ctx, "alert", map)?;
-        record(|acts| acts.alerts.push(a));
-        Ok(())
-    });
-    engine.register_fn("resolve", |ctx: NativeCallContext, map: Map| -> Res<()> {
-        resolve_map(&ctx, "resolve", &map)
-    });
+    // `&mut`: a map held in a variable (`alert(a)`) is read in place
+    // instead of copied for the call; neither function changes it.
+    engine.register_fn(
+        "alert",
+        |ctx: NativeCallContext, map: &mut Map| -> Res<()> {
+            let a = parse_alert(&ctx, "alert", map)?;
+            record(|acts| acts.alerts.push(a));
+            Ok(())
+        },
+    );
+    engine.register_fn(
+        "resolve",
+        |ctx: NativeCallContext, map: &mut Map| -> Res<()> { resolve_map(&ctx, "resolve", map) },
+    );
     engine.register_fn("resolve", |name: &str| {
         let fp = running(|rule, _| Fingerprint::new(rule, name).finish());
         record(|acts| acts.resolves.push(fp));
@@ -455,7 +461,7 @@ mod tests {
             r#"{"labels": {"hostname": "r1"}}"#,
             r#"{"name": "Only"}"#,
         ] {
-            let raw = raw_alert("resolve", map(json)).unwrap();
+            let raw = raw_alert("resolve", &map(json)).unwrap();
             let name = raw.name.clone().unwrap_or_else(|| "rule".to_string());
             assert_eq!(
                 identity("rule", &map(json)),
@@ -474,7 +480,7 @@ mod tests {
             r#"{"colour": "red"}"#,
         ] {
             let checked = check_alert("alert", &map(json)).unwrap_err();
-            assert_eq!(raw_alert("alert", map(json)).unwrap_err(), checked);
+            assert_eq!(raw_alert("alert", &map(json)).unwrap_err(), checked);
         }
         assert!(check_alert("alert", &map(r#"{"severity": "major", "for": 5}"#)).is_ok());
     }
