@@ -194,7 +194,66 @@ fn scalar(raw: &[u8]) -> Dynamic {
     }
 }
 
+/// Watermill metadata as a rule map. The usual shape, a map of strings, is
+/// read in place; anything else goes through `rmpv`, which reads every
+/// shape (or says why it cannot), at the cost of building its own tree of
+/// values and strings first.
 fn decode_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
+    match read_string_map(raw) {
+        Some(map) => Ok(map),
+        None => decode_any_metadata(raw),
+    }
+}
+
+/// A msgpack map whose keys are strings and values strings or nil (read as
+/// empty, like `rmpv` does), with nothing after it; `None` for anything else.
+fn read_string_map(raw: &[u8]) -> Option<Map> {
+    let (&marker, mut rest) = raw.split_first()?;
+    let len = match marker {
+        0x80..=0x8f => usize::from(marker & 0x0f),
+        0xde => usize::from(u16::from_be_bytes(take(&mut rest)?)),
+        0xdf => usize::try_from(u32::from_be_bytes(take(&mut rest)?)).ok()?,
+        _ => return None,
+    };
+    let mut map = Map::new();
+    for _ in 0..len {
+        let key = read_str(&mut rest)?;
+        let value = if rest.first() == Some(&0xc0) {
+            rest = &rest[1..];
+            ""
+        } else {
+            read_str(&mut rest)?
+        };
+        map.insert(key.into(), Dynamic::from(value.to_string()));
+    }
+    rest.is_empty().then_some(map)
+}
+
+/// A msgpack string (valid UTF-8) at the start of `rest`, which moves past it.
+fn read_str<'a>(rest: &mut &'a [u8]) -> Option<&'a str> {
+    let (&marker, tail) = rest.split_first()?;
+    *rest = tail;
+    let len = match marker {
+        0xa0..=0xbf => usize::from(marker & 0x1f),
+        0xd9 => usize::from(u8::from_be_bytes(take(rest)?)),
+        0xda => usize::from(u16::from_be_bytes(take(rest)?)),
+        0xdb => usize::try_from(u32::from_be_bytes(take(rest)?)).ok()?,
+        _ => return None,
+    };
+    let (text, tail) = rest.split_at_checked(len)?;
+    *rest = tail;
+    std::str::from_utf8(text).ok()
+}
+
+/// The first `N` bytes of `rest`, which moves past them.
+fn take<const N: usize>(rest: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, tail) = rest.split_first_chunk::<N>()?;
+    *rest = tail;
+    Some(*head)
+}
+
+/// Metadata of any shape: other values than strings become their text.
+fn decode_any_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
     let mut cursor = raw;
     let value =
         rmpv::decode::read_value(&mut cursor).map_err(|e| DecodeError::Metadata(e.to_string()))?;
@@ -329,6 +388,48 @@ pub(crate) mod tests {
         assert_eq!(m["d"].as_int().unwrap(), 2, "last duplicate wins");
         let n = m["n"].clone().cast::<Map>();
         assert_eq!(n["x"].clone().into_array().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn metadata_read_in_place_as_rmpv_reads_it() {
+        use rmpv::Value as V;
+        let encode = |pairs: Vec<(V, V)>| {
+            let mut out = Vec::new();
+            rmpv::encode::write_value(&mut out, &V::Map(pairs)).unwrap();
+            out
+        };
+        let s = |t: &str| V::from(t);
+        let many: Vec<(V, V)> = (0..20)
+            .map(|i| (s(&format!("k{i}")), s(&"v".repeat(i * 20))))
+            .collect();
+        let in_place = [
+            encode(vec![]),
+            encode(vec![(s("source"), s("bench")), (s("name"), V::Nil)]),
+            encode(vec![(s("d"), s("1")), (s("d"), s("2"))]),
+            encode(many),
+            // Longer forms than needed: str8, str32 and map32.
+            vec![0x81, 0xd9, 1, b'a', 0xdb, 0, 0, 0, 1, b'b'],
+            vec![0xdf, 0, 0, 0, 1, 0xa1, b'a', 0xa1, b'b'],
+        ];
+        let other = [
+            encode(vec![(s("n"), V::from(5)), (s("b"), V::Boolean(true))]),
+            encode(vec![(V::from(1), s("x"))]),
+            vec![0x81, 0xa1, b'u', 0xa2, 0xff, b'a'],
+            [encode(vec![(s("a"), s("b"))]), vec![0xc0]].concat(),
+            vec![0x92, 0xa1, b'a', 0xa1, b'b'],
+            vec![0x81, 0xa3, b'a'],
+            vec![0xc1, 0xff],
+            vec![],
+        ];
+        for raw in in_place.iter().chain(&other) {
+            assert_eq!(
+                format!("{:?}", decode_metadata(raw)),
+                format!("{:?}", decode_any_metadata(raw)),
+                "{raw:x?}"
+            );
+        }
+        assert!(in_place.iter().all(|raw| read_string_map(raw).is_some()));
+        assert!(other.iter().all(|raw| read_string_map(raw).is_none()));
     }
 
     #[test]
