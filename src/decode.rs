@@ -224,7 +224,7 @@ fn read_string_map(raw: &[u8]) -> Option<Map> {
         } else {
             read_str(&mut rest)?
         };
-        map.insert(key.into(), Dynamic::from(value.to_string()));
+        map.insert(key.into(), rhai::ImmutableString::from(value).into());
     }
     rest.is_empty().then_some(map)
 }
