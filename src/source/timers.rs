@@ -30,11 +30,17 @@ pub async fn run(
 ) {
     let mut conn = LazyConn::new(shared.target.clone(), Duration::from_secs(5));
     let mut last_refresh: Option<Instant> = None;
+    // The first full read happens at once: until it, every commit checks a
+    // version per alert (see `alert::book`).
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
+        if !first {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
+        first = false;
         if last_refresh.is_none_or(|t| t.elapsed() >= FULL_REFRESH) {
             match refresh(&shared, &streams, &mut conn).await {
                 Ok(()) => last_refresh = Some(Instant::now()),
