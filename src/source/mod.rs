@@ -71,7 +71,7 @@ fn backoff() -> Backoff {
 }
 
 /// One read/judge/commit loop. Returns when `shutdown` fires, after the
-/// batch in hand is committed.
+/// batch in hand (and one read ahead, if any) is committed.
 pub async fn run_worker(
     shared: Arc<Shared>,
     sub: Arc<Subscription>,
@@ -85,6 +85,7 @@ pub async fn run_worker(
     let mut state = WorkerState {
         groups_ready: false,
         draining: initial_drain(&sub),
+        ahead: None,
     };
     tracing::debug!(subscription = %sub.name, consumer, "worker started");
     while !shutdown.is_cancelled() {
@@ -99,12 +100,18 @@ pub async fn run_worker(
                 note_error(&format!("subscription {}", sub.name), &e);
                 read.reset();
                 write.reset();
-                state.groups_ready = false;
-                state.draining = initial_drain(&sub);
+                state.reset(&sub);
                 if !pause(&mut backoff, &shutdown).await {
                     break;
                 }
             }
+        }
+    }
+    if let Some(reply) = state.ahead.take() {
+        // Read before the shutdown: judged now rather than left pending.
+        let batches = parse_read_reply(reply);
+        if let Err(e) = settle_batches(&shared, &sub, batches, &mut write, &mut state).await {
+            note_error(&format!("subscription {}", sub.name), &e);
         }
     }
     tracing::debug!(subscription = %sub.name, consumer, "worker stopped");
@@ -117,6 +124,19 @@ struct WorkerState {
     /// While re-reading our own pending entries: the last id seen per stream
     /// still being drained. Empty once all are drained.
     draining: HashMap<String, String>,
+    /// The next batch, read while the previous one was judged and committed,
+    /// so the judging threads never wait for a read's round trip. Its
+    /// entries are in our pending list: dropped (after an error, or when a
+    /// batch is left pending), they are read again by the drain.
+    ahead: Option<Value>,
+}
+
+impl WorkerState {
+    fn reset(&mut self, sub: &Subscription) {
+        self.groups_ready = false;
+        self.draining = initial_drain(sub);
+        self.ahead = None;
+    }
 }
 
 fn initial_drain(sub: &Subscription) -> HashMap<String, String> {
@@ -124,6 +144,25 @@ fn initial_drain(sub: &Subscription) -> HashMap<String, String> {
         .iter()
         .map(|s| (s.clone(), "0".to_string()))
         .collect()
+}
+
+fn read_command(
+    sub: &Subscription,
+    consumer: &str,
+    streams: &[String],
+    ids: &[String],
+) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(sub.group())
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(sub.batch_size);
+    if ids.iter().all(|id| id == ">") {
+        cmd.arg("BLOCK").arg(sub.block.as_millis() as u64);
+    }
+    cmd.arg("STREAMS").arg(streams).arg(ids);
+    cmd
 }
 
 async fn worker_step(
@@ -142,32 +181,16 @@ async fn worker_step(
         state.groups_ready = true;
         metrics::redis_reachable();
     }
-    let draining = !state.draining.is_empty();
-    let (streams, ids): (Vec<String>, Vec<String>) = if draining {
-        state
+    let new_entries = vec![">".to_string(); sub.streams.len()];
+    if !state.draining.is_empty() {
+        let (streams, ids): (Vec<String>, Vec<String>) = state
             .draining
             .iter()
             .map(|(s, id)| (s.clone(), id.clone()))
-            .unzip()
-    } else {
-        (
-            sub.streams.clone(),
-            vec![">".to_string(); sub.streams.len()],
-        )
-    };
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(sub.group())
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(sub.batch_size);
-    if !draining {
-        cmd.arg("BLOCK").arg(sub.block.as_millis() as u64);
-    }
-    cmd.arg("STREAMS").arg(&streams).arg(&ids);
-    let reply: Value = cmd.query_async(read.get().await?).await?;
-    let batches = parse_read_reply(reply);
-    if draining {
+            .unzip();
+        let cmd = read_command(sub, consumer, &streams, &ids);
+        let reply: Value = cmd.query_async(read.get().await?).await?;
+        let batches = parse_read_reply(reply);
         for stream in &streams {
             match batches.iter().find(|(s, _)| s == stream) {
                 Some((_, entries)) if !entries.is_empty() => {
@@ -179,16 +202,72 @@ async fn worker_step(
                 }
             }
         }
+        let mut batches_with_counts = Vec::with_capacity(batches.len());
+        for (stream, entries) in batches {
+            let counts =
+                delivery_counts(write.get().await?, &stream, sub.group(), consumer, &entries)
+                    .await?;
+            batches_with_counts.push((stream, entries, counts));
+        }
+        return settle_delivered(shared, sub, batches_with_counts, write, state).await;
     }
-    for (stream, entries) in batches {
+    let reply = match state.ahead.take() {
+        Some(reply) => reply,
+        None => {
+            let cmd = read_command(sub, consumer, &sub.streams, &new_entries);
+            cmd.query_async(read.get().await?).await?
+        }
+    };
+    let batches = parse_read_reply(reply);
+    if batches.iter().all(|(_, entries)| entries.is_empty()) {
+        return Ok(());
+    }
+    let next = read_command(sub, consumer, &sub.streams, &new_entries);
+    let read_next = async {
+        let conn = read.get().await?;
+        next.query_async::<Value>(conn).await
+    };
+    let (settled, next) = tokio::join!(
+        settle_batches(shared, sub, batches, write, state),
+        read_next
+    );
+    settled?;
+    if state.draining.is_empty() {
+        state.ahead = Some(next?);
+    }
+    Ok(())
+}
+
+/// Judges and commits new entries (first deliveries).
+async fn settle_batches(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    batches: Vec<(String, Vec<StreamEntry>)>,
+    write: &mut LazyConn,
+    state: &mut WorkerState,
+) -> Result<(), RedisError> {
+    let batches = batches
+        .into_iter()
+        .map(|(stream, entries)| (stream, entries, HashMap::new()))
+        .collect();
+    settle_delivered(shared, sub, batches, write, state).await
+}
+
+/// Judges and commits batches given with their delivery counts (absent:
+/// a first delivery). A batch left pending after too many state conflicts
+/// is read again from our own pending list at once, not after
+/// `claim_min_idle`.
+async fn settle_delivered(
+    shared: &Arc<Shared>,
+    sub: &Arc<Subscription>,
+    batches: Vec<(String, Vec<StreamEntry>, HashMap<String, u64>)>,
+    write: &mut LazyConn,
+    state: &mut WorkerState,
+) -> Result<(), RedisError> {
+    for (stream, entries, deliveries) in batches {
         if entries.is_empty() {
             continue;
         }
-        let deliveries = if draining {
-            delivery_counts(write.get().await?, &stream, sub.group(), consumer, &entries).await?
-        } else {
-            HashMap::new()
-        };
         let delivered = entries
             .into_iter()
             .map(|e| Delivered {
@@ -198,8 +277,6 @@ async fn worker_step(
             })
             .collect();
         if !settle(shared, sub, &stream, delivered, write).await? {
-            // Left pending after too many state conflicts: read it again
-            // from our own pending list now, not after claim_min_idle.
             state.draining.insert(stream, "0".to_string());
         }
     }

@@ -340,7 +340,13 @@ fn sigterm_mid_stream_loses_nothing_and_acks_nothing_unprocessed() {
         outbox.is_disjoint(&pending),
         "an entry is both acked and pending"
     );
-    // Every entry is either committed with its alert, still pending, or never read.
+    // A graceful stop judges what it read (the batch read ahead included).
+    assert!(
+        pending.is_empty(),
+        "{} entries read before SIGTERM were left pending",
+        pending.len()
+    );
+    // Every entry is either committed with its alert, or never read.
     assert_eq!(
         outbox.len() + pending.len() + lag as usize,
         total as usize,
