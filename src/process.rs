@@ -136,7 +136,11 @@ impl Processor {
         let event_ms = event_time(&decoded.body)
             .or_else(|| id_time(input.id))
             .unwrap_or(input.now_ms);
-        let ctx = context(input, decoded.metadata, decoded.uuid, event_ms);
+        let ctx = if loaded.set.reads_context(selected, input.stream) {
+            context(input, decoded.metadata, decoded.uuid, event_ms)
+        } else {
+            Dynamic::UNIT
+        };
         let msg = decoded.body.into_shared();
         let results = loaded.set.evaluate(
             &self.engine,

@@ -105,6 +105,9 @@ pub struct Rule {
     /// and each call must start from the loaded value: such a rule gets a
     /// fresh copy per call.
     constants_only: bool,
+    /// Whether `on_message` may read its context (see [`reads_context`]):
+    /// building the context map costs more than many rules.
+    reads_context: bool,
     /// Streams this rule handles; `None` means all of its subscription's.
     topics: Option<Vec<String>>,
     /// Shadow mode: alerts are counted and logged, never sent.
@@ -223,6 +226,14 @@ impl RuleSet {
 
     /// Indices of the rules whose relative path matches one of `globs`, in
     /// path order.
+    /// Whether a selected rule that handles `stream` may read the context:
+    /// if none does, the caller need not build it.
+    pub fn reads_context(&self, selected: &[usize], stream: &str) -> bool {
+        selected
+            .iter()
+            .any(|&i| self.rules[i].reads_context && self.rules[i].handles(stream))
+    }
+
     pub fn select(&self, globs: &[String]) -> Vec<usize> {
         let mut builder = globset::GlobSetBuilder::new();
         for g in globs {
@@ -250,7 +261,7 @@ impl RuleSet {
         } = msg;
         let last = selected
             .iter()
-            .rposition(|&i| self.rules[i].handles(stream));
+            .rposition(|&i| self.rules[i].handles(stream) && self.rules[i].reads_context);
         let mut ctx = Some(ctx);
         let mut results = Vec::with_capacity(selected.len());
         for (n, &i) in selected.iter().enumerate() {
@@ -258,7 +269,9 @@ impl RuleSet {
             if !rule.handles(stream) {
                 continue;
             }
-            let ctx = if Some(n) == last {
+            let ctx = if !rule.reads_context {
+                Dynamic::UNIT
+            } else if Some(n) == last {
                 ctx.take().unwrap_or_default()
             } else {
                 ctx.clone().unwrap_or_default()
@@ -441,6 +454,7 @@ fn compile_rule(
     };
     let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
     let constants_only = scope.iter_raw().all(|(_, constant, _)| constant);
+    let reads_context = reads_context(&ast, source);
     Ok(Rule {
         shadow,
         metrics: RuleMetrics::new(&name),
@@ -450,9 +464,34 @@ fn compile_rule(
         source_hash: hash_source(source),
         ast,
         constants_only,
+        reads_context,
         scope,
         topics,
     })
+}
+
+/// False only when the name of `on_message`'s second parameter appears
+/// nowhere in the file but in its signature: then nothing can read the
+/// context (`eval` is disabled). Any other mention (a comment, a string,
+/// another function's parameter of the same name) counts as a read.
+fn reads_context(ast: &AST, source: &str) -> bool {
+    let Some(name) = ast
+        .iter_functions()
+        .find(|f| f.name == ENTRY_POINT && f.params.len() == 2)
+        .map(|f| f.params[1])
+    else {
+        return true;
+    };
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    let mentions = source
+        .match_indices(name)
+        .filter(|(at, _)| {
+            let before = source[..*at].chars().next_back();
+            let after = source[at + name.len()..].chars().next();
+            !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+        })
+        .count();
+    mentions > 1
 }
 
 fn hash_source(s: &str) -> u64 {
@@ -678,6 +717,23 @@ mod tests {
         assert!(!is_rule_file(Path::new("r/a.rhai~")));
         assert!(!is_rule_file(Path::new("r/.a.rhai.swp")));
         assert!(is_rule_file(Path::new("r/a.rhai")));
+    }
+
+    #[test]
+    fn the_context_is_built_unless_nothing_can_read_it() {
+        let engine = build_engine(&Limits::default());
+        let reads = |src: &str| reads_context(&engine.compile(src).unwrap(), src);
+        assert!(!reads("fn on_message(msg, ctx) { log(msg.x); }"));
+        assert!(!reads("fn on_message(m, c) { let cc = c_; let c_ = 1; }"));
+        assert!(reads("fn on_message(msg, ctx) { log(ctx.id); }"));
+        assert!(reads(
+            "fn on_message(msg, ctx) { let f = || ctx.id; f.call() }"
+        ));
+        assert!(reads("fn on_message(msg, ctx) { is_def_var(\"ctx\") }"));
+        assert!(reads("// ctx\nfn on_message(msg, ctx) { }"));
+        assert!(reads(
+            "fn on_message(msg, ctx) { f(ctx) }\nfn f(c) { log(c.stream) }"
+        ));
     }
 
     #[test]
