@@ -10,10 +10,6 @@
 #[path = "../tests/it/util.rs"]
 mod util;
 
-/// The allocator `tripline` runs with, so `judge` measures what it does.
-#[global_allocator]
-static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
 use std::collections::HashMap;
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
