@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Alert, Status};
+use super::{Alert, Severity, Status};
 use crate::outbox::hash_tag;
 use crate::process::rfc3339;
 
@@ -141,7 +141,67 @@ pub struct Transition {
 #[derive(Debug, Clone, Default)]
 struct Cached {
     version: u64,
-    entry: Option<Entry>,
+    entry: Option<Stored>,
+}
+
+/// What deciding most assertions and finding due timers reads of an entry.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Head {
+    phase: Phase,
+    notified: u64,
+    seen: u64,
+    for_ms: u64,
+    resolve_after_ms: u64,
+    deadman_ms: u64,
+    held: bool,
+    /// The latest of `changes`.
+    last_change: Option<u64>,
+    severity: Severity,
+}
+
+impl Head {
+    fn of(e: &Entry) -> Head {
+        Head {
+            phase: e.phase,
+            notified: e.notified,
+            seen: e.seen,
+            for_ms: e.for_ms,
+            resolve_after_ms: e.resolve_after_ms,
+            deadman_ms: e.deadman_ms,
+            held: e.held,
+            last_change: e.changes.last().copied(),
+            severity: e.alert.severity,
+        }
+    }
+}
+
+/// An entry as cached: its head decoded, the whole kept as the JSON Redis
+/// holds and decoded only for a transition. Every router has a deadman
+/// watch: kept decoded, an entry (an alert with two small B-trees and a
+/// dozen strings) takes about 2 KB; as JSON about 0.4 KB.
+#[derive(Debug, Clone, PartialEq)]
+struct Stored {
+    head: Head,
+    json: Box<str>,
+}
+
+impl Stored {
+    fn of(e: &Entry) -> Stored {
+        Stored {
+            head: Head::of(e),
+            json: serde_json::to_string(e).expect("entries serialize").into(),
+        }
+    }
+
+    /// Reads what [`Stored::of`] or Redis (checked by [`decode`]) wrote.
+    fn entry(&self) -> Entry {
+        serde_json::from_str(&self.json).expect("cached entries were decoded once already")
+    }
+
+    /// `<version>|<json>`, the value Redis holds.
+    fn encode(&self, version: u64) -> String {
+        format!("{version}|{}", self.json)
+    }
 }
 
 /// Decisions for a set of actions.
@@ -183,16 +243,14 @@ fn parse_field(f: &str) -> Option<u64> {
     u64::from_str_radix(f, 16).ok()
 }
 
-fn encode(version: u64, e: &Entry) -> String {
-    format!(
-        "{version}|{}",
-        serde_json::to_string(e).expect("entries serialize")
-    )
-}
-
-fn decode(raw: &str) -> Option<(u64, Entry)> {
+fn decode(raw: &str) -> Option<(u64, Stored)> {
     let (v, json) = raw.split_once('|')?;
-    Some((v.parse().ok()?, serde_json::from_str(json).ok()?))
+    let entry: Entry = serde_json::from_str(json).ok()?;
+    let stored = Stored {
+        head: Head::of(&entry),
+        json: json.into(),
+    };
+    Some((v.parse().ok()?, stored))
 }
 
 impl AlertBook {
@@ -248,7 +306,7 @@ impl AlertBook {
             .get(hash_tag(stream))
             .and_then(|p| p.entries.get(&fp))
             .and_then(|c| c.entry.as_ref())
-            .is_some_and(|e| {
+            .is_some_and(|Stored { head: e, .. }| {
                 e.phase == Phase::Watching
                     && now.saturating_sub(e.seen) * 10 < after_ms
                     && e.deadman_ms == after_ms
@@ -279,19 +337,20 @@ impl AlertBook {
             // Most assertions change nothing (a resolve of a quiet alert, a
             // re-assertion within the repeat interval): decided without
             // copying the entry.
-            if self.is_noop(cached.and_then(|c| c.entry.as_ref()), a) {
+            if self.is_noop(cached.and_then(|c| c.entry.as_ref()).map(|s| &s.head), a) {
                 continue;
             }
             let cur = cached.cloned().unwrap_or_default();
-            let (next, note) = self.step(cur.entry.clone(), a);
-            if next == cur.entry && note.is_none() {
+            let before = cur.entry.as_ref().map(Stored::entry);
+            let (next, note) = self.step(before.clone(), a);
+            if next == before && note.is_none() {
                 continue;
             }
             cache.insert(
                 a.fp,
                 Cached {
                     version: cur.version + 1,
-                    entry: next,
+                    entry: next.as_ref().map(Stored::of),
                 },
             );
             first_version.entry(a.fp).or_insert(cur.version);
@@ -314,7 +373,7 @@ impl AlertBook {
                 value: (!check_only)
                     .then(|| {
                         now.and_then(|c| c.entry.as_ref())
-                            .map(|e| encode(version, e))
+                            .map(|s| s.encode(version))
                     })
                     .flatten(),
                 check_only,
@@ -326,7 +385,7 @@ impl AlertBook {
 
     /// True when [`Self::step`] would leave `entry` as it is and notify
     /// nothing; must agree with it (a test checks).
-    fn is_noop(&self, entry: Option<&Entry>, a: &Action) -> bool {
+    fn is_noop(&self, entry: Option<&Head>, a: &Action) -> bool {
         let now = a.now_ms;
         match (&a.kind, entry) {
             (ActionKind::Resolve, None) => true,
@@ -334,10 +393,7 @@ impl AlertBook {
             (ActionKind::Fire { .. }, _) if a.alert.is_none() => true,
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Watching => true,
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Firing => {
-                let escalated = a
-                    .alert
-                    .as_ref()
-                    .is_some_and(|n| n.severity != e.alert.severity);
+                let escalated = a.alert.as_ref().is_some_and(|n| n.severity != e.severity);
                 let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
                 let refresh_seen =
                     e.resolve_after_ms > 0 && now.saturating_sub(e.seen) * 10 >= e.resolve_after_ms;
@@ -554,23 +610,23 @@ impl AlertBook {
     pub fn due_in(&self, tag: &str, now: u64) -> Decision {
         // Runs every timer tick under the lock the workers' `decide` needs:
         // clone only the entries that are due, not the whole partition.
-        let candidates: Vec<(u64, Entry)> = {
+        let candidates: Vec<(u64, Stored)> = {
             let parts = self.parts.lock().expect("alert book poisoned");
             let Some(part) = parts.get(tag) else {
                 return Decision::default();
             };
             part.entries
                 .iter()
-                .filter_map(|(fp, c)| c.entry.as_ref().map(|e| (*fp, e)))
-                .filter(|(_, e)| {
+                .filter_map(|(fp, c)| c.entry.as_ref().map(|s| (*fp, s)))
+                .filter(|(_, Stored { head: e, .. })| {
                     self.settled(e, now)
                         || match e.phase {
                             Phase::Firing => {
                                 e.resolve_after_ms > 0
                                     && now.saturating_sub(e.seen) >= e.resolve_after_ms
                             }
-                            Phase::Resolved => e.changes.last().is_none_or(|t| {
-                                now.saturating_sub(*t) >= self.policy.flap_window_ms
+                            Phase::Resolved => e.last_change.is_none_or(|t| {
+                                now.saturating_sub(t) >= self.policy.flap_window_ms
                             }),
                             Phase::Watching => now.saturating_sub(e.seen) >= e.deadman_ms,
                             Phase::Pending => {
@@ -588,15 +644,16 @@ impl AlertBook {
             return Decision::default();
         };
         let mut d = Decision::default();
-        for (fp, mut e) in candidates {
+        for (fp, stored) in candidates {
             let Some(cur) = cache.get(&fp).cloned() else {
                 continue;
             };
-            if cur.entry.as_ref() != Some(&e) {
+            if cur.entry.as_ref() != Some(&stored) {
                 continue;
             }
+            let mut e = stored.entry();
             let stream = e.alert.origin.stream.clone();
-            let (next, note) = if self.settled(&e, now) {
+            let (next, note) = if self.settled(&stored.head, now) {
                 // Flapping stopped a window ago: release the hold and tell
                 // the sinks where the alert stands now.
                 e.held = false;
@@ -640,11 +697,12 @@ impl AlertBook {
                 previous: cur.clone(),
             });
             let version = cur.version + 1;
+            let next = next.as_ref().map(Stored::of);
             d.writes.push(Write {
                 stream,
                 field: field(fp),
                 expected: cur.version,
-                value: next.as_ref().map(|e| encode(version, e)),
+                value: next.as_ref().map(|s| s.encode(version)),
                 check_only: false,
             });
             cache.insert(
@@ -662,11 +720,10 @@ impl AlertBook {
     }
 
     /// A held (flapping) alert whose last change is a whole window old.
-    fn settled(&self, e: &Entry, now: u64) -> bool {
+    fn settled(&self, e: &Head, now: u64) -> bool {
         e.held
-            && e.changes
-                .last()
-                .is_none_or(|t| now.saturating_sub(*t) >= self.policy.flap_window_ms)
+            && e.last_change
+                .is_none_or(|t| now.saturating_sub(t) >= self.policy.flap_window_ms)
     }
 
     /// Undoes cached changes of partition `tag`, newest first, after their
@@ -736,18 +793,25 @@ impl AlertBook {
         let mut d = Decision::default();
         self.with_part(tag, |p| {
             let cache = &mut p.entries;
-            let doomed: Vec<u64> = cache
+            // Decoding every entry to read its rule would take seconds with
+            // many alerts: only those whose JSON names a removed rule are.
+            let named: Vec<String> = removed
                 .iter()
-                .filter(|(_, c)| {
-                    c.entry
-                        .as_ref()
-                        .is_some_and(|e| removed.contains(&e.alert.rule))
-                })
-                .map(|(fp, _)| *fp)
+                .map(|r| serde_json::to_string(r).expect("strings serialize"))
                 .collect();
-            for fp in doomed {
+            let doomed: Vec<(u64, Entry)> = cache
+                .iter()
+                .filter_map(|(fp, c)| {
+                    let s = c.entry.as_ref()?;
+                    if !named.iter().any(|n| s.json.contains(n.as_str())) {
+                        return None;
+                    }
+                    let e = s.entry();
+                    removed.contains(&e.alert.rule).then_some((*fp, e))
+                })
+                .collect();
+            for (fp, mut e) in doomed {
                 let cur = cache.remove(&fp).expect("listed");
-                let mut e = cur.entry.clone().expect("filtered on entry");
                 if e.phase == Phase::Firing
                     && let Some(n) = self.resolved(&mut e, now)
                 {
@@ -773,7 +837,11 @@ impl AlertBook {
             .expect("alert book poisoned")
             .values()
             .flat_map(|p| p.entries.values())
-            .filter(|c| c.entry.as_ref().is_some_and(|e| e.phase == Phase::Firing))
+            .filter(|c| {
+                c.entry
+                    .as_ref()
+                    .is_some_and(|s| s.head.phase == Phase::Firing)
+            })
             .count()
     }
 }
@@ -985,7 +1053,7 @@ mod tests {
                             let (next, note) = book.step(entry.clone(), &a);
                             let unchanged = next == entry && note.is_none();
                             assert_eq!(
-                                book.is_noop(entry.as_ref(), &a),
+                                book.is_noop(entry.as_ref().map(Head::of).as_ref(), &a),
                                 unchanged,
                                 "{k:?} on {entry:?}"
                             );
