@@ -124,8 +124,9 @@ struct WorkerState {
     /// While re-reading our own pending entries: the last id seen per stream
     /// still being drained. Empty once all are drained.
     draining: HashMap<String, String>,
-    /// The next batch, read while the previous one was judged and committed,
-    /// so the judging threads never wait for a read's round trip. Its
+    /// The next batch, read while the previous (full) one was judged and
+    /// committed, so the judging threads never wait for a read's round trip
+    /// while there is a backlog. Its
     /// entries are in our pending list: dropped (after an error, or when a
     /// batch is left pending), they are read again by the drain.
     ahead: Option<Value>,
@@ -221,6 +222,15 @@ async fn worker_step(
     let batches = parse_read_reply(reply);
     if batches.iter().all(|(_, entries)| entries.is_empty()) {
         return Ok(());
+    }
+    // Reading ahead pays only with a backlog (a full batch). Without one,
+    // the read would wait here for the next entry, which an idle worker of
+    // the group should take at once instead.
+    if batches
+        .iter()
+        .all(|(_, entries)| entries.len() < sub.batch_size)
+    {
+        return settle_batches(shared, sub, batches, write, state).await;
     }
     let next = read_command(sub, consumer, &sub.streams, &new_entries);
     let read_next = async {
