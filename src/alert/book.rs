@@ -213,6 +213,32 @@ pub struct Decision {
     pub undo: Vec<Transition>,
 }
 
+/// A partition's entries as read from Redis, decoded. With thousands of
+/// alerts decoding takes milliseconds: it happens before any lock that
+/// deciding needs is taken.
+#[derive(Debug, Default)]
+pub struct Snapshot(HashMap<u64, Cached>);
+
+impl Snapshot {
+    /// Decodes the `(field, value)` pairs of a state hash; unreadable ones
+    /// are skipped (a version of tripline that wrote another format).
+    pub fn decode(fields: &[(String, String)]) -> Snapshot {
+        Snapshot(
+            fields
+                .iter()
+                .filter_map(|(f, raw)| {
+                    let (version, entry) = decode(raw)?;
+                    let cached = Cached {
+                        version,
+                        entry: Some(entry),
+                    };
+                    Some((parse_field(f)?, cached))
+                })
+                .collect(),
+        )
+    }
+}
+
 /// The cached state of one partition: the alerts raised from the streams
 /// that share a hash tag, which Redis keeps in one hash.
 #[derive(Debug, Default)]
@@ -755,35 +781,21 @@ impl AlertBook {
         self.with_part(tag, |p| p.entries.extend(fresh));
     }
 
-    /// Replaces everything cached for partition `tag` with what Redis holds
-    /// there: picks up alerts other instances raised (so this instance's
-    /// timers cover them) and forgets deleted ones. `generation` is the partition's
-    /// generation if nothing wrote while it was read.
+    /// Replaces everything cached for partition `tag` with `snapshot`, what
+    /// Redis holds there: picks up alerts other instances raised (so this
+    /// instance's timers cover them) and forgets deleted ones. `generation`
+    /// is the partition's generation if nothing wrote while it was read.
+    /// Returns the old entries, for the caller to drop outside its locks.
     pub fn load_partition(
         &self,
         tag: &str,
-        fields: Vec<(String, String)>,
+        snapshot: Snapshot,
         generation: Option<u64>,
-    ) {
-        // With thousands of alerts, decoding their JSON and dropping the old
-        // entries takes milliseconds: both happen outside the lock that
-        // every worker's `decide` waits for.
-        let fresh: HashMap<u64, Cached> = fields
-            .iter()
-            .filter_map(|(f, raw)| {
-                let (version, entry) = decode(raw)?;
-                let cached = Cached {
-                    version,
-                    entry: Some(entry),
-                };
-                Some((parse_field(f)?, cached))
-            })
-            .collect();
-        let stale = self.with_part(tag, |p| {
+    ) -> Snapshot {
+        self.with_part(tag, |p| {
             p.synced = generation;
-            std::mem::replace(&mut p.entries, fresh)
-        });
-        drop(stale);
+            Snapshot(std::mem::replace(&mut p.entries, snapshot.0))
+        })
     }
 
     /// Drops the state of partition `tag` that belongs to rules that no
@@ -1100,7 +1112,7 @@ mod tests {
         let other = book.decide("t", &[fire(0, 1)], true);
         assert_eq!(other.notifications.len(), 1);
         assert_eq!(book.synced("s"), None);
-        book.load_partition("s", Vec::new(), Some(7));
+        book.load_partition("s", Snapshot::default(), Some(7));
         assert_eq!(book.synced("s"), Some(7));
         book.committed("s", Some(7), 8);
         assert_eq!(book.synced("s"), Some(8));

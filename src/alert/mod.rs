@@ -4,7 +4,7 @@
 mod book;
 pub mod silence;
 
-pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Transition, Write};
+pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Snapshot, Transition, Write};
 
 use std::collections::BTreeMap;
 

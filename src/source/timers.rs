@@ -11,7 +11,7 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use crate::alert::{Alert, AlertBook, Decision};
+use crate::alert::{Alert, AlertBook, Decision, Snapshot};
 use crate::metrics;
 use crate::outbox::{self, Basis, Committed, Settlement, hash_tag, state_key};
 use crate::process::now_ms;
@@ -94,10 +94,14 @@ async fn refresh(
             }
             cursor = next;
         }
+        let snapshot = Snapshot::decode(&fields);
+        drop(fields);
         let gate = book.gate(&tag);
-        let _decided = gate.lock().await;
+        let decided = gate.lock().await;
         let after = outbox::read_gen(conn.get().await?, &stream).await?;
-        book.load_partition(&tag, fields, (before == after).then_some(before));
+        let stale = book.load_partition(&tag, snapshot, (before == after).then_some(before));
+        drop(decided);
+        drop(stale);
     }
     Ok(())
 }
