@@ -6,6 +6,8 @@
 //! - [`config`]: the YAML file, its defaults and `validate()`.
 //! - [`redis_conn`]: connections to one Redis or a Redis Cluster (reply
 //!   timeouts, reconnect backoff, reply parsing).
+//! - [`stream_reader`]: the workers' XREADGROUP over a socket of our own,
+//!   parsed straight into stream entries (single server, TCP or Unix).
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
@@ -49,3 +51,4 @@ pub mod ruletest;
 pub mod shard;
 pub mod sinks;
 pub mod source;
+pub mod stream_reader;

@@ -183,6 +183,19 @@ impl RedisTarget {
         matches!(self.kind, TargetKind::Cluster(_))
     }
 
+    /// Address and credentials of the one server; `None` on Cluster. For
+    /// connections tripline opens itself ([`crate::stream_reader`]).
+    pub fn single_server(&self) -> Option<&ConnectionInfo> {
+        match &self.kind {
+            TargetKind::Single(client) => Some(client.get_connection_info()),
+            TargetKind::Cluster(_) => None,
+        }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
     /// A connection whose replies (a blocking read included) time out after
     /// `response_timeout`. On Cluster the same bound covers the retries a
     /// command makes while a failover moves its slot.

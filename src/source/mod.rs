@@ -25,8 +25,9 @@ use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
-    parse_entries, parse_groups, parse_pending, parse_read_reply, pause,
+    parse_entries, parse_groups, parse_pending, pause,
 };
+use crate::stream_reader::{Batches, ReadConn};
 
 /// Reply timeout of connections that never block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -79,7 +80,7 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) {
     let read_timeout = sub.block + Duration::from_secs(2).max(sub.block / 2);
-    let mut read = LazyConn::new(shared.target.clone(), read_timeout);
+    let mut read = ReadConn::new(&shared.target, read_timeout);
     let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
     let mut backoff = backoff();
     let mut state = WorkerState {
@@ -107,9 +108,8 @@ pub async fn run_worker(
             }
         }
     }
-    if let Some(reply) = state.ahead.take() {
+    if let Some(batches) = state.ahead.take() {
         // Read before the shutdown: judged now rather than left pending.
-        let batches = parse_read_reply(reply);
         if let Err(e) = settle_batches(&shared, &sub, batches, &mut write, &mut state).await {
             note_error(&format!("subscription {}", sub.name), &e);
         }
@@ -129,7 +129,7 @@ struct WorkerState {
     /// while there is a backlog. Its
     /// entries are in our pending list: dropped (after an error, or when a
     /// batch is left pending), they are read again by the drain.
-    ahead: Option<Value>,
+    ahead: Option<Batches>,
 }
 
 impl WorkerState {
@@ -170,7 +170,7 @@ async fn worker_step(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
     consumer: &str,
-    read: &mut LazyConn,
+    read: &mut ReadConn,
     write: &mut LazyConn,
     state: &mut WorkerState,
 ) -> Result<(), RedisError> {
@@ -189,9 +189,9 @@ async fn worker_step(
             .iter()
             .map(|(s, id)| (s.clone(), id.clone()))
             .unzip();
-        let cmd = read_command(sub, consumer, &streams, &ids);
-        let reply: Value = cmd.query_async(read.get().await?).await?;
-        let batches = parse_read_reply(reply);
+        let batches = read
+            .read(&read_command(sub, consumer, &streams, &ids))
+            .await?;
         for stream in &streams {
             match batches.iter().find(|(s, _)| s == stream) {
                 Some((_, entries)) if !entries.is_empty() => {
@@ -212,14 +212,13 @@ async fn worker_step(
         }
         return settle_delivered(shared, sub, batches_with_counts, write, state).await;
     }
-    let reply = match state.ahead.take() {
-        Some(reply) => reply,
+    let batches = match state.ahead.take() {
+        Some(batches) => batches,
         None => {
-            let cmd = read_command(sub, consumer, &sub.streams, &new_entries);
-            cmd.query_async(read.get().await?).await?
+            read.read(&read_command(sub, consumer, &sub.streams, &new_entries))
+                .await?
         }
     };
-    let batches = parse_read_reply(reply);
     if batches.iter().all(|(_, entries)| entries.is_empty()) {
         return Ok(());
     }
@@ -233,10 +232,7 @@ async fn worker_step(
         return settle_batches(shared, sub, batches, write, state).await;
     }
     let next = read_command(sub, consumer, &sub.streams, &new_entries);
-    let read_next = async {
-        let conn = read.get().await?;
-        next.query_async::<Value>(conn).await
-    };
+    let read_next = read.read(&next);
     let (settled, next) = tokio::join!(
         settle_batches(shared, sub, batches, write, state),
         read_next

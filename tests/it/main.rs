@@ -7,6 +7,7 @@ mod http;
 mod lifecycle;
 mod logging;
 mod pipeline;
+mod reader;
 mod reload;
 mod sinks;
 mod util;

@@ -39,6 +39,9 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     persistent: bool,
+    /// `requirepass` of the default user, if any; [`RedisServer::url`] and
+    /// [`RedisServer::conn`] carry it.
+    password: Option<String>,
 }
 
 impl RedisServer {
@@ -52,15 +55,38 @@ impl RedisServer {
         Self::start_with(true)
     }
 
+    /// With `requirepass`: every client must AUTH.
+    pub fn start_with_password(password: &str) -> RedisServer {
+        let mut s = Self::new(false);
+        s.password = Some(password.to_string());
+        s.spawn();
+        s
+    }
+
     fn start_with(persistent: bool) -> RedisServer {
-        let mut s = RedisServer {
+        let mut s = Self::new(persistent);
+        s.spawn();
+        s
+    }
+
+    fn new(persistent: bool) -> RedisServer {
+        RedisServer {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
             persistent,
-        };
-        s.spawn();
-        s
+            password: None,
+        }
+    }
+
+    /// An ACL user allowed everything, with its own password.
+    pub fn add_user(&self, user: &str, password: &str) {
+        let mut con = self.conn();
+        let pass = format!(">{password}");
+        q(
+            &mut con,
+            &["ACL", "SETUSER", user, "on", &pass, "~*", "&*", "+@all"],
+        );
     }
 
     fn spawn(&mut self) {
@@ -73,6 +99,9 @@ impl RedisServer {
             .arg(self.dir.path())
             .arg("--save")
             .arg("");
+        if let Some(password) = &self.password {
+            cmd.arg("--requirepass").arg(password);
+        }
         if self.persistent {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -98,7 +127,10 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}/", self.port),
+            None => format!("redis://127.0.0.1:{}/", self.port),
+        }
     }
 
     /// The seed's `REDIS_ADDR` form.
