@@ -311,11 +311,12 @@ impl Project {
     }
 
     /// Lines of a JSON-lines file written by a file sink (empty if absent).
+    /// Only whole lines: the sink may be writing the last one as we read.
     pub fn json_lines(&self, rel: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.path(rel))
             .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim().is_empty())
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n') && !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
