@@ -42,6 +42,27 @@ pub struct Shared {
     pub outbox_max_len: u64,
 }
 
+impl Shared {
+    /// Commits one batch of `stream` to this instance's outbox.
+    async fn commit(
+        &self,
+        conn: &mut RedisConn,
+        stream: &str,
+        group: &str,
+        settlement: &Settlement<'_>,
+    ) -> Result<Committed, RedisError> {
+        outbox::commit(
+            conn,
+            stream,
+            group,
+            &self.outbox_prefix,
+            self.outbox_max_len,
+            settlement,
+        )
+        .await
+    }
+}
+
 /// An entry handed to us, with which delivery of it this is.
 struct Delivered {
     id: String,
@@ -390,15 +411,7 @@ pub(crate) async fn commit_decisions(
             ..Settlement::default()
         };
         let conn = write.get().await?;
-        outbox::commit(
-            conn,
-            stream,
-            group,
-            &shared.outbox_prefix,
-            shared.outbox_max_len,
-            &settlement,
-        )
-        .await?;
+        shared.commit(conn, stream, group, &settlement).await?;
         return Ok(Some(Vec::new()));
     }
     let book = &shared.processor.book;
@@ -416,16 +429,7 @@ pub(crate) async fn commit_decisions(
             writes: &decision.writes,
             basis: synced.map_or(Basis::Versions, Basis::Generation),
         };
-        let committed = outbox::commit(
-            conn,
-            stream,
-            group,
-            &shared.outbox_prefix,
-            shared.outbox_max_len,
-            &settlement,
-        )
-        .await;
-        match committed {
+        match shared.commit(conn, stream, group, &settlement).await {
             Ok(Committed::Done(generation)) => {
                 book.committed(tag, synced, generation);
                 return Ok(Some(decision.notifications));

@@ -157,7 +157,7 @@ const COUNT_RULE: &str = "fn on_message(msg, ctx) {
     alert(#{ name: \"Seen\", severity: \"info\", labels: #{ seq: msg.seq } });
 }";
 
-fn counting_project(extra: &str) -> Project {
+pub(crate) fn counting_project(extra: &str) -> Project {
     Project::new(
         &config(&format!(
             "  - name: counter
@@ -250,7 +250,7 @@ fn dead_consumer_pending_is_claimed_and_over_delivered_entry_dead_lettered() {
     .is_empty()));
 }
 
-fn seqs_delivered(project: &Project) -> HashSet<u64> {
+pub(crate) fn seqs_delivered(project: &Project) -> HashSet<u64> {
     project
         .json_lines("alerts.jsonl")
         .iter()

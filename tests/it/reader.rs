@@ -2,36 +2,14 @@
 //! Redis: passwords, ACL users and databases, errors that keep their code,
 //! and a group destroyed under a running instance.
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use redis::ErrorKind;
 use tripline::redis_conn::{RedisEndpoint, RedisTarget};
 use tripline::stream_reader::StreamReader;
 
+use crate::pipeline::{counting_project, seqs_delivered};
 use crate::util::*;
-
-const COUNT_RULE: &str = "fn on_message(msg, ctx) {
-    alert(#{ name: \"Seen\", severity: \"info\", labels: #{ seq: msg.seq } });
-}";
-
-fn counting_project() -> Project {
-    Project::new(
-        &config("  - name: counter\n    streams: [s]\n    batch_size: 50\n    block: 500ms\n"),
-        &[
-            ("rules/count.rhai", COUNT_RULE),
-            ("plugins/file.yaml", FILE_SINK),
-        ],
-    )
-}
-
-fn seqs_delivered(project: &Project) -> HashSet<u64> {
-    project
-        .json_lines("alerts.jsonl")
-        .iter()
-        .map(|a| a["labels"]["seq"].as_str().unwrap().parse().unwrap())
-        .collect()
-}
 
 fn publish(con: &mut redis::Connection, seqs: std::ops::Range<u64>) {
     for i in seqs {
@@ -54,7 +32,7 @@ fn assert_all_delivered(project: &Project, tl: &Tripline, n: u64) {
 #[test]
 fn pipeline_runs_against_a_password_protected_redis() {
     let redis = RedisServer::start_with_password("s3cret");
-    let project = counting_project();
+    let project = counting_project("    block: 500ms\n");
     let tl = project.start_on(&redis.url());
     let mut con = redis.conn();
     publish(&mut con, 0..300);
@@ -68,7 +46,7 @@ fn pipeline_runs_against_a_password_protected_redis() {
 fn pipeline_runs_as_an_acl_user_on_another_database() {
     let redis = RedisServer::start_with_password("admin");
     redis.add_user("reader", "pw");
-    let project = counting_project();
+    let project = counting_project("    block: 500ms\n");
     let tl = project.start_on(&format!("redis://reader:pw@127.0.0.1:{}/2", redis.port));
     let mut con = redis.conn();
     q(&mut con, &["SELECT", "2"]);
@@ -84,7 +62,7 @@ fn pipeline_runs_as_an_acl_user_on_another_database() {
 #[test]
 fn wrong_password_is_logged_and_tripline_keeps_retrying() {
     let redis = RedisServer::start_with_password("right");
-    let project = counting_project();
+    let project = counting_project("    block: 500ms\n");
     let mut tl = project.start_on(&format!("redis://:wrong@127.0.0.1:{}/", redis.port));
     assert!(
         wait_until(Duration::from_secs(10), || tl
@@ -108,7 +86,7 @@ fn wrong_password_is_logged_and_tripline_keeps_retrying() {
 #[test]
 fn group_destroyed_under_a_running_instance_is_recreated() {
     let redis = RedisServer::start();
-    let project = counting_project();
+    let project = counting_project("    block: 500ms\n");
     let tl = project.start(&redis);
     let mut con = redis.conn();
     publish(&mut con, 0..100);
