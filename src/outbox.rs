@@ -93,7 +93,8 @@ pub struct Settlement<'a> {
 /// How a commit ended.
 #[derive(Debug, PartialEq)]
 pub enum Committed {
-    /// Written; the partition's generation is now this.
+    /// Written; the partition's generation is now this (0 when the commit
+    /// was a plain XACK that neither read nor wrote the alert state).
     Done(u64),
     /// Another instance changed these state fields since we read them;
     /// nothing was written.

@@ -279,6 +279,29 @@ fn decode(raw: &str) -> Option<(u64, Stored)> {
     Some((v.parse().ok()?, stored))
 }
 
+/// Partition `tag`, created empty on first use.
+fn partition<'a>(parts: &'a mut HashMap<String, Partition>, tag: &str) -> &'a mut Partition {
+    if !parts.contains_key(tag) {
+        parts.insert(tag.to_string(), Partition::default());
+    }
+    parts.get_mut(tag).expect("inserted")
+}
+
+/// Whether a deadman watch last seen at `seen` needs no write for a silence
+/// of `after_ms` asserted at `now`: the new deadline is written only when it
+/// moved by a tenth of the window, one write per series per window/10 rather
+/// than per message.
+fn watch_is_fresh(seen: u64, deadman_ms: u64, after_ms: u64, now: u64) -> bool {
+    now.saturating_sub(seen) * 10 < after_ms && deadman_ms == after_ms
+}
+
+/// Whether a firing alert's `seen` must be rewritten at `now`. It only
+/// matters for auto-resolve, and then only once a tenth of the delay has
+/// passed: steady firing stays free of writes.
+fn seen_is_stale(seen: u64, resolve_after_ms: u64, now: u64) -> bool {
+    resolve_after_ms > 0 && now.saturating_sub(seen) * 10 >= resolve_after_ms
+}
+
 impl AlertBook {
     pub fn new(policy: Policy) -> Self {
         AlertBook {
@@ -290,10 +313,7 @@ impl AlertBook {
 
     fn with_part<T>(&self, tag: &str, f: impl FnOnce(&mut Partition) -> T) -> T {
         let mut parts = self.parts.lock().expect("alert book poisoned");
-        match parts.get_mut(tag) {
-            Some(p) => f(p),
-            None => f(parts.entry(tag.to_string()).or_default()),
-        }
+        f(partition(&mut parts, tag))
     }
 
     /// The lock a decision on partition `tag` holds until it is committed.
@@ -333,9 +353,7 @@ impl AlertBook {
             .and_then(|p| p.entries.get(&fp))
             .and_then(|c| c.entry.as_ref())
             .is_some_and(|Stored { head: e, .. }| {
-                e.phase == Phase::Watching
-                    && now.saturating_sub(e.seen) * 10 < after_ms
-                    && e.deadman_ms == after_ms
+                e.phase == Phase::Watching && watch_is_fresh(e.seen, e.deadman_ms, after_ms, now)
             })
     }
 
@@ -346,11 +364,7 @@ impl AlertBook {
     /// commit that checks the partition's generation instead).
     pub fn decide(&self, stream: &str, actions: &[Action], checks: bool) -> Decision {
         let mut parts = self.parts.lock().expect("alert book poisoned");
-        let tag = hash_tag(stream);
-        if !parts.contains_key(tag) {
-            parts.insert(tag.to_string(), Partition::default());
-        }
-        let cache = &mut parts.get_mut(tag).expect("inserted").entries;
+        let cache = &mut partition(&mut parts, hash_tag(stream)).entries;
         let mut d = Decision::default();
         let mut first_version: HashMap<u64, u64> = HashMap::new();
         for a in actions {
@@ -421,12 +435,10 @@ impl AlertBook {
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Firing => {
                 let escalated = a.alert.as_ref().is_some_and(|n| n.severity != e.severity);
                 let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
-                let refresh_seen =
-                    e.resolve_after_ms > 0 && now.saturating_sub(e.seen) * 10 >= e.resolve_after_ms;
-                !(escalated || due || refresh_seen)
+                !(escalated || due || seen_is_stale(e.seen, e.resolve_after_ms, now))
             }
             (ActionKind::Deadman { after_ms }, Some(e)) if e.phase == Phase::Watching => {
-                now.saturating_sub(e.seen) * 10 < *after_ms && e.deadman_ms == *after_ms
+                watch_is_fresh(e.seen, e.deadman_ms, *after_ms, now)
             }
             (ActionKind::Deadman { .. }, e) if a.alert.is_none() => {
                 e.is_none_or(|e| e.phase == Phase::Resolved)
@@ -504,10 +516,7 @@ impl AlertBook {
                         .as_ref()
                         .is_some_and(|n| n.severity != e.alert.severity);
                     let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
-                    // `seen` only matters for auto-resolve; not rewriting it
-                    // on every message keeps steady firing free of writes.
-                    let refresh_seen = e.resolve_after_ms > 0
-                        && now.saturating_sub(e.seen) * 10 >= e.resolve_after_ms;
+                    let refresh_seen = seen_is_stale(e.seen, e.resolve_after_ms, now);
                     if !(escalated || due || refresh_seen) {
                         return (Some(e), None);
                     }
@@ -560,9 +569,7 @@ impl AlertBook {
                     }
                     return (Some(e), note);
                 }
-                // Write the new deadline only when it moved by a tenth of the
-                // window: one write per series per window/10, not per message.
-                if now.saturating_sub(e.seen) * 10 < *after_ms && e.deadman_ms == *after_ms {
+                if watch_is_fresh(e.seen, e.deadman_ms, *after_ms, now) {
                     return (Some(e), None);
                 }
                 e.seen = now;
