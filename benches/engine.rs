@@ -51,18 +51,16 @@ enum Mode {
     Judge(JudgeArgs),
 }
 
+/// The readings a run judges and the rules that judge them, shared by
+/// `throughput` and `judge` so both measure the same work.
 #[derive(clap::Args, Clone)]
-struct ThroughputArgs {
-    /// Entries pre-filled into the stream.
+struct Workload {
+    /// Entries pre-filled into the stream (judged per subscription, for `judge`).
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
     /// Rules tripline runs: the shipped ones, or 1 or 20 generated threshold rules.
     #[arg(long, value_enum, default_value_t = Rules::Shipped)]
     rules: Rules,
-    /// Consumer groups on the stream: 2 = the shipped config (alerts + logs,
-    /// every entry processed twice, by both loops); 1 = the alerts group only.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
-    groups: u8,
     /// Share of series whose readings are at or above 10,000 (alerting).
     #[arg(long, default_value_t = 0.0)]
     alert_share: f64,
@@ -72,6 +70,28 @@ struct ThroughputArgs {
     /// Distinct hostname/interface series the readings cycle through.
     #[arg(long, default_value_t = 1000)]
     series: usize,
+}
+
+impl Workload {
+    /// The payload of entry `i`: series `i` modulo `series`, see [`reading`].
+    fn payload(&self, i: usize) -> String {
+        reading(
+            i % self.series,
+            self.series,
+            self.alert_share,
+            self.log_share,
+        )
+    }
+}
+
+#[derive(clap::Args, Clone)]
+struct ThroughputArgs {
+    #[command(flatten)]
+    work: Workload,
+    /// Consumer groups on the stream: 2 = the shipped config (alerts + logs,
+    /// every entry processed twice, by both loops); 1 = the alerts group only.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    groups: u8,
     /// Rounds; the order (bare first or tripline first) alternates.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -112,17 +132,8 @@ struct MemoryArgs {
 
 #[derive(clap::Args, Clone)]
 struct JudgeArgs {
-    /// Entries judged per subscription.
-    #[arg(long, default_value_t = 200_000)]
-    messages: usize,
-    #[arg(long, value_enum, default_value_t = Rules::Shipped)]
-    rules: Rules,
-    #[arg(long, default_value_t = 0.0)]
-    alert_share: f64,
-    #[arg(long, default_value_t = 0.05)]
-    log_share: f64,
-    #[arg(long, default_value_t = 1000)]
-    series: usize,
+    #[command(flatten)]
+    work: Workload,
 }
 
 fn main() {
@@ -144,13 +155,16 @@ fn main() {
 /// Every mode on a tiny input: checks the harness, measures nothing.
 fn smoke() {
     println!("smoke run (use `scripts/bench` for figures)");
-    throughput(&ThroughputArgs {
-        messages: 2_000,
+    let work = |messages| Workload {
+        messages,
         rules: Rules::Shipped,
-        groups: 2,
         alert_share: 0.1,
         log_share: 0.05,
         series: 100,
+    };
+    throughput(&ThroughputArgs {
+        work: work(2_000),
+        groups: 2,
         repeat: 1,
         quiet_rule_logs: false,
     });
@@ -162,13 +176,7 @@ fn smoke() {
         series: 1_000,
         passes: 2,
     });
-    judge(&JudgeArgs {
-        messages: 1_000,
-        rules: Rules::Shipped,
-        alert_share: 0.1,
-        log_share: 0.05,
-        series: 100,
-    });
+    judge(&JudgeArgs { work: work(1_000) });
 }
 
 // ---------------------------------------------------------------- payloads
@@ -637,12 +645,12 @@ fn run_bare(redis: &RedisServer, redis_pid: u32, groups: u8, total: usize) -> Ph
 }
 
 fn run_tripline(redis: &RedisServer, redis_pid: u32, a: &ThroughputArgs) -> Phase {
-    let project = Project::new(a.rules, a.groups);
+    let project = Project::new(a.work.rules, a.groups);
     let mut con = redis.conn();
     let redis_cpu = process_cpu(redis_pid);
     let start = Instant::now();
     let mut child = project.start(redis, a.quiet_rule_logs);
-    let d = watch_drain(&mut con, &tripline_groups(a.groups), a.messages, start);
+    let d = watch_drain(&mut con, &tripline_groups(a.groups), a.work.messages, start);
     let redis_cpu = process_cpu(redis_pid) - redis_cpu;
     let cpu = process_cpu(child.id());
     let hwm_mib = status_mib(child.id(), "VmHWM");
@@ -652,7 +660,7 @@ fn run_tripline(redis: &RedisServer, redis_pid: u32, a: &ThroughputArgs) -> Phas
     let secs = (d.drained - d.first_read).as_secs_f64();
     let log = std::fs::read_to_string(project.path("tripline.log")).unwrap_or_default();
     Phase {
-        rate: a.messages as f64 / secs,
+        rate: a.work.messages as f64 / secs,
         secs,
         cpu,
         redis_cpu,
@@ -668,11 +676,11 @@ fn throughput(a: &ThroughputArgs) {
     let redis_pid = redis_pid(&mut redis.conn());
     println!(
         "throughput: {} entries, {} series, alert share {}, log share {}, rules {}, {} group(s){}",
-        a.messages,
-        a.series,
-        a.alert_share,
-        a.log_share,
-        match a.rules {
+        a.work.messages,
+        a.work.series,
+        a.work.alert_share,
+        a.work.log_share,
+        match a.work.rules {
             Rules::Shipped => "shipped",
             Rules::One => "1 generated",
             Rules::Twenty => "20 generated",
@@ -692,19 +700,16 @@ fn throughput(a: &ThroughputArgs) {
     for rep in 0..a.repeat {
         let mut con = redis.conn();
         let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("FLUSHALL");
-        publish_all(
-            &mut con,
-            (0..a.messages).map(|i| reading(i % a.series, a.series, a.alert_share, a.log_share)),
-        );
+        publish_all(&mut con, (0..a.work.messages).map(|i| a.work.payload(i)));
         let (bare, trip) = if rep % 2 == 0 {
-            let b = run_bare(&redis, redis_pid, a.groups, a.messages);
+            let b = run_bare(&redis, redis_pid, a.groups, a.work.messages);
             (b, run_tripline(&redis, redis_pid, a))
         } else {
             let t = run_tripline(&redis, redis_pid, a);
-            (run_bare(&redis, redis_pid, a.groups, a.messages), t)
+            (run_bare(&redis, redis_pid, a.groups, a.work.messages), t)
         };
         let ratio = trip.rate / bare.rate;
-        let per_msg = trip.cpu / (a.messages * a.groups as usize) as f64 * 1e6;
+        let per_msg = trip.cpu / (a.work.messages * a.groups as usize) as f64 * 1e6;
         println!(
             "  round {} ({} first): bare {:>7.0}/s ({:.2} s, cpu {:.2} s, redis cpu {:.2} s) | tripline {:>7.0}/s ({:.2} s, cpu {:.2} s = {:.1} µs/entry/group, redis cpu {:.2} s, startup {:.0} ms, peak RSS {:.1} MiB, {} alerts, {} rule log lines) | ratio {:.2}",
             rep + 1,
@@ -918,7 +923,7 @@ type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn judge(a: &JudgeArgs) {
     use tripline::process::{Input, LoadedRules, Processor};
-    let project = Project::new(a.rules, 2);
+    let project = Project::new(a.work.rules, 2);
     let config =
         tripline::config::Config::load(Some(&project.path("tripline.yaml"))).expect("config");
     let engine = tripline::rules::build_engine(&config.limits);
@@ -932,9 +937,9 @@ fn judge(a: &JudgeArgs) {
         book: Arc::new(tripline::alert::AlertBook::new(config.alerts.policy())),
     };
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
-    let entries: Vec<(String, Fields)> = (0..a.messages)
+    let entries: Vec<(String, Fields)> = (0..a.work.messages)
         .map(|i| {
-            let payload = reading(i % a.series, a.series, a.alert_share, a.log_share);
+            let payload = a.work.payload(i);
             let fields = vec![
                 (
                     b"_watermill_message_uuid".to_vec(),
@@ -951,7 +956,7 @@ fn judge(a: &JudgeArgs) {
         .collect();
     println!(
         "judge: {} entries per subscription, one thread, no Redis",
-        a.messages
+        a.work.messages
     );
     let loaded = processor.rules.load();
     for sub in config
@@ -990,7 +995,7 @@ fn judge(a: &JudgeArgs) {
         println!(
             "  {:<22} {:.2} µs/entry ({} actions, {} notifications)",
             sub.name,
-            took / a.messages as f64 * 1e6,
+            took / a.work.messages as f64 * 1e6,
             actions,
             notified
         );
