@@ -195,6 +195,14 @@ fn with_text<T>(v: &Dynamic, f: impl FnOnce(&str) -> T) -> T {
     }
 }
 
+fn not_a_map(func: &str, key: &str) -> String {
+    format!("{func}(): `{key}` must be a map")
+}
+
+fn unknown_field(func: &str, key: &str) -> String {
+    format!("{func}(): unknown field `{key}` (expected {ALERT_KEYS})")
+}
+
 fn bad_severity(func: &str, level: &str) -> String {
     format!("{func}(): severity `{level}` is not one of info, warning, major, critical")
 }
@@ -215,12 +223,8 @@ fn check_alert(func: &str, map: &Map) -> Result<(), String> {
                     .ok_or_else(|| bad_severity(func, level))
             })?,
             "labels" | "annotations" if value.is_map() => {}
-            "labels" | "annotations" => return Err(format!("{func}(): `{key}` must be a map")),
-            other => {
-                return Err(format!(
-                    "{func}(): unknown field `{other}` (expected {ALERT_KEYS})"
-                ));
-            }
+            "labels" | "annotations" => return Err(not_a_map(func, key)),
+            other => return Err(unknown_field(func, other)),
         }
     }
     Ok(())
@@ -263,7 +267,7 @@ pub fn raw_alert(func: &str, map: &Map) -> Result<RawAlert, String> {
             }
             "labels" | "annotations" => {
                 let Some(inner) = value.read_lock::<Map>() else {
-                    return Err(format!("{func}(): `{key}` must be a map"));
+                    return Err(not_a_map(func, key));
                 };
                 let target = if key == "labels" {
                     &mut alert.labels
@@ -277,11 +281,7 @@ pub fn raw_alert(func: &str, map: &Map) -> Result<RawAlert, String> {
             "summary" | "description" => {
                 alert.annotations.insert(key.to_string(), text(value));
             }
-            other => {
-                return Err(format!(
-                    "{func}(): unknown field `{other}` (expected {ALERT_KEYS})"
-                ));
-            }
+            other => return Err(unknown_field(func, other)),
         }
     }
     Ok(alert)
