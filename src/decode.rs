@@ -3,10 +3,18 @@
 //! Three shapes are accepted, tried in this order:
 //! 1. Watermill's envelope: `_watermill_message_uuid`, `metadata` (a msgpack
 //!    map of string → string) and `payload` (JSON bytes). This is what the
-//!    seed's Go publishers write.
+//!    seed's Go publishers write. A publisher that sets no metadata (the
+//!    seed's way) gets an empty string there, which Watermill's own
+//!    unmarshaller reads as "no metadata"; so do we, and likewise for a
+//!    msgpack nil or no `metadata` field at all.
 //! 2. A single `payload` or `data` field holding a JSON object.
 //! 3. Flat fields, where values that look like numbers become numbers, so
 //!    `XADD s * hostname r1 input_errors 600` works from `redis-cli`.
+//!
+//! In shapes 1 and 2 the JSON may also be a bare scalar (number, string,
+//! boolean): the seed's transceiver publisher sends a reading as `-41.5`.
+//! Rules see it as `#{value: -41.5}` ([`BARE_VALUE`]), so `msg` is always a
+//! map.
 //!
 //! Anything else is a [`DecodeError`] whose text becomes the dead-letter reason.
 
@@ -17,6 +25,10 @@ pub const WATERMILL_UUID: &str = "_watermill_message_uuid";
 pub const WATERMILL_METADATA: &str = "metadata";
 pub const WATERMILL_PAYLOAD: &str = "payload";
 
+/// The key under which a bare JSON scalar payload reaches rules
+/// (`msg.value`), so every message is a map and rules index it one way.
+pub const BARE_VALUE: &str = "value";
+
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[non_exhaustive]
 pub enum DecodeError {
@@ -24,7 +36,7 @@ pub enum DecodeError {
     Empty,
     #[error("field `{field}` is not valid JSON: {reason}")]
     Json { field: String, reason: String },
-    #[error("field `{field}` is JSON but not an object (got {got})")]
+    #[error("field `{field}` is JSON but not an object or a scalar (got {got})")]
     NotObject { field: String, got: &'static str },
     #[error("Watermill `metadata` is not a msgpack map of strings: {0}")]
     Metadata(String),
@@ -35,7 +47,7 @@ pub enum DecodeError {
 /// A decoded message: the body rules read plus the envelope's extras.
 #[derive(Debug, Clone)]
 pub struct Decoded {
-    /// The reading itself (always a map).
+    /// The reading itself (always a map; a bare scalar is `#{value: …}`).
     pub body: Dynamic,
     /// Watermill metadata, empty for other shapes.
     pub metadata: Map,
@@ -62,7 +74,7 @@ pub fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Decoded, DecodeError> {
         };
         let uuid = find(WATERMILL_UUID).map(|u| String::from_utf8_lossy(u).into_owned());
         return Ok(Decoded {
-            body: json_object(WATERMILL_PAYLOAD, payload)?,
+            body: json_body(WATERMILL_PAYLOAD, payload)?,
             metadata,
             uuid,
         });
@@ -70,7 +82,7 @@ pub fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Decoded, DecodeError> {
     if fields.len() == 1 && (fields[0].0 == b"payload" || fields[0].0 == b"data") {
         let name = String::from_utf8_lossy(&fields[0].0).into_owned();
         return Ok(Decoded {
-            body: json_object(&name, &fields[0].1)?,
+            body: json_body(&name, &fields[0].1)?,
             metadata: Map::new(),
             uuid: None,
         });
@@ -87,21 +99,30 @@ pub fn decode(fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Decoded, DecodeError> {
     })
 }
 
-fn json_object(field: &str, raw: &[u8]) -> Result<Dynamic, DecodeError> {
+/// A JSON field as the map rules read: an object as it is, a bare scalar
+/// under [`BARE_VALUE`].
+fn json_body(field: &str, raw: &[u8]) -> Result<Dynamic, DecodeError> {
     if let Ok(Object(map)) = serde_json::from_slice(raw) {
         return Ok(Dynamic::from_map(map));
     }
-    // Not an object, or not JSON: parse again the general way, which says which.
+    // Not an object, or not JSON: parse again the general way, which says
+    // which. Objects never get here, so the scalar case costs them nothing.
     let value: Dynamic = serde_json::from_slice(raw).map_err(|e| DecodeError::Json {
         field: field.to_string(),
         reason: e.to_string(),
     })?;
     if value.is_map() {
         Ok(value)
+    } else if value.is_int() || value.is_float() || value.is_string() || value.is_bool() {
+        Ok(Dynamic::from_map(Map::from([(BARE_VALUE.into(), value)])))
     } else {
         Err(DecodeError::NotObject {
             field: field.to_string(),
-            got: value.type_name(),
+            got: if value.is_unit() {
+                "null"
+            } else {
+                value.type_name()
+            },
         })
     }
 }
@@ -198,12 +219,22 @@ fn scalar(raw: &[u8]) -> Dynamic {
 /// read in place; anything else goes through `rmpv`, which reads every
 /// shape (or says why it cannot), at the cost of building its own tree of
 /// values and strings first.
+///
+/// An empty field is what Watermill writes for a message without metadata
+/// (the seed never sets any), and its unmarshaller reads it back as none;
+/// a msgpack nil says the same in msgpack. Both are the empty map.
 fn decode_metadata(raw: &[u8]) -> Result<Map, DecodeError> {
+    if matches!(raw, [] | [MSGPACK_NIL]) {
+        return Ok(Map::new());
+    }
     match read_string_map(raw) {
         Some(map) => Ok(map),
         None => decode_any_metadata(raw),
     }
 }
+
+/// msgpack's nil marker.
+const MSGPACK_NIL: u8 = 0xc0;
 
 /// A msgpack map whose keys are strings and values strings or nil (read as
 /// empty, like `rmpv` does), with nothing after it; `None` for anything else.
@@ -218,7 +249,7 @@ fn read_string_map(raw: &[u8]) -> Option<Map> {
     let mut map = Map::new();
     for _ in 0..len {
         let key = read_str(&mut rest)?;
-        let value = if rest.first() == Some(&0xc0) {
+        let value = if rest.first() == Some(&MSGPACK_NIL) {
             rest = &rest[1..];
             ""
         } else {
@@ -330,6 +361,119 @@ pub(crate) mod tests {
         assert_eq!(body["input_errors"].as_int().unwrap(), 600);
     }
 
+    /// The seed's first entry as Watermill wrote it
+    /// (tests/fixtures/watermill/seed-publisher.jsonl), with the `metadata`
+    /// field under test in place of its empty one (`None`: no field).
+    fn seed_entry(metadata: Option<&[u8]>) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut fields = vec![(
+            WATERMILL_UUID,
+            b"bc8976a3-98a5-4177-a0a0-5baa42278cb9".as_slice(),
+        )];
+        if let Some(raw) = metadata {
+            fields.push((WATERMILL_METADATA, raw));
+        }
+        fields.push((
+            WATERMILL_PAYLOAD,
+            br#"{"hostname":"dc-router-1","interface":"GigabitEthernet0/1/0","input_errors":0}"#,
+        ));
+        f(&fields)
+    }
+
+    fn assert_seed_reading_without_metadata(d: &Decoded) {
+        assert!(d.metadata.is_empty(), "{:?}", d.metadata);
+        assert_eq!(
+            d.uuid.as_deref(),
+            Some("bc8976a3-98a5-4177-a0a0-5baa42278cb9")
+        );
+        let body = d.body.clone().cast::<Map>();
+        assert_eq!(
+            body["hostname"].clone().into_string().unwrap(),
+            "dc-router-1"
+        );
+        assert_eq!(body["input_errors"].as_int().unwrap(), 0);
+    }
+
+    #[test]
+    fn empty_watermill_metadata_is_no_metadata() {
+        let d = decode(&seed_entry(Some(b""))).unwrap();
+        assert_seed_reading_without_metadata(&d);
+    }
+
+    #[test]
+    fn nil_watermill_metadata_is_no_metadata() {
+        let d = decode(&seed_entry(Some(&[0xc0]))).unwrap();
+        assert_seed_reading_without_metadata(&d);
+    }
+
+    #[test]
+    fn missing_watermill_metadata_is_no_metadata() {
+        let d = decode(&seed_entry(None)).unwrap();
+        assert_seed_reading_without_metadata(&d);
+    }
+
+    #[test]
+    fn empty_msgpack_map_metadata_is_no_metadata() {
+        let d = decode(&seed_entry(Some(&[0x80]))).unwrap();
+        assert_seed_reading_without_metadata(&d);
+    }
+
+    #[test]
+    fn watermill_metadata_set_by_the_publisher() {
+        // The fixture's entry with metadata, byte for byte.
+        let d = decode(&seed_entry(Some(b"\x81\xa6region\xa7eu-west"))).unwrap();
+        assert_eq!(d.metadata.len(), 1);
+        assert_eq!(
+            d.metadata["region"].clone().into_string().unwrap(),
+            "eu-west"
+        );
+    }
+
+    #[test]
+    fn only_an_empty_field_or_a_lone_nil_means_no_metadata() {
+        for raw in [&[0xc0, 0xc0][..], &[0x20], b" ", &[0xa0]] {
+            let err = decode(&seed_entry(Some(raw))).unwrap_err();
+            assert!(matches!(err, DecodeError::Metadata(_)), "{raw:x?}: {err}");
+        }
+    }
+
+    #[test]
+    fn bare_scalar_payload_is_msg_value() {
+        let value = |fields: &[(Vec<u8>, Vec<u8>)]| {
+            let body = decode(fields).unwrap().body.cast::<Map>();
+            assert_eq!(body.len(), 1, "{body:?}");
+            body[BARE_VALUE].clone()
+        };
+        // The seed's transceiver reading, as Watermill wrote it.
+        let seed = f(&[
+            (WATERMILL_UUID, b"b761aedd-5b52-429b-bc6f-da1219a35248"),
+            (WATERMILL_METADATA, b""),
+            (WATERMILL_PAYLOAD, b"-41.5"),
+        ]);
+        assert_eq!(value(&seed).as_float().unwrap(), -41.5);
+        assert_eq!(value(&f(&[("payload", b"-3.2")])).as_float().unwrap(), -3.2);
+        assert_eq!(value(&f(&[("data", b" 42\n")])).as_int().unwrap(), 42);
+        assert!(value(&f(&[("payload", b"true")])).as_bool().unwrap());
+        assert_eq!(
+            value(&f(&[("payload", br#""dark""#)]))
+                .into_string()
+                .unwrap(),
+            "dark"
+        );
+        for (raw, got) in [(&b"null"[..], "null"), (b"[1,2]", "array")] {
+            let err = decode(&f(&[(WATERMILL_UUID, b"u"), (WATERMILL_PAYLOAD, raw)])).unwrap_err();
+            assert_eq!(
+                err,
+                DecodeError::NotObject {
+                    field: "payload".into(),
+                    got
+                }
+            );
+        }
+        // Text that is not JSON stays an error, not a string value.
+        let err = decode(&f(&[("payload", b"dark")])).unwrap_err();
+        assert!(matches!(err, DecodeError::Json { .. }), "{err}");
+    }
+
     #[test]
     fn broken_msgpack_is_an_error() {
         let err = decode(&f(&[
@@ -419,7 +563,6 @@ pub(crate) mod tests {
             vec![0x92, 0xa1, b'a', 0xa1, b'b'],
             vec![0x81, 0xa3, b'a'],
             vec![0xc1, 0xff],
-            vec![],
         ];
         for raw in in_place.iter().chain(&other) {
             assert_eq!(

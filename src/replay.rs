@@ -265,7 +265,12 @@ impl Record {
             && (find(WATERMILL_UUID).is_some() || find(WATERMILL_METADATA).is_some());
         let single_json =
             fields.len() == 1 && (fields[0].0 == b"payload" || fields[0].0 == b"data");
-        let json_body = |raw: &[u8]| serde_json::from_slice::<Value>(raw).ok();
+        // A string `payload` in a line is raw text, so a JSON string payload
+        // (which decodes to `msg.value`) keeps its quotes there.
+        let json_body = |raw: &[u8]| match serde_json::from_slice::<Value>(raw).ok()? {
+            Value::String(_) => Some(Value::String(std::str::from_utf8(raw).ok()?.to_owned())),
+            other => Some(other),
+        };
         let body = match decode::decode(fields) {
             Ok(decoded) if is_envelope => {
                 find(WATERMILL_PAYLOAD)
@@ -420,6 +425,12 @@ mod tests {
             f(&[("payload", br#"{"a":1}"#)]),
             f(&[("hostname", b"r1"), ("input_errors", b"600")]),
             f(&[("payload", b"not json")]),
+            f(&[
+                (WATERMILL_UUID, b"u-2"),
+                (WATERMILL_METADATA, b""),
+                (WATERMILL_PAYLOAD, b"-41.5"),
+            ]),
+            f(&[("payload", br#""dark""#)]),
         ];
         for fields in entries {
             let rec = Record::from_entry("s", "1700000000000-1", &fields);

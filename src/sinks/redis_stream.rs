@@ -1,7 +1,11 @@
 //! `redis_stream`: XADD each alert to a stream, on tripline's own Redis or
-//! another one. `format: watermill` writes Watermill's envelope (what the
-//! seed's Go services read), so a Go Watermill subscriber consumes alerts
-//! with its stock Redis Streams unmarshaller.
+//! another one. The default, `format: watermill`, writes Watermill's
+//! envelope (what the seed's Go services read), so a Go Watermill
+//! subscriber consumes alerts with its stock Redis Streams unmarshaller.
+//! That unmarshaller type-asserts `_watermill_message_uuid` and `payload`
+//! without checking them, so an entry lacking either panics the subscriber:
+//! the one-field `json` layout is opt-in, for consumers that are not
+//! Watermill.
 //!
 //! A batch is one MULTI/EXEC: it lands whole or not at all, so a retry never
 //! follows a half-written batch.
@@ -19,10 +23,12 @@ use crate::redis_conn::{RedisConn, RedisEndpoint, RedisTarget};
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     /// One field, `alert`: the alert as JSON (the outbox's own layout).
-    #[default]
     Json,
     /// `_watermill_message_uuid`, `metadata` (msgpack map: fingerprint,
     /// rule, name, severity, status) and `payload` (the alert as JSON).
+    /// The default: a stream is as likely to be read by the seed's Go
+    /// services as by anything else, and they crash on any other layout.
+    #[default]
     Watermill,
 }
 
@@ -40,7 +46,7 @@ pub struct RedisStreamSettings {
     /// unbounded.
     #[serde(default)]
     pub maxlen: Option<u64>,
-    /// `json` (default) or `watermill`.
+    /// `watermill` (default) or `json`.
     #[serde(default)]
     pub format: Format,
 }
@@ -104,29 +110,30 @@ impl RedisStreamSink {
             SinkError::Failed(format!("Redis: {e}"))
         }
     }
+}
 
-    fn fields(&self, a: &Alert) -> Vec<(&'static str, Vec<u8>)> {
-        let json = serde_json::to_vec(a).expect("alerts always serialize");
-        match self.settings.format {
-            Format::Json => vec![(crate::outbox::ALERT_FIELD, json)],
-            Format::Watermill => {
-                let status = super::webhook::status_str(a.status);
-                let metadata = encode_metadata(&[
-                    ("fingerprint", &a.fingerprint),
-                    ("rule", &a.rule),
-                    ("name", &a.name),
-                    ("severity", a.severity.as_str()),
-                    ("status", status),
-                ]);
-                vec![
-                    (
-                        WATERMILL_UUID,
-                        uuid::Uuid::new_v4().to_string().into_bytes(),
-                    ),
-                    (WATERMILL_METADATA, metadata),
-                    (WATERMILL_PAYLOAD, json),
-                ]
-            }
+/// The fields of `a`'s stream entry, in `format`.
+fn entry_fields(format: Format, a: &Alert) -> Vec<(&'static str, Vec<u8>)> {
+    let json = serde_json::to_vec(a).expect("alerts always serialize");
+    match format {
+        Format::Json => vec![(crate::outbox::ALERT_FIELD, json)],
+        Format::Watermill => {
+            let status = super::webhook::status_str(a.status);
+            let metadata = encode_metadata(&[
+                ("fingerprint", &a.fingerprint),
+                ("rule", &a.rule),
+                ("name", &a.name),
+                ("severity", a.severity.as_str()),
+                ("status", status),
+            ]);
+            vec![
+                (
+                    WATERMILL_UUID,
+                    uuid::Uuid::new_v4().to_string().into_bytes(),
+                ),
+                (WATERMILL_METADATA, metadata),
+                (WATERMILL_PAYLOAD, json),
+            ]
         }
     }
 }
@@ -151,7 +158,7 @@ impl Sink for RedisStreamSink {
                     cmd.arg("MAXLEN").arg("~").arg(n);
                 }
                 cmd.arg("*");
-                for (k, v) in self.fields(a) {
+                for (k, v) in entry_fields(self.settings.format, a) {
                     cmd.arg(k).arg(v);
                 }
                 cmd.ignore();
@@ -163,5 +170,69 @@ impl Sink for RedisStreamSink {
             *self.conn.lock().await = Some(conn);
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::{Origin, Severity, Status};
+
+    fn alert() -> Alert {
+        Alert {
+            fingerprint: "f1f2b1627a1c5599".into(),
+            rule: "transceiver/rx_power".into(),
+            name: "LowRxPower".into(),
+            severity: Severity::Critical,
+            status: Status::Firing,
+            labels: [("topic".to_string(), "transceiver_telemetry".to_string())].into(),
+            annotations: [("summary".to_string(), "line\nbreak \u{1b}[31m".to_string())].into(),
+            starts_at: "2026-01-01T00:00:00Z".into(),
+            ends_at: None,
+            origin: Origin::default(),
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_format_writes_watermill() {
+        let settings: RedisStreamSettings =
+            serde_yaml::from_str("stream: tripline-alerts\n").unwrap();
+        assert_eq!(settings.format, Format::Watermill);
+    }
+
+    /// What Watermill's stock `redisstream` unmarshaller does with an entry:
+    /// `_watermill_message_uuid` and `payload` must be there (it panics
+    /// otherwise), `metadata` empty or a msgpack map of strings.
+    #[test]
+    fn watermill_entry_is_what_the_stock_unmarshaller_reads() {
+        let fields = entry_fields(Format::default(), &alert());
+        let names: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+        assert_eq!(
+            names,
+            [WATERMILL_UUID, WATERMILL_METADATA, WATERMILL_PAYLOAD]
+        );
+        let uuid = std::str::from_utf8(&fields[0].1).unwrap();
+        assert!(uuid::Uuid::parse_str(uuid).is_ok(), "{uuid}");
+        let rmpv::Value::Map(metadata) =
+            rmpv::decode::read_value(&mut fields[1].1.as_slice()).unwrap()
+        else {
+            panic!("metadata is not a msgpack map: {:x?}", fields[1].1);
+        };
+        let metadata: Vec<(&str, &str)> = metadata
+            .iter()
+            .map(|(k, v)| (k.as_str().unwrap(), v.as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            metadata,
+            [
+                ("fingerprint", "f1f2b1627a1c5599"),
+                ("rule", "transceiver/rx_power"),
+                ("name", "LowRxPower"),
+                ("severity", "critical"),
+                ("status", "firing"),
+            ]
+        );
+        let payload: serde_json::Value = serde_json::from_slice(&fields[2].1).unwrap();
+        assert_eq!(payload["annotations"]["summary"], "line\nbreak \u{1b}[31m");
     }
 }

@@ -9,5 +9,6 @@ mod logging;
 mod pipeline;
 mod reader;
 mod reload;
+mod seed_wire;
 mod sinks;
 mod util;
