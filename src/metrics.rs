@@ -47,6 +47,8 @@ pub struct Metrics {
     retired_unsent: Counter,
     /// Notifications a silence kept from a sink.
     sink_silenced: Family<Labels, Counter>,
+    /// Notifications the lifecycle withheld because of a silence, by rule.
+    alerts_silenced: Family<Labels, Counter>,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
     sink_lag: Family<Labels, Gauge>,
@@ -86,6 +88,7 @@ impl Metrics {
             redis_up: Gauge::default(),
             retired_unsent: Counter::default(),
             sink_silenced: Family::default(),
+            alerts_silenced: Family::default(),
             gateway_requests: Family::default(),
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
@@ -173,6 +176,11 @@ impl Metrics {
             "sink_silenced",
             "Notifications not sent because a silence matched, by sink",
             m.sink_silenced.clone(),
+        );
+        registry.register(
+            "alerts_silenced",
+            "Notifications withheld because a silence muted the alert's firing, by rule",
+            m.alerts_silenced.clone(),
         );
         registry.register(
             "sink_lag",
@@ -536,6 +544,16 @@ pub fn config_loaded(kind: &str) {
 
 /// A sink did not send `alert` because a silence mutes it; it is
 /// acknowledged like a delivered one.
+/// The lifecycle withheld a notification: a firing a silence mutes, or the
+/// resolve of an alert whose firing was withheld (`silence` is then empty).
+pub fn alert_silenced(alert: &Alert, silence: &str) {
+    tracing::debug!(alert = %alert.name, fingerprint = %alert.fingerprint, status = ?alert.status, silence, "notification withheld by a silence");
+    get()
+        .alerts_silenced
+        .get_or_create(&vec![("rule", alert.rule.clone())])
+        .inc();
+}
+
 pub fn sink_silenced(sink: &str, alert: &Alert, silence: &str) {
     tracing::debug!(sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
     get()

@@ -196,10 +196,10 @@ impl Processor {
             }
             if !rule.shadow {
                 out.actions
-                    .extend(actions.resolves.into_iter().map(|fp| Action {
+                    .extend(actions.resolves.into_iter().map(|(fp, text)| Action {
                         fp,
                         kind: ActionKind::Resolve,
-                        alert: None,
+                        alert: text.map(|raw| build_alert(&rule.name, raw, origin()).1),
                         now_ms: input.now_ms,
                     }));
             }

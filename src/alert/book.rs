@@ -26,7 +26,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use super::silence::{self, Silences};
 use super::{Alert, Severity, Status};
+use crate::metrics;
 use crate::outbox::hash_tag;
 use crate::process::rfc3339;
 
@@ -64,8 +66,10 @@ pub struct Action {
     pub fp: u64,
     pub kind: ActionKind,
     /// The alert as the rule described it (status firing; `starts_at` is
-    /// replaced by the lifecycle). Always there for `Fire`; never for
-    /// `Resolve` (the lifecycle resolves the alert it stored); for `Deadman`
+    /// replaced by the lifecycle). Always there for `Fire`; for `Resolve`
+    /// only when `resolve()` gave text of its own, which replaces the
+    /// stored alert's annotations (else the lifecycle resolves the alert it
+    /// stored, firing text and all); for `Deadman`
     /// only when the watch was missing or due a refresh when judged
     /// ([`AlertBook::is_watched`]). Building an alert costs more than most
     /// rules, and nearly every assertion changes nothing.
@@ -110,6 +114,12 @@ struct Entry {
     /// Notifications are held because the alert flaps.
     #[serde(default)]
     held: bool,
+    /// The silence ([`silence::id_hash`]) that withheld the last firing
+    /// notification, 0 if it was sent. No sink has then seen the alert
+    /// fire: its resolve is withheld too, and the end of the silence sends
+    /// the firing (Alertmanager's semantics).
+    #[serde(default)]
+    muted: u64,
     alert: Alert,
 }
 
@@ -142,18 +152,26 @@ pub struct Transition {
 struct Cached {
     version: u64,
     entry: Option<Stored>,
+    /// The latest deadman assertion this instance judged. The stored `seen`
+    /// is only rewritten once it lags by a tenth of the silence (see
+    /// [`watch_is_fresh`]), so firing on it alone could be that much early;
+    /// kept here, never written, it costs the hot path nothing.
+    touched: u64,
 }
 
 /// What deciding most assertions and finding due timers reads of an entry.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Head {
     phase: Phase,
+    /// When a pending alert's `for` started: the timer fires it at `since + for_ms`.
+    since: u64,
     notified: u64,
     seen: u64,
     for_ms: u64,
     resolve_after_ms: u64,
     deadman_ms: u64,
     held: bool,
+    muted: u64,
     /// The latest of `changes`.
     last_change: Option<u64>,
     severity: Severity,
@@ -163,12 +181,14 @@ impl Head {
     fn of(e: &Entry) -> Head {
         Head {
             phase: e.phase,
+            since: e.since,
             notified: e.notified,
             seen: e.seen,
             for_ms: e.for_ms,
             resolve_after_ms: e.resolve_after_ms,
             deadman_ms: e.deadman_ms,
             held: e.held,
+            muted: e.muted,
             last_change: e.changes.last().copied(),
             severity: e.alert.severity,
         }
@@ -231,6 +251,7 @@ impl Snapshot {
                     let cached = Cached {
                         version,
                         entry: Some(entry),
+                        touched: 0,
                     };
                     Some((parse_field(f)?, cached))
                 })
@@ -293,6 +314,75 @@ fn partition<'a>(parts: &'a mut HashMap<String, Partition>, tag: &str) -> &'a mu
 /// than per message.
 fn watch_is_fresh(seen: u64, deadman_ms: u64, after_ms: u64, now: u64) -> bool {
     now.saturating_sub(seen) * 10 < after_ms && deadman_ms == after_ms
+}
+
+/// Whether a deadman watch has been silent for its whole silence at `now`,
+/// counted from the latest reading known here: the stored `seen`, or a
+/// later one this instance judged but did not write (`touched`).
+fn watch_expired(e: &Head, touched: u64, now: u64) -> bool {
+    now.saturating_sub(e.seen.max(touched)) >= e.deadman_ms
+}
+
+/// Whether this instance must write the later reading it judged (`touched`)
+/// to a watch: half the silence has passed since the stored `seen`. Readings
+/// still flowing would have been written by then (every tenth of the
+/// silence), so this happens about once when a series stops reporting, and
+/// long before another instance could fire on the stored `seen`.
+fn must_publish(e: &Head, touched: u64, now: u64) -> bool {
+    touched > e.seen && now.saturating_sub(e.seen) * 2 >= e.deadman_ms
+}
+
+/// Whether the silence `muted` names ([`silence::id_hash`], 0 = none) has
+/// ended by `now`: reads the silences only for an alert one withheld.
+fn released(muted: u64, now: u64) -> bool {
+    muted != 0 && !silence::active().in_force(muted, now)
+}
+
+/// Whether a firing alert's firing was withheld by a silence that is no
+/// longer in force at `now`.
+fn unmuted(e: &Head, silences: &Silences, now: u64) -> bool {
+    e.phase == Phase::Firing && e.muted != 0 && !silences.in_force(e.muted, now)
+}
+
+/// Silences as Alertmanager applies them, kept in the alert's state so that
+/// every instance and every sink agrees: a firing notification a silence
+/// mutes is withheld and remembered in `next` (the silence's end sends it,
+/// see [`AlertBook::due_in`]); the resolve of an alert whose firing was
+/// withheld (`was_muted`) is withheld too, so no sink hears of a resolve of
+/// a firing it never got. Anything else passes.
+fn through_silences(
+    next: Option<&mut Entry>,
+    was_muted: bool,
+    note: Option<Alert>,
+    now: u64,
+) -> Option<Alert> {
+    let note = note?;
+    match note.status {
+        Status::Firing => {
+            let silences = silence::active();
+            let muting = silences.muting(&note, now);
+            if let Some(e) = next {
+                e.muted = muting.map_or(0, silence::id_hash);
+            }
+            match muting {
+                Some(id) => {
+                    metrics::alert_silenced(&note, id);
+                    None
+                }
+                None => Some(note),
+            }
+        }
+        Status::Resolved if was_muted => {
+            metrics::alert_silenced(&note, "");
+            None
+        }
+        Status::Resolved => Some(note),
+    }
+}
+
+/// Whether a pending alert's `for` has elapsed at `now`.
+fn pending_due(e: &Head, now: u64) -> bool {
+    now.saturating_sub(e.since) >= e.for_ms
 }
 
 /// Whether a firing alert's `seen` must be rewritten at `now`. It only
@@ -368,6 +458,11 @@ impl AlertBook {
         let mut d = Decision::default();
         let mut first_version: HashMap<u64, u64> = HashMap::new();
         for a in actions {
+            if let ActionKind::Deadman { .. } = a.kind
+                && let Some(c) = cache.get_mut(&a.fp)
+            {
+                c.touched = c.touched.max(a.now_ms);
+            }
             let cached = cache.get(&a.fp);
             if checks {
                 first_version
@@ -382,7 +477,9 @@ impl AlertBook {
             }
             let cur = cached.cloned().unwrap_or_default();
             let before = cur.entry.as_ref().map(Stored::entry);
-            let (next, note) = self.step(before.clone(), a);
+            let was_muted = before.as_ref().is_some_and(|e| e.muted != 0);
+            let (mut next, note) = self.step(before.clone(), a);
+            let note = through_silences(next.as_mut(), was_muted, note, a.now_ms);
             if next == before && note.is_none() {
                 continue;
             }
@@ -391,6 +488,10 @@ impl AlertBook {
                 Cached {
                     version: cur.version + 1,
                     entry: next.as_ref().map(Stored::of),
+                    touched: match a.kind {
+                        ActionKind::Deadman { .. } => cur.touched.max(a.now_ms),
+                        _ => cur.touched,
+                    },
                 },
             );
             first_version.entry(a.fp).or_insert(cur.version);
@@ -435,7 +536,10 @@ impl AlertBook {
             (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Firing => {
                 let escalated = a.alert.as_ref().is_some_and(|n| n.severity != e.severity);
                 let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
-                !(escalated || due || seen_is_stale(e.seen, e.resolve_after_ms, now))
+                !(escalated
+                    || due
+                    || released(e.muted, now)
+                    || seen_is_stale(e.seen, e.resolve_after_ms, now))
             }
             (ActionKind::Deadman { after_ms }, Some(e)) if e.phase == Phase::Watching => {
                 watch_is_fresh(e.seen, e.deadman_ms, *after_ms, now)
@@ -489,6 +593,7 @@ impl AlertBook {
                     deadman_ms: 0,
                     changes,
                     held,
+                    muted: 0,
                     alert: incoming(),
                 };
                 if *for_ms == 0 {
@@ -515,7 +620,10 @@ impl AlertBook {
                         .alert
                         .as_ref()
                         .is_some_and(|n| n.severity != e.alert.severity);
-                    let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
+                    // A muted notification does not count as sent: once its
+                    // silence ended, the next assertion sends it.
+                    let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms
+                        || released(e.muted, now);
                     let refresh_seen = seen_is_stale(e.seen, e.resolve_after_ms, now);
                     if !(escalated || due || refresh_seen) {
                         return (Some(e), None);
@@ -536,6 +644,11 @@ impl AlertBook {
             (ActionKind::Resolve, Some(mut e)) => match e.phase {
                 Phase::Pending => (None, None),
                 Phase::Firing => {
+                    // `resolve()` with text of its own: the resolved
+                    // notification says that, not the firing's text.
+                    if let Some(own) = &a.alert {
+                        e.alert.annotations = own.annotations.clone();
+                    }
                     let note = self.resolved(&mut e, now);
                     (self.tombstone(e), note)
                 }
@@ -553,6 +666,7 @@ impl AlertBook {
                     deadman_ms: *after_ms,
                     changes,
                     held,
+                    muted: 0,
                     alert: incoming(),
                 }),
                 None,
@@ -593,7 +707,10 @@ impl AlertBook {
         if flapping && !e.held {
             tracing::warn!(alert = %e.alert.name, fingerprint = %e.alert.fingerprint, "alert is flapping; holding its notifications until it settles");
         }
-        e.held = flapping;
+        // Once held, only the timer lifts the hold ([`Self::settled`]), a
+        // whole window after the last change: a change that finds the
+        // window quieter is still a change, not stability.
+        e.held |= flapping;
     }
 
     /// What remains of a resolved entry: its flap history when flap
@@ -643,33 +760,37 @@ impl AlertBook {
     pub fn due_in(&self, tag: &str, now: u64) -> Decision {
         // Runs every timer tick under the lock the workers' `decide` needs:
         // clone only the entries that are due, not the whole partition.
-        let candidates: Vec<(u64, Stored)> = {
+        let silences = silence::active();
+        let candidates: Vec<(u64, Stored, u64)> = {
             let parts = self.parts.lock().expect("alert book poisoned");
             let Some(part) = parts.get(tag) else {
                 return Decision::default();
             };
             part.entries
                 .iter()
-                .filter_map(|(fp, c)| c.entry.as_ref().map(|s| (*fp, s)))
-                .filter(|(_, Stored { head: e, .. })| {
+                .filter_map(|(fp, c)| c.entry.as_ref().map(|s| (*fp, s, c.touched)))
+                .filter(|(_, Stored { head: e, .. }, touched)| {
                     self.settled(e, now)
                         || match e.phase {
                             Phase::Firing => {
-                                e.resolve_after_ms > 0
-                                    && now.saturating_sub(e.seen) >= e.resolve_after_ms
+                                (e.resolve_after_ms > 0
+                                    && now.saturating_sub(e.seen) >= e.resolve_after_ms)
+                                    || unmuted(e, &silences, now)
                             }
                             Phase::Resolved => e.last_change.is_none_or(|t| {
                                 now.saturating_sub(t) >= self.policy.flap_window_ms
                             }),
-                            Phase::Watching => now.saturating_sub(e.seen) >= e.deadman_ms,
+                            Phase::Watching => {
+                                watch_expired(e, *touched, now) || must_publish(e, *touched, now)
+                            }
                             Phase::Pending => {
-                                // A pending alert whose condition stopped being
-                                // asserted long ago is dropped, never fired.
-                                now.saturating_sub(e.seen) >= e.for_ms.max(1) * 2
+                                pending_due(e, now)
+                                    || (e.resolve_after_ms > 0
+                                        && now.saturating_sub(e.seen) >= e.resolve_after_ms)
                             }
                         }
                 })
-                .map(|(fp, e)| (fp, e.clone()))
+                .map(|(fp, e, touched)| (fp, e.clone(), touched))
                 .collect()
         };
         let mut parts = self.parts.lock().expect("alert book poisoned");
@@ -677,13 +798,14 @@ impl AlertBook {
             return Decision::default();
         };
         let mut d = Decision::default();
-        for (fp, stored) in candidates {
+        for (fp, stored, touched) in candidates {
             let Some(cur) = cache.get(&fp).cloned() else {
                 continue;
             };
             if cur.entry.as_ref() != Some(&stored) {
                 continue;
             }
+            let touched = touched.max(cur.touched);
             let mut e = stored.entry();
             let stream = e.alert.origin.stream.clone();
             let (next, note) = if self.settled(&stored.head, now) {
@@ -704,6 +826,14 @@ impl AlertBook {
                     }
                     _ => (Some(e), None),
                 }
+            } else if unmuted(&stored.head, &silences, now) {
+                // The silence that withheld its firing ended and it still
+                // fires: send it now ([`through_silences`] checks that no
+                // other silence mutes it).
+                e.muted = 0;
+                e.notified = now;
+                let note = (!e.held).then(|| e.alert.clone());
+                (Some(e), note)
             } else if e.phase == Phase::Resolved {
                 (None, None)
             } else {
@@ -718,13 +848,31 @@ impl AlertBook {
                             (self.tombstone(e), note)
                         }
                     }
+                    Phase::Watching if !watch_expired(&stored.head, touched, now) => {
+                        // Readings this instance judged after the stored
+                        // `seen`: written now, half a silence before the
+                        // stored deadline, so that no other instance fires
+                        // on the older one.
+                        e.seen = touched;
+                        (Some(e), None)
+                    }
                     Phase::Watching => {
+                        let note = self.fire(&mut e, now);
+                        (Some(e), note)
+                    }
+                    // `for` elapsed with the condition asserted and not
+                    // resolved since: it fires without waiting for another
+                    // message (event-driven telemetry may send none), unless
+                    // it stopped being asserted for its `resolve_after`.
+                    Phase::Pending if pending_due(&stored.head, now) => {
                         let note = self.fire(&mut e, now);
                         (Some(e), note)
                     }
                     Phase::Pending | Phase::Resolved => (None, None),
                 }
             };
+            let (mut next, note) = (next, note);
+            let note = through_silences(next.as_mut(), stored.head.muted != 0, note, now);
             d.undo.push(Transition {
                 fp,
                 previous: cur.clone(),
@@ -743,6 +891,7 @@ impl AlertBook {
                 Cached {
                     version,
                     entry: next,
+                    touched,
                 },
             );
             if let Some(n) = note {
@@ -779,13 +928,19 @@ impl AlertBook {
                     Some((version, entry)) => Cached {
                         version,
                         entry: Some(entry),
+                        touched: 0,
                     },
                     None => Cached::default(),
                 };
                 Some((parse_field(&f)?, cached))
             })
             .collect();
-        self.with_part(tag, |p| p.entries.extend(fresh));
+        self.with_part(tag, |p| {
+            for (fp, mut c) in fresh {
+                c.touched = p.entries.get(&fp).map_or(0, |old| old.touched);
+                p.entries.insert(fp, c);
+            }
+        });
     }
 
     /// Replaces everything cached for partition `tag` with `snapshot`, what
@@ -799,9 +954,18 @@ impl AlertBook {
         snapshot: Snapshot,
         generation: Option<u64>,
     ) -> Snapshot {
+        let mut entries = snapshot.0;
         self.with_part(tag, |p| {
             p.synced = generation;
-            Snapshot(std::mem::replace(&mut p.entries, snapshot.0))
+            // What this instance judged but did not write outlives the read.
+            for (fp, old) in &p.entries {
+                if old.touched > 0
+                    && let Some(c) = entries.get_mut(fp)
+                {
+                    c.touched = old.touched;
+                }
+            }
+            Snapshot(std::mem::replace(&mut p.entries, entries))
         })
     }
 
@@ -832,6 +996,7 @@ impl AlertBook {
             for (fp, mut e) in doomed {
                 let cur = cache.remove(&fp).expect("listed");
                 if e.phase == Phase::Firing
+                    && e.muted == 0
                     && let Some(n) = self.resolved(&mut e, now)
                 {
                     d.notifications.push(n);
@@ -1000,8 +1165,44 @@ mod tests {
             sent += notes(&book, act(ActionKind::Resolve, i * 1000 + 500)).len();
         }
         assert_eq!(sent, 4, "only the changes before flapping are notified");
-        // Settled for a whole window: notifications flow again.
-        assert_eq!(notes(&book, fire(0, 30 * MIN)), [Status::Firing]);
+        // A change that finds its window quiet does not end the hold.
+        assert!(notes(&book, fire(0, 9 * MIN)).is_empty());
+        assert!(book.due(9 * MIN + 1).notifications.is_empty());
+        // Settled for a whole window: the timer sends where it stands, once.
+        let released = book.due(19 * MIN).notifications;
+        assert_eq!(released.len(), 1);
+        assert_eq!(released[0].status, Status::Firing);
+        assert!(book.due(30 * MIN).notifications.is_empty());
+        assert_eq!(
+            notes(&book, act(ActionKind::Resolve, 31 * MIN)),
+            [Status::Resolved]
+        );
+    }
+
+    #[test]
+    fn a_pending_alert_fires_by_the_timer_and_is_never_dropped_for_quiet() {
+        let book = AlertBook::new(policy());
+        assert!(notes(&book, fire(30_000, 0)).is_empty());
+        assert!(book.due(29_999).notifications.is_empty());
+        assert_eq!(book.due(30_000).notifications[0].status, Status::Firing);
+        // Readings 91 s apart: the second finds it firing already.
+        assert!(notes(&book, fire(30_000, 91_000)).is_empty());
+        assert_eq!(book.firing_count(), 1);
+    }
+
+    #[test]
+    fn deadman_fires_on_the_last_reading_not_the_coalesced_one() {
+        let book = AlertBook::new(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        notes(&book, watch(0));
+        // Within a tenth of the silence: nothing written, but judged.
+        notes(&book, watch(MIN / 2));
+        assert!(book.due(10 * MIN).notifications.is_empty());
+        assert!(book.due(10 * MIN + MIN / 2 - 1).notifications.is_empty());
+        assert_eq!(
+            book.due(10 * MIN + MIN / 2).notifications[0].status,
+            Status::Firing
+        );
     }
 
     #[test]

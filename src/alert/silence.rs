@@ -131,6 +131,14 @@ impl Silences {
         Silences { compiled }
     }
 
+    /// Whether the silence whose id hashes to `id` ([`id_hash`]) is in
+    /// force at `now_ms`: false once it expired or was deleted.
+    pub fn in_force(&self, id: u64, now_ms: u64) -> bool {
+        self.compiled
+            .iter()
+            .any(|(s, _)| s.active(now_ms) && id_hash(&s.id) == id)
+    }
+
     /// The id of the first active silence muting `a`, if any.
     pub fn muting(&self, a: &Alert, now_ms: u64) -> Option<&str> {
         self.compiled
@@ -146,6 +154,13 @@ impl Silences {
             })
             .map(|(s, _)| s.id.as_str())
     }
+}
+
+/// A silence's id as a number: the alert state remembers which silence
+/// withheld a notification without storing its text in every entry.
+/// Never 0, which means "none".
+pub fn id_hash(id: &str) -> u64 {
+    super::Fingerprint::new(id, "").finish().max(1)
 }
 
 pub async fn add(conn: &mut RedisConn, s: &Silence) -> Result<(), RedisError> {

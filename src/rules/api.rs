@@ -66,8 +66,10 @@ impl LogLevel {
 pub struct Actions {
     pub alerts: Vec<RawAlert>,
     /// Fingerprints of the alerts resolved: the lifecycle resolves the
-    /// alert it stored, so a resolve needs nothing else.
-    pub resolves: Vec<u64>,
+    /// alert it stored, so a resolve needs nothing else, unless `resolve()`
+    /// gave text of its own (summary, description, annotations, value) for
+    /// the resolved notification to say instead of the firing's.
+    pub resolves: Vec<(u64, Option<RawAlert>)>,
     pub deadmen: Vec<Deadman>,
     pub logs: Vec<(LogLevel, String)>,
     pub drop: bool,
@@ -291,11 +293,21 @@ fn parse_alert(ctx: &NativeCallContext, func: &str, map: &Map) -> Res<RawAlert> 
     raw_alert(func, map).or_else(|e| fail(ctx, e))
 }
 
-/// Records a resolve of the alert `map` describes.
-fn resolve_map(ctx: &NativeCallContext, func: &str, map: &Map) -> Res<()> {
+/// Records a resolve of the alert `map` describes; with `own_text`, the
+/// text the map carries is what the resolved notification says.
+fn resolve_map(ctx: &NativeCallContext, func: &str, map: &Map, own_text: bool) -> Res<()> {
     check_alert(func, map).or_else(|e| fail(ctx, e))?;
     let fp = running(|rule, _| identity(rule, map));
-    record(|acts| acts.resolves.push(fp));
+    let text = own_text
+        && ["summary", "description", "annotations", "value"]
+            .iter()
+            .any(|k| map.contains_key(*k));
+    let text = if text {
+        Some(parse_alert(ctx, func, map)?)
+    } else {
+        None
+    };
+    record(|acts| acts.resolves.push((fp, text)));
     Ok(())
 }
 
@@ -307,7 +319,8 @@ fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) 
         record(|acts| acts.alerts.push(a));
         Ok(())
     } else if clear {
-        resolve_map(ctx, func, &map)
+        // The map describes the firing side: its text would not fit a resolve.
+        resolve_map(ctx, func, &map, false)
     } else {
         check_alert(func, &map).or_else(|e| fail(ctx, e))
     }
@@ -337,11 +350,13 @@ pub fn register(engine: &mut Engine) {
     );
     engine.register_fn(
         "resolve",
-        |ctx: NativeCallContext, map: &mut Map| -> Res<()> { resolve_map(&ctx, "resolve", map) },
+        |ctx: NativeCallContext, map: &mut Map| -> Res<()> {
+            resolve_map(&ctx, "resolve", map, true)
+        },
     );
     engine.register_fn("resolve", |name: &str| {
         let fp = running(|rule, _| Fingerprint::new(rule, name).finish());
-        record(|acts| acts.resolves.push(fp));
+        record(|acts| acts.resolves.push((fp, None)));
     });
     // Rising thresholds: fire above, clear below; falling ones the mirror.
     for (name, rising) in [("hysteresis_above", true), ("hysteresis_below", false)] {

@@ -400,13 +400,10 @@ async fn step(
             }
         }
     }
-    let mut seen = 0;
-    for (outbox, entries) in batches {
-        if entries.is_empty() {
-            continue;
-        }
-        seen += entries.len();
-        deliver_batch(sink, manifest, &outbox, group, entries, write, shutdown).await?;
+    batches.retain(|(_, e)| !e.is_empty());
+    let seen = batches.iter().map(|(_, e)| e.len()).sum();
+    if seen > 0 {
+        deliver_batch(sink, manifest, group, batches, write, shutdown).await?;
     }
     Ok(seen)
 }
@@ -421,31 +418,46 @@ fn parse_alert(e: &StreamEntry) -> Result<Alert, String> {
     serde_json::from_slice(raw).map_err(|e| format!("bad alert JSON: {e}"))
 }
 
+/// Delivers what one read returned from every outbox of a lane in one
+/// `deliver` call: a burst whose alerts were raised from streams of several
+/// hash tags (so several outboxes) still leaves as one notification per
+/// group, which per-outbox deliveries would split.
 async fn deliver_batch(
     sink: &dyn Sink,
     manifest: &Manifest,
-    outbox: &str,
     group: &str,
-    entries: Vec<StreamEntry>,
+    batches: Vec<(String, Vec<StreamEntry>)>,
     write: &mut LazyConn,
     shutdown: &CancellationToken,
 ) -> Result<(), RedisError> {
-    let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
     let mut alerts = Vec::new();
+    // Which outbox each alert came from, for its dead letter.
+    let mut from = Vec::new();
     let silences = crate::alert::silence::active();
     let now = crate::process::now_ms();
-    for e in &entries {
-        match parse_alert(e) {
-            Ok(a) if manifest.route.matches(&a) => match silences.muting(&a, now) {
-                Some(silence) => metrics::sink_silenced(&manifest.name, &a, silence),
-                None => alerts.push(a),
-            },
-            Ok(_) => {}
-            Err(reason) => {
-                tracing::error!(sink = %manifest.name, outbox, id = %e.id, "skipping unreadable outbox entry: {reason}")
+    for (i, (outbox, entries)) in batches.iter().enumerate() {
+        for e in entries {
+            match parse_alert(e) {
+                Ok(a) if manifest.route.matches(&a) => match silences.muting(&a, now) {
+                    Some(silence) => metrics::sink_silenced(&manifest.name, &a, silence),
+                    None => {
+                        alerts.push(a);
+                        from.push(i);
+                    }
+                },
+                Ok(_) => {}
+                Err(reason) => {
+                    tracing::error!(sink = %manifest.name, outbox, id = %e.id, "skipping unreadable outbox entry: {reason}")
+                }
             }
         }
     }
+    let ack = |pipe: &mut redis::Pipeline| {
+        for (outbox, entries) in &batches {
+            let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+            pipe.cmd("XACK").arg(outbox).arg(group).arg(ids).ignore();
+        }
+    };
     let mut attempt = 0;
     let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     while !alerts.is_empty() {
@@ -467,10 +479,9 @@ async fn deliver_batch(
                 }
                 let mut pipe = redis::pipe();
                 pipe.atomic();
-                let dead = sink_dead_key(outbox, &manifest.name);
-                for a in &alerts {
+                for (a, i) in alerts.iter().zip(&from) {
                     pipe.cmd("XADD")
-                        .arg(&dead)
+                        .arg(sink_dead_key(&batches[*i].0, &manifest.name))
                         .arg("MAXLEN")
                         .arg("~")
                         .arg(100_000)
@@ -481,7 +492,7 @@ async fn deliver_batch(
                         .arg(e.to_string())
                         .ignore();
                 }
-                pipe.cmd("XACK").arg(outbox).arg(group).arg(&ids).ignore();
+                ack(&mut pipe);
                 let _: Value = pipe.query_async(write.get().await?).await?;
                 return Ok(());
             }
@@ -494,11 +505,8 @@ async fn deliver_batch(
             }
         }
     }
-    let _: Value = redis::cmd("XACK")
-        .arg(outbox)
-        .arg(group)
-        .arg(&ids)
-        .query_async(write.get().await?)
-        .await?;
+    let mut pipe = redis::pipe();
+    ack(&mut pipe);
+    let _: Value = pipe.query_async(write.get().await?).await?;
     Ok(())
 }

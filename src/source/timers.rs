@@ -1,6 +1,7 @@
-//! The timer side of the alert lifecycle: auto-resolve of alerts no longer
-//! asserted, deadman watches whose series went silent, release of flap
-//! holds. These need a clock, not a message. Every instance runs them; the
+//! The timer side of the alert lifecycle: pending alerts whose `for`
+//! elapsed, auto-resolve of alerts no longer asserted, deadman watches whose
+//! series went silent, release of flap holds, firings withheld by a silence
+//! that ended. These need a clock, not a message. Every instance runs them; the
 //! versioned commit makes sure only one of them notifies each transition.
 
 use std::collections::BTreeMap;
