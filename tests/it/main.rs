@@ -4,10 +4,12 @@
 mod cli;
 mod cluster;
 mod http;
+mod http_limits;
 mod lifecycle;
 mod logging;
 mod pipeline;
 mod reader;
 mod reload;
 mod sinks;
+mod tls;
 mod util;
