@@ -94,6 +94,7 @@ fn a_client_trickling_header_bytes_is_cut_off_by_the_header_timeout() {
         }
     });
     let took = took.unwrap_or_else(|| panic!("still open after 30 s and {sent} header bytes"));
+    eprintln!("trickling client cut off after {took:?} and {sent} header bytes");
     assert!(
         took >= Duration::from_millis(900),
         "closed after {took:?}, before the 1 s timeout"
@@ -111,6 +112,7 @@ fn idle_connections_and_stalled_bodies_are_closed() {
     let mut silent = TcpStream::connect(&addr).unwrap();
     let took = time_to_close(&mut silent, Duration::from_secs(30), |_| {});
     assert!(took.is_some(), "a silent connection stayed open 30 s");
+    eprintln!("silent connection closed after {took:?}");
 
     // A kept-alive connection after its answer.
     let mut kept = TcpStream::connect(&addr).unwrap();
@@ -129,6 +131,7 @@ fn idle_connections_and_stalled_bodies_are_closed() {
         .unwrap();
     let took = time_to_close(&mut stalled, Duration::from_secs(30), |_| {})
         .expect("a stalled body kept its connection 30 s");
+    eprintln!("stalled body cut off after {took:?}");
     assert!(
         took >= Duration::from_millis(1800),
         "closed after {took:?}, before the 2 s idle timeout"
