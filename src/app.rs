@@ -13,7 +13,7 @@ use crate::alert::AlertBook;
 use crate::config::{Config, Subscription};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
-use crate::redis_conn::{self, RedisTarget};
+use crate::redis_conn;
 use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, build_engine};
 use crate::sinks::supervisor::Supervisor;
@@ -84,8 +84,7 @@ pub fn outbox_streams(config: &Config) -> Vec<String> {
 
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
     let endpoint = config.redis.endpoint().map_err(AppError::RedisAddr)?;
-    let target = RedisTarget::new(&endpoint, config.redis.connect_timeout)
-        .map_err(|e| AppError::RedisAddr(e.to_string()))?;
+    let target = config.redis.target().map_err(AppError::RedisAddr)?;
     let prepared = prepare(&config)?;
     tracing::info!(
         rules = prepared.rules.set.rules.len(),
@@ -138,6 +137,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
                 crate::http_silences::SilenceApi::new(target.clone(), admin_token.clone()),
                 admin_token,
             ),
+            http::ConnectionLimits::of(&config.http),
             tail.clone(),
         ));
     }

@@ -79,6 +79,10 @@ pub struct RedisConfig {
     /// How long one connection attempt may take before backing off.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// PEM file of the CA certificate(s) a `rediss://` server's certificate
+    /// must chain to, relative to the config file; unset, the system's
+    /// trust store is used. For a Redis behind a private CA.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -167,6 +171,19 @@ pub struct HttpConfig {
     /// Environment variable holding the admin token. Exclusive with
     /// `admin_token`.
     pub admin_token_env: Option<String>,
+    /// A request's headers must be complete this long after the connection
+    /// is ready for one (just opened, or kept alive after a response): a
+    /// client trickling header bytes, or sending nothing, cannot hold a
+    /// descriptor longer.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no byte moving either way for this long is closed
+    /// (a stalled request body, a client that stopped reading).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Connections served at once; more wait in the kernel's backlog, so a
+    /// flood cannot exhaust tripline's descriptors (Redis needs some too).
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -351,9 +368,13 @@ impl Default for RedisConfig {
             url: None,
             cluster: Vec::new(),
             connect_timeout: Duration::from_secs(2),
+            tls_ca_file: None,
         }
     }
 }
+
+/// Start of a certificate in a PEM file.
+const CERTIFICATE_PEM: &[u8] = b"-----BEGIN CERTIFICATE-----";
 
 /// Redis when neither `redis.url`, `redis.cluster` nor `REDIS_ADDR` says.
 pub const DEFAULT_REDIS: &str = "127.0.0.1:6379";
@@ -371,9 +392,56 @@ impl RedisConfig {
         }
     }
 
-    /// A target built from [`RedisConfig::endpoint`].
+    /// A target built from [`RedisConfig::endpoint`], trusting
+    /// `tls_ca_file` when set.
     pub fn target(&self) -> Result<RedisTarget, String> {
-        RedisTarget::new(&self.endpoint()?, self.connect_timeout).map_err(|e| e.to_string())
+        let target =
+            RedisTarget::new(&self.endpoint()?, self.connect_timeout).map_err(|e| e.to_string())?;
+        match self.tls_ca()? {
+            Some(pem) => target.with_tls_ca(pem).map_err(|e| {
+                format!(
+                    "`redis.tls_ca_file` {}: {e}",
+                    self.tls_ca_file
+                        .as_deref()
+                        .unwrap_or(Path::new(""))
+                        .display()
+                )
+            }),
+            None => Ok(target),
+        }
+    }
+
+    /// The contents of `tls_ca_file`, checked to be usable: readable, PEM
+    /// with at least one certificate, and for a `rediss://` server (on any
+    /// other address it would silently do nothing).
+    fn tls_ca(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let at = format!("`redis.tls_ca_file` {}", path.display());
+        match self.endpoint()? {
+            RedisEndpoint::Single(url) if url.starts_with("rediss://") => {}
+            RedisEndpoint::Single(_) => {
+                return Err(format!(
+                    "{at} is set, but the Redis address is not a `rediss://` URL"
+                ));
+            }
+            RedisEndpoint::Cluster(_) => {
+                return Err(format!(
+                    "{at}: a TLS CA file is supported for a single Redis server, not a Cluster"
+                ));
+            }
+        }
+        let pem = std::fs::read(path).map_err(|e| format!("{at}: cannot read: {e}"))?;
+        if !pem
+            .windows(CERTIFICATE_PEM.len())
+            .any(|w| w == CERTIFICATE_PEM)
+        {
+            return Err(format!(
+                "{at} holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)"
+            ));
+        }
+        Ok(Some(pem))
     }
 }
 
@@ -428,6 +496,9 @@ impl Default for HttpConfig {
             gateway: GatewayConfig::default(),
             admin_token: None,
             admin_token_env: None,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 512,
         }
     }
 }
@@ -460,6 +531,15 @@ impl HttpConfig {
             ));
         }
         self.admin_token()?;
+        if self.header_read_timeout.is_zero() {
+            return Err("`http.header_read_timeout` must be positive".into());
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("`http.idle_timeout` must be positive".into());
+        }
+        if self.max_connections == 0 {
+            return Err("`http.max_connections` must be at least 1".into());
+        }
         let g = &self.gateway;
         if !g.enabled {
             return Ok(());
@@ -564,6 +644,7 @@ impl Config {
                 let base = p.parent().unwrap_or(Path::new("."));
                 c.rules_dir = base.join(&c.rules_dir);
                 c.plugins_dir = base.join(&c.plugins_dir);
+                c.redis.tls_ca_file = c.redis.tls_ca_file.map(|f| base.join(f));
                 c
             }
             None => Config::parse(DEFAULT_CONFIG, "<built-in tripline.yaml>")?,
@@ -597,6 +678,7 @@ impl Config {
             message,
         };
         let endpoint = self.redis.endpoint().map_err(invalid)?;
+        self.redis.tls_ca().map_err(invalid)?;
         if self.subscriptions.is_empty() {
             return Err(invalid(
                 "`subscriptions` is empty: nothing to consume".into(),
@@ -724,6 +806,33 @@ mod tests {
         assert!(err.contains("nohostport"), "{err}");
     }
 
+    #[test]
+    fn tls_ca_file_must_hold_a_certificate_and_go_with_rediss() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let not_pem = dir.path().join("key.txt");
+        std::fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        std::fs::write(&not_pem, "hello").unwrap();
+        let check = |url: &str, file: &Path| {
+            let mut c =
+                Config::parse("subscriptions:\n  - {name: a, streams: [s]}\n", "t").unwrap();
+            c.redis.url = Some(url.into());
+            c.redis.tls_ca_file = Some(file.to_path_buf());
+            c.validate("t").map_err(|e| e.to_string())
+        };
+        check("rediss://127.0.0.1:6380/", &ca).unwrap();
+        let err = check("redis://127.0.0.1:6379/", &ca).unwrap_err();
+        assert!(err.contains("not a `rediss://` URL"), "{err}");
+        let err = check("rediss://127.0.0.1:6380/", &not_pem).unwrap_err();
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let err = check("rediss://127.0.0.1:6380/", &dir.path().join("gone.pem")).unwrap_err();
+        assert!(err.contains("gone.pem: cannot read"), "{err}");
+    }
+
     fn validate_http(yaml: &str) -> Result<(), String> {
         let text = format!("http:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
         let c = Config::parse(&text, "t").map_err(|e| e.to_string())?;
@@ -751,6 +860,29 @@ mod tests {
         assert!(err.contains("`http.listen` `9464`"), "{err}");
         let err = validate_http("  gateway: {tokn: x}\n").unwrap_err();
         assert!(err.contains("tokn"), "{err}");
+    }
+
+    #[test]
+    fn connection_limits_are_validated() {
+        validate_http("  header_read_timeout: 2s\n  idle_timeout: 1m\n  max_connections: 64\n")
+            .unwrap();
+        let err = validate_http("  header_read_timeout: 0s\n").unwrap_err();
+        assert!(
+            err.contains("`http.header_read_timeout` must be positive"),
+            "{err}"
+        );
+        let err = validate_http("  idle_timeout: 0s\n").unwrap_err();
+        assert!(
+            err.contains("`http.idle_timeout` must be positive"),
+            "{err}"
+        );
+        let err = validate_http("  max_connections: 0\n").unwrap_err();
+        assert!(
+            err.contains("`http.max_connections` must be at least 1"),
+            "{err}"
+        );
+        let err = validate_http("  header_read_timeout: soon\n").unwrap_err();
+        assert!(err.contains("header_read_timeout"), "{err}");
     }
 
     #[test]

@@ -30,6 +30,8 @@
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
+//! - [`escape`]: control characters in untrusted text made visible, for
+//!   every human-facing output (text logs, console, CLI reports).
 //! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate` and
 //!   `silence` commands behind `main`.
 
@@ -38,6 +40,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod decode;
+pub mod escape;
 pub mod http;
 pub mod http_silences;
 pub mod metrics;

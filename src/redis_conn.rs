@@ -20,8 +20,8 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisError,
-    RedisFuture, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
+    RedisError, RedisFuture, TlsCertificates, Value,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -152,8 +152,9 @@ pub struct RedisTarget {
 
 #[derive(Clone)]
 enum TargetKind {
-    /// Opens multiplexed connections to the one server.
-    Single(Client),
+    /// Opens multiplexed connections to the one server. Boxed: with its
+    /// TLS settings a client is several times the size of a seed list.
+    Single(Box<Client>),
     /// A Cluster client is built per connection: its reply timeout (which
     /// also bounds its retries across a failover) is a client setting.
     Cluster(Vec<ConnectionInfo>),
@@ -165,7 +166,7 @@ impl RedisTarget {
         connect_timeout: Duration,
     ) -> Result<RedisTarget, RedisError> {
         let kind = match endpoint {
-            RedisEndpoint::Single(url) => TargetKind::Single(Client::open(url.as_str())?),
+            RedisEndpoint::Single(url) => TargetKind::Single(Box::new(Client::open(url.as_str())?)),
             RedisEndpoint::Cluster(seeds) => TargetKind::Cluster(
                 seeds
                     .iter()
@@ -176,6 +177,27 @@ impl RedisTarget {
         Ok(RedisTarget {
             kind,
             connect_timeout,
+        })
+    }
+
+    /// Trusts the CA certificates in `ca_pem` (PEM) instead of the system's
+    /// roots for a `rediss://` server: a Redis behind a private CA then needs
+    /// no change to the host's trust store. One server only.
+    pub fn with_tls_ca(self, ca_pem: Vec<u8>) -> Result<RedisTarget, RedisError> {
+        let TargetKind::Single(client) = &self.kind else {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a TLS CA file is supported for a single Redis server, not a Cluster",
+            )));
+        };
+        let certificates = TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca_pem),
+        };
+        let client = Client::build_with_tls(client.get_connection_info().clone(), certificates)?;
+        Ok(RedisTarget {
+            kind: TargetKind::Single(Box::new(client)),
+            ..self
         })
     }
 

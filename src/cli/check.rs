@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::app;
 use crate::config::Config;
+use crate::escape::escape;
 
 pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
@@ -27,7 +28,8 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
                     .collect()
             })
             .unwrap_or_default();
-        println!(
+        // Rule names are file names, which may hold any byte but `/`.
+        let line = format!(
             "  {} (group {}, streams {}): {}",
             sub.name,
             sub.group(),
@@ -38,6 +40,7 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
                 names.join(", ")
             }
         );
+        println!("{}", escape(&line));
     }
     Ok(())
 }

@@ -15,6 +15,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::{DefaultFields, Writer};
+
+use crate::escape::escape;
 
 /// Reply timeout of the commands' Redis connections (never blocking reads).
 const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -80,7 +85,9 @@ pub enum Command {
 
 /// Installs the log subscriber: level from `RUST_LOG`, else `default`.
 /// Colours only on a terminal, so log files and collectors get plain text.
-/// An unparsable `RUST_LOG` is reported, not silently replaced.
+/// An unparsable `RUST_LOG` is reported, not silently replaced. Human logs
+/// escape control characters in every field and message
+/// ([`EscapedFields`]); JSON logs rely on JSON's own escaping.
 ///
 /// The redis client's own messages are kept to errors unless `RUST_LOG`
 /// names a `redis` target: its Cluster client warns about every reconnect
@@ -110,11 +117,36 @@ pub fn init_logging(format: LogFormat, default: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Human => builder.init(),
+        LogFormat::Human => builder.fmt_fields(EscapedFields::default()).init(),
         LogFormat::Json => builder.json().init(),
     }
     if let Some(why) = bad_filter {
         tracing::warn!("ignoring invalid RUST_LOG {why}; using the default filter `{default}`");
+    }
+}
+
+/// The default field formatting, then [`escape`] over the result: messages
+/// and field values carry hostnames, labels and rule log text, and a
+/// newline among them would forge a whole log line (CR and ESC would
+/// rewrite the terminal). Escaping what the fields wrote, rather than each
+/// value, also covers `%display` values and error sources, which the
+/// default formatter writes raw. The event's own parts (time, level,
+/// target, colours) are written outside the fields and stay as they are.
+#[derive(Default)]
+struct EscapedFields {
+    /// Writes `message key=value …` as the default human format does.
+    inner: DefaultFields,
+}
+
+impl<'writer> FormatFields<'writer> for EscapedFields {
+    fn format_fields<R: RecordFields>(
+        &self,
+        mut writer: Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut raw = String::new();
+        self.inner.format_fields(Writer::new(&mut raw), fields)?;
+        writer.write_str(&escape(&raw))
     }
 }
 
@@ -158,6 +190,56 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what the log subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn human_log_events_stay_one_line_whatever_their_fields_hold() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .fmt_fields(super::EscapedFields::default())
+            .finish();
+        let host = "r1\n1999-01-01T00:00:00.000000Z ERROR tripline::app: FORGED\r\x1b[2J\u{2028}";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::warn!(hostname = %host, "down: {host}");
+            tracing::warn!(hostname = host, error = %std::io::Error::other(host), "debug-formatted");
+            let span = tracing::info_span!("worker", device = %host);
+            span.in_scope(|| tracing::error!("inside"));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(!text.contains(['\r', '\x1b', '\u{2028}']), "{text:?}");
+        for line in text.lines() {
+            assert!(!line.starts_with("1999"), "{text}");
+        }
+        let escaped =
+            r"r1\n1999-01-01T00:00:00.000000Z ERROR tripline::app: FORGED\r\x1b[2J\u{2028}";
+        assert!(
+            text.contains(&format!("down: {escaped} hostname={escaped}")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("worker{{device={escaped}}}")),
+            "{text}"
+        );
+    }
+
     #[test]
     fn error_chain_skips_causes_already_quoted() {
         let quoted = anyhow::Error::new(std::io::Error::other("disk full"))

@@ -17,6 +17,7 @@ use arc_swap::ArcSwap;
 
 use crate::alert::{Alert, AlertBook, Status};
 use crate::config::Config;
+use crate::escape::escape;
 use crate::process::{self, Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
 use crate::rules::{RuleSet, build_engine};
@@ -82,7 +83,7 @@ impl fmt::Display for Tally {
             firing + resolved
         )?;
         for (rule, (fi, re)) in &self.alerts {
-            writeln!(f, "    {rule}: {fi} firing, {re} resolved")?;
+            writeln!(f, "    {}: {fi} firing, {re} resolved", escape(rule))?;
         }
         writeln!(f, "  drops: {}", self.drops)?;
         write!(f, "  rule errors: {}", self.rule_errors)?;
@@ -265,11 +266,14 @@ pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One decision per line: ids, labels, log text and errors come from the
+/// recording, so the line is escaped and a newline in them cannot forge a
+/// decision.
 fn say(out: &mut impl Write, quiet: bool, line: fmt::Arguments) -> std::io::Result<()> {
     if quiet {
         return Ok(());
     }
-    writeln!(out, "{line}")
+    writeln!(out, "{}", escape(&line.to_string()))
 }
 
 /// Builds every enabled sink the way `run` would, so a replay with
@@ -335,7 +339,8 @@ fn deliver(
             Ok(()) => counts.0 += batch.len() as u64,
             Err(e) => {
                 counts.1 += 1;
-                writeln!(out, "{at} SINK {} failed: {e}", s.manifest.name)?;
+                let line = format!("{at} SINK {} failed: {e}", s.manifest.name);
+                writeln!(out, "{}", escape(&line))?;
             }
         }
     }

@@ -8,6 +8,7 @@ use anyhow::Context;
 
 use crate::alert::silence::{self, Matcher, Silence};
 use crate::config::Config;
+use crate::escape::escape;
 use crate::process::{now_ms, rfc3339};
 
 #[derive(Debug, clap::Subcommand)]
@@ -77,7 +78,9 @@ pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()>
                             format!("{}{}{}", m.label, if m.regex { "=~" } else { "=" }, m.value)
                         })
                         .collect();
-                    println!(
+                    // Matchers and comments may come from anyone holding
+                    // the admin token: one silence stays one line.
+                    let line = format!(
                         "{}  until {}  {}  by {:?}: {}",
                         s.id,
                         rfc3339(s.ends_ms),
@@ -85,6 +88,7 @@ pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()>
                         s.created_by,
                         s.comment
                     );
+                    println!("{}", escape(&line));
                 }
             }
             Action::Expire { id } => {

@@ -9,6 +9,7 @@ use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 
 use crate::config::Config;
+use crate::escape::escape;
 use crate::process::LoadedRules;
 use crate::rules::{RuleSet, build_engine};
 use crate::ruletest::run::{CaseResult, Runner};
@@ -90,7 +91,7 @@ pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
         for r in &results {
             if r.failures.is_empty() {
                 if args.verbose {
-                    writeln!(out, "        ok  {}", r.name)?;
+                    writeln!(out, "        ok  {}", escape(&r.name))?;
                 }
             } else {
                 report(&mut out, suite, r)?;
@@ -114,7 +115,7 @@ fn report(out: &mut impl Write, suite: &Suite, r: &CaseResult) -> std::io::Resul
         out,
         "\n  --- FAIL {}: {}",
         located(&suite.path, suite.line(r.index, None), None),
-        r.name
+        escape(&r.name)
     )?;
     let mut last_step = None;
     for f in &r.failures {
@@ -131,12 +132,12 @@ fn report(out: &mut impl Write, suite: &Suite, r: &CaseResult) -> std::io::Resul
                 out,
                 "    {what} ({}; {}):",
                 located(&suite.path, line, None),
-                f.context
+                escape(&f.context)
             )?;
             last_step = Some(f.step);
         }
         for line in f.text.lines() {
-            writeln!(out, "      {line}")?;
+            writeln!(out, "      {}", escape(line))?;
         }
     }
     writeln!(out)

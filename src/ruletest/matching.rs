@@ -8,6 +8,7 @@
 //! a loose expectation grabbed the item a strict one needed.
 
 use crate::alert::Alert;
+use crate::escape::escape;
 use crate::rules::LogLevel;
 
 use super::{AlertMatch, ErrorMatch, LogMatch};
@@ -187,7 +188,9 @@ impl Expectation for ErrorMatch {
 
 /// `None` when `expected` and `got` pair up one to one; otherwise the diff:
 /// matched items as context, `-` for expectations nothing matched, `+` for
-/// produced items nobody expected.
+/// produced items nobody expected. Each item is escaped: labels, summaries
+/// and errors carry message text, and a newline in one must not add a
+/// forged line to the diff.
 pub fn compare<E: Expectation>(what: &str, expected: &[E], got: &[E::Got]) -> Option<String> {
     let adjacent: Vec<Vec<bool>> = expected
         .iter()
@@ -201,17 +204,17 @@ pub fn compare<E: Expectation>(what: &str, expected: &[E], got: &[E::Got]) -> Op
     let mut out = format!("{what} (- expected but not produced, + produced but not expected):");
     for (j, g) in got.iter().enumerate() {
         if owner[j].is_some() {
-            out.push_str(&format!("\n    {}", g.show()));
+            out.push_str(&format!("\n    {}", escape(&g.show())));
         }
     }
     for (i, e) in expected.iter().enumerate() {
         if !owner.contains(&Some(i)) {
-            out.push_str(&format!("\n  - {}", e.describe()));
+            out.push_str(&format!("\n  - {}", escape(&e.describe())));
         }
     }
     for (j, g) in got.iter().enumerate() {
         if owner[j].is_none() {
-            out.push_str(&format!("\n  + {}", g.show()));
+            out.push_str(&format!("\n  + {}", escape(&g.show())));
         }
     }
     Some(out)

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use super::matching::{LogLine, RuleFailure, compare};
 use super::{CaseExpect, PreparedCase, StepExpect, Suite, Undecodable};
 use crate::alert::{Alert, AlertBook, Policy, Status};
+use crate::escape::escape;
 use crate::process::{self, LoadedRules, Processor, Verdict};
 
 /// What every test run shares: the engine and the compiled rules, with one
@@ -252,7 +253,9 @@ fn check_step(
             ));
         }
     }
-    match (&e.undecodable, got.undecodable.first()) {
+    // The decode error quotes the input; the report keeps it on one line.
+    let reason = got.undecodable.first().map(|r| escape(r));
+    match (&e.undecodable, reason) {
         (None, Some(reason)) => out.push(format!(
             "undecodable: the input could not be decoded ({reason}); add `undecodable: true` if intended"
         )),
@@ -263,7 +266,7 @@ fn check_step(
             out.push("undecodable: expected the input to be undecodable, but it decoded".into())
         }
         (Some(Undecodable::Yes { contains: Some(want) }), Some(reason))
-            if !reason.contains(want.as_str()) =>
+            if !got.undecodable[0].contains(want.as_str()) =>
         {
             out.push(format!(
                 "undecodable: expected a reason containing {want:?}, got: {reason}"

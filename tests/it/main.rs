@@ -4,6 +4,7 @@
 mod cli;
 mod cluster;
 mod http;
+mod http_limits;
 mod lifecycle;
 mod logging;
 mod pipeline;
@@ -11,4 +12,5 @@ mod reader;
 mod reload;
 mod seed_wire;
 mod sinks;
+mod tls;
 mod util;
