@@ -9,5 +9,6 @@ mod logging;
 mod pipeline;
 mod reader;
 mod reload;
+mod sandbox;
 mod sinks;
 mod util;
