@@ -121,6 +121,11 @@ pub struct Limits {
     pub max_array_size: usize,
     /// Largest map a rule may build.
     pub max_map_size: usize,
+    /// Wall-clock time one rule may spend on one message. The operations
+    /// limit counts steps, not their cost: a loop growing an array is
+    /// quadratic and took seconds per message under it alone.
+    #[serde(with = "humantime_serde")]
+    pub max_eval_time: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -472,7 +477,43 @@ impl Default for Limits {
             max_string_size: 64 * 1024,
             max_array_size: 10_000,
             max_map_size: 10_000,
+            max_eval_time: Duration::from_millis(50),
         }
+    }
+}
+
+/// The longest `limits.max_eval_time` accepted: each rule call holds its
+/// message, and the batch, this long.
+const MAX_EVAL_TIME_CEILING: Duration = Duration::from_secs(10);
+
+impl Limits {
+    /// Rhai reads 0 as "no limit" for sizes and depths: a 0 here is a typo
+    /// or a wish to turn the sandbox off, and both get an error.
+    fn validate(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("max_operations", self.max_operations),
+            ("max_call_levels", self.max_call_levels as u64),
+            ("max_string_size", self.max_string_size as u64),
+            ("max_array_size", self.max_array_size as u64),
+            ("max_map_size", self.max_map_size as u64),
+        ] {
+            if value == 0 {
+                return Err(format!(
+                    "`limits.{key}` must be positive (0 would turn the limit off)"
+                ));
+            }
+        }
+        if self.max_eval_time.is_zero() {
+            return Err("`limits.max_eval_time` must be positive, e.g. `50ms`".into());
+        }
+        if self.max_eval_time > MAX_EVAL_TIME_CEILING {
+            return Err(format!(
+                "`limits.max_eval_time` {} is above {}: one rule call holds its whole batch that long",
+                humantime::format_duration(self.max_eval_time),
+                humantime::format_duration(MAX_EVAL_TIME_CEILING)
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -747,9 +788,7 @@ impl Config {
                 "`alerts.flap_window` must be positive when `flap_max_changes` is set".into(),
             ));
         }
-        if self.limits.max_operations == 0 {
-            return Err(invalid("`limits.max_operations` must be positive".into()));
-        }
+        self.limits.validate().map_err(invalid)?;
         if self.http.enabled {
             self.http.validate().map_err(invalid)?;
         }
@@ -923,6 +962,37 @@ mod tests {
         assert!(err.to_string().contains("no hash tag"), "{err}");
         let text = "subscriptions:\n  - {name: a, streams: [\"a{}b\"]}\n";
         Config::parse(text, "t").unwrap().validate("t").unwrap();
+    }
+
+    fn validate_limits(yaml: &str) -> Result<(), String> {
+        let text = format!("limits:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
+        Config::parse(&text, "t")
+            .map_err(|e| e.to_string())?
+            .validate("t")
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn max_eval_time_rejects_zero_nonsense_and_hours() {
+        validate_limits("  max_eval_time: 20ms\n").unwrap();
+        let err = validate_limits("  max_eval_time: 0s\n").unwrap_err();
+        assert!(
+            err.contains("`limits.max_eval_time` must be positive"),
+            "{err}"
+        );
+        let err = validate_limits("  max_eval_time: soon\n").unwrap_err();
+        assert!(err.contains("max_eval_time"), "{err}");
+        let err = validate_limits("  max_eval_time: 1h\n").unwrap_err();
+        assert!(err.contains("is above 10s"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_size_limit_is_not_silently_unlimited() {
+        let err = validate_limits("  max_array_size: 0\n").unwrap_err();
+        assert!(
+            err.contains("`limits.max_array_size` must be positive"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -169,12 +169,17 @@ impl Reloader {
     async fn reload_rules(&self, last: &mut LastReload, forced: bool) -> Option<PartReport> {
         let engine = self.engine.clone();
         let dir = self.rules_dir.clone();
-        let compiled = tokio::task::spawn_blocking(move || RuleSet::load(&engine, &dir))
-            .await
-            .expect("rule compilation does not panic");
+        // A panic on one file is that file's compile error (see
+        // `RuleSet::load`); one anywhere else fails this reload, not the
+        // watcher, the SIGHUP handler or the HTTP request that asked.
+        let compiled = tokio::task::spawn_blocking(move || RuleSet::load(&engine, &dir)).await;
         let set = match compiled {
-            Ok(set) => set,
-            Err(e) => return failure(&mut last.rules_error, e.to_string(), forced),
+            Ok(Ok(set)) => set,
+            Ok(Err(e)) => return failure(&mut last.rules_error, e.to_string(), forced),
+            Err(e) => {
+                let text = format!("loading the rules failed: {e}");
+                return failure(&mut last.rules_error, text, forced);
+            }
         };
         let report = {
             let old = self.rules.load();
@@ -207,12 +212,14 @@ impl Reloader {
     /// sinks that changed; `None` when not `forced` and nothing changed.
     async fn reload_plugins(&self, last: &mut LastReload, forced: bool) -> Option<PartReport> {
         let dir = self.plugins_dir.clone();
-        let loaded = tokio::task::spawn_blocking(move || crate::sinks::load_dir(&dir))
-            .await
-            .expect("manifest loading does not panic");
+        let loaded = tokio::task::spawn_blocking(move || crate::sinks::load_dir(&dir)).await;
         let manifests = match loaded {
-            Ok(manifests) => manifests,
-            Err(errors) => {
+            Ok(Ok(manifests)) => manifests,
+            Err(e) => {
+                let text = format!("loading the plugins failed: {e}");
+                return failure(&mut last.plugins_error, text, forced);
+            }
+            Ok(Err(errors)) => {
                 let text = errors
                     .iter()
                     .map(ToString::to_string)

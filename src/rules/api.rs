@@ -1,4 +1,5 @@
-//! The functions a rule can call: `alert`, `resolve`, `log`, `drop`.
+//! The functions a rule can call: `alert`, `resolve`, `log`, `drop`, the
+//! helpers, and `require`.
 //!
 //! Rules run on blocking threads, one message and one rule at a time per
 //! thread, so each thread collects the actions of the rule it is running in a
@@ -205,6 +206,31 @@ fn unknown_field(func: &str, key: &str) -> String {
     format!("{func}(): unknown field `{key}` (expected {ALERT_KEYS})")
 }
 
+/// A label whose value is `()`: almost always a field the message lacks
+/// (`msg.hostname` of a message without one). An alert labelled
+/// `hostname=""` would look real and merge every such message into one.
+fn missing_label(func: &str, key: &str) -> String {
+    format!(
+        "{func}(): label `{key}` is () (a field missing from the message?); check it, or list it in require(msg, [...])"
+    )
+}
+
+/// Fails like a missing label for each `labels` entry that is `()`, and
+/// for a `name` that is `()` (it becomes the `alertname` label).
+fn check_labels(func: &str, key: &str, value: &Dynamic) -> Result<(), String> {
+    match key {
+        "name" if value.is_unit() => Err(missing_label(func, "name")),
+        "labels" => match value.read_lock::<Map>() {
+            Some(labels) => match labels.iter().find(|(_, v)| v.is_unit()) {
+                Some((k, _)) => Err(missing_label(func, k)),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    }
+}
+
 fn bad_severity(func: &str, level: &str) -> String {
     format!("{func}(): severity `{level}` is not one of info, warning, major, critical")
 }
@@ -214,6 +240,7 @@ fn bad_severity(func: &str, level: &str) -> String {
 /// half-filled alert, even when the alert is never built.
 fn check_alert(func: &str, map: &Map) -> Result<(), String> {
     for (key, value) in map {
+        check_labels(func, key, value)?;
         match key.as_str() {
             "value" | "name" | "summary" | "description" => {}
             "for_duration" | "for" | "resolve_after" => {
@@ -254,6 +281,7 @@ fn identity(rule: &str, map: &Map) -> u64 {
 pub fn raw_alert(func: &str, map: &Map) -> Result<RawAlert, String> {
     let mut alert = RawAlert::default();
     for (key, value) in map {
+        check_labels(func, key, value)?;
         match key.as_str() {
             "value" => alert.value = Some(text(value)),
             // `for` is a Rhai keyword: `for_duration` reads better than `"for"`.
@@ -326,6 +354,41 @@ fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) 
     }
 }
 
+/// `require(msg, fields)`: fails the rule, naming every field of `fields`
+/// that `msg` lacks or holds as `()`, so a rule states up front what it
+/// reads instead of failing later on the first missing one.
+fn require(ctx: &NativeCallContext, msg: &Map, fields: &[Dynamic]) -> Res<()> {
+    let mut missing = Vec::new();
+    for field in fields {
+        let Some(name) = field.read_lock::<rhai::ImmutableString>() else {
+            return fail(
+                ctx,
+                format!(
+                    "require(): field names must be strings, got {} ({field})",
+                    field.type_name()
+                ),
+            );
+        };
+        if msg.get(name.as_str()).is_none_or(Dynamic::is_unit) {
+            missing.push(format!("`{}`", name.as_str()));
+        }
+    }
+    match missing.len() {
+        0 => Ok(()),
+        1 => fail(
+            ctx,
+            format!("require(): the message has no field {}", missing[0]),
+        ),
+        _ => fail(
+            ctx,
+            format!(
+                "require(): the message has no fields {}",
+                missing.join(", ")
+            ),
+        ),
+    }
+}
+
 fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> Res<()> {
     let v = number(ctx, "metric", value)?;
     let labels: Vec<(String, String)> = labels
@@ -335,6 +398,8 @@ fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> 
     running(|rule, _| state::set_gauge(rule, name, v, labels))
         .or_else(|e| fail(ctx, format!("metric(): {e}")))
 }
+
+const NO_SLEEP: &str = "rules cannot sleep (sandbox): a rule call holds its message's batch; use for_duration or deadman to wait";
 
 /// Registers the rule API on an engine that is about to be frozen.
 pub fn register(engine: &mut Engine) {
@@ -454,10 +519,35 @@ pub fn register(engine: &mut Engine) {
         record(|acts| acts.logs.push((LogLevel::Info, text)));
     });
     engine.register_fn("drop", || record(|acts| acts.drop = true));
-    // `print` and `debug` would write to stdout; route them into our logs.
-    engine.on_print(|text| tracing::info!(target: "tripline::rule", "{text}"));
-    engine.on_debug(|text, source, pos: Position| {
-        tracing::debug!(target: "tripline::rule", source = source.unwrap_or(""), %pos, "{text}")
+    engine.register_fn(
+        "require",
+        |ctx: NativeCallContext, msg: &mut Map, fields: rhai::Array| -> Res<()> {
+            require(&ctx, msg, &fields)
+        },
+    );
+    engine.register_fn(
+        "require",
+        |ctx: NativeCallContext, msg: &mut Map, field: &str| -> Res<()> {
+            require(&ctx, msg, &[field.into()])
+        },
+    );
+    // Rhai's standard `sleep` blocks the thread, and the time budget cannot
+    // interrupt a native call: these take its place (the engine's own
+    // functions are found before its packages').
+    engine.register_fn("sleep", |ctx: NativeCallContext, _: rhai::INT| -> Res<()> {
+        fail(&ctx, NO_SLEEP.into())
+    });
+    engine.register_fn(
+        "sleep",
+        |ctx: NativeCallContext, _: rhai::FLOAT| -> Res<()> { fail(&ctx, NO_SLEEP.into()) },
+    );
+    // `print` and `debug` would write to stdout, unlabelled and in the way
+    // of the CLI's output: they are `log("info", …)` and `log("debug", …)`,
+    // with the rule, stream and message id, and discarded with the rule's
+    // other actions if it fails.
+    engine.on_print(|text| record(|acts| acts.logs.push((LogLevel::Info, text.to_string()))));
+    engine.on_debug(|text, _, _: Position| {
+        record(|acts| acts.logs.push((LogLevel::Debug, text.to_string())))
     });
 }
 
@@ -493,6 +583,8 @@ mod tests {
             r#"{"labels": "x"}"#,
             r#"{"for_duration": "soon"}"#,
             r#"{"colour": "red"}"#,
+            r#"{"labels": {"hostname": null}}"#,
+            r#"{"name": null}"#,
         ] {
             let checked = check_alert("alert", &map(json)).unwrap_err();
             assert_eq!(raw_alert("alert", &map(json)).unwrap_err(), checked);

@@ -5,6 +5,7 @@
 //! from the directory: if any file fails, the caller keeps its previous set.
 
 pub mod api;
+mod budget;
 pub mod state;
 
 use std::cell::RefCell;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rhai::{AST, CallFnOptions, Dynamic, Engine, Scope};
+use rhai::{AST, ASTNode, Dynamic, Engine, EvalAltResult, ImmutableString, Position, Scope};
 
 use crate::config::Limits;
 use crate::metrics::RuleMetrics;
@@ -63,18 +64,39 @@ impl std::fmt::Display for CompileError {
     }
 }
 
+/// Keywords a rule may not use, each with the reason given when a rule
+/// does: the sandbox section of docs/rules.md lists what is left.
+const DISABLED_KEYWORDS: [(&str, &str); 2] = [
+    (
+        "import",
+        "rules cannot import modules (sandbox): a rule is one file and reads nothing from disk",
+    ),
+    (
+        "eval",
+        "rules cannot call `eval` (sandbox): the code a rule runs is the code `check` compiled",
+    ),
+];
+
 /// Builds the one engine every rule runs in: sandboxed (the standard packages
-/// of `Engine::new` have no file, network or process access; `eval` is
-/// disabled), limited, and carrying the rule API.
+/// of `Engine::new` have no file, network or process access; `import` and
+/// `eval` are disabled), limited, and carrying the rule API.
 pub fn build_engine(limits: &Limits) -> Arc<Engine> {
     let mut engine = Engine::new();
+    // `Engine::new` installs a resolver that loads any `import`ed script from
+    // disk. `import` does not even compile here; with no resolver, nothing
+    // could load a file should a module path ever be reached another way.
+    engine.set_module_resolver(rhai::module_resolvers::DummyModuleResolver::new());
+    for (keyword, _) in DISABLED_KEYWORDS {
+        engine.disable_symbol(keyword);
+    }
+    let budget = limits.max_eval_time;
+    engine.on_progress(move |ops| budget::check(ops, budget));
     engine.set_max_operations(limits.max_operations);
     engine.set_max_call_levels(limits.max_call_levels);
     engine.set_max_string_size(limits.max_string_size);
     engine.set_max_array_size(limits.max_array_size);
     engine.set_max_map_size(limits.max_map_size);
     engine.set_max_expr_depths(64, 32);
-    engine.disable_symbol("eval");
     // Rhai interns short strings (map keys, property names) in one cache
     // behind a spin lock: every worker thread contends on it, and once it
     // holds its 256 entries (hostnames fill it at once) each new string
@@ -95,7 +117,10 @@ pub struct Rule {
     pub path: PathBuf,
     /// Hash of the source text, so a reload can tell changed from unchanged.
     pub source_hash: u64,
-    ast: AST,
+    /// `on_message`'s body and the rule's functions (see [`entry_ast`]).
+    entry: AST,
+    /// The names of `on_message`'s parameters, bound in the scope of a call.
+    params: [ImmutableString; 2],
     /// Top-level `const`/`let` values, evaluated once at load and visible to
     /// `on_message` on every call.
     scope: Scope<'static>,
@@ -209,7 +234,7 @@ impl RuleSet {
                 .unwrap_or(&path)
                 .to_string_lossy()
                 .replace('\\', "/");
-            match compile_rule(engine, &path, &rel, &source) {
+            match guarded(&path, || compile_rule(engine, &path, &rel, &source)) {
                 Ok(rule) => rules.push(rule),
                 Err(e) => errors.push(e),
             }
@@ -279,14 +304,12 @@ impl RuleSet {
             let started = Instant::now();
             api::begin(&rule.name, now_ms);
             let mut scope = self.borrow_scope(i);
-            let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-            let call = engine.call_fn_with_options::<Dynamic>(
-                options,
-                &mut scope,
-                &rule.ast,
-                ENTRY_POINT,
-                (body.clone(), ctx),
-            );
+            scope.push_dynamic(rule.params[0].as_str(), body.clone());
+            scope.push_dynamic(rule.params[1].as_str(), ctx);
+            let call = {
+                let _budget = budget::start();
+                engine.eval_ast_with_scope::<Dynamic>(&mut scope, &rule.entry)
+            };
             self.return_scope(i, scope);
             let actions = api::take();
             let outcome = match call {
@@ -327,8 +350,8 @@ impl RuleSet {
     }
 
     /// Keeps `scope` for rule `i`'s next call on this thread, if it is still
-    /// the rule's constants. The call rewound it to them (so does this,
-    /// whatever the call did), and constants cannot be assigned nor given to
+    /// the rule's constants. This rewinds it to them (dropping the call's
+    /// parameters and locals, whatever the call did), and constants cannot be assigned nor given to
     /// a non-pure method; but a closure that captures a constant turns it
     /// into a shared value in place: such a scope is dropped and the next
     /// call starts from the loaded constants, as every call did before
@@ -350,12 +373,38 @@ impl RuleSet {
     }
 }
 
-fn describe_eval_error(rel: &str, e: &rhai::EvalAltResult) -> String {
-    let pos = e.position();
+/// `file:line:col: what happened`; a sandbox limit also names the config
+/// key that sets it.
+fn describe_eval_error(rel: &str, e: &EvalAltResult) -> String {
+    let what = match e {
+        EvalAltResult::ErrorTerminated(reason, _) => reason.to_string(),
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            "too many operations (limits.max_operations)".to_string()
+        }
+        EvalAltResult::ErrorStackOverflow(_) => {
+            "functions nested too deep (limits.max_call_levels)".to_string()
+        }
+        EvalAltResult::ErrorDataTooLarge(what, _) => {
+            let key = if what.contains("string") {
+                "max_string_size"
+            } else if what.contains("map") {
+                "max_map_size"
+            } else {
+                "max_array_size"
+            };
+            format!("{what} too large (limits.{key})")
+        }
+        other => other.to_string(),
+    };
+    format!("{}: {what}", located(rel, e.position()))
+}
+
+/// `file:line:col`, or as much of it as `pos` has.
+fn located(rel: &str, pos: Position) -> String {
     match (pos.line(), pos.position()) {
-        (Some(l), Some(c)) => format!("{rel}:{l}:{c}: {e}"),
-        (Some(l), None) => format!("{rel}:{l}: {e}"),
-        _ => format!("{rel}: {e}"),
+        (Some(l), Some(c)) => format!("{rel}:{l}:{c}"),
+        (Some(l), None) => format!("{rel}:{l}"),
+        _ => rel.to_string(),
     }
 }
 
@@ -392,6 +441,28 @@ fn collect_rule_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), RuleErro
     Ok(())
 }
 
+/// Runs `compile` and turns a panic into a compile error of `path`: Rhai's
+/// compiler runs on untrusted text, and a rule it chokes on must fail its
+/// own load (`check`, a reload) and not kill the watcher or the process.
+fn guarded(
+    path: &Path,
+    compile: impl FnOnce() -> Result<Rule, CompileError>,
+) -> Result<Rule, CompileError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(compile)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(CompileError {
+            path: path.to_path_buf(),
+            line: None,
+            column: None,
+            message: format!("the rule compiler panicked on this file: {what}"),
+        })
+    })
+}
+
 fn compile_rule(
     engine: &Engine,
     path: &Path,
@@ -406,26 +477,35 @@ fn compile_rule(
     };
     let mut ast = engine
         .compile(source)
-        .map_err(|e| error(e.position(), e.err_type().to_string()))?;
+        .map_err(|e| error(e.position(), compile_message(source, &e)))?;
     ast.set_source(rel);
-    if !ast
+    let Some(params) = ast
         .iter_functions()
-        .any(|f| f.name == ENTRY_POINT && f.params.len() == 2)
-    {
+        .find(|f| f.name == ENTRY_POINT && f.params.len() == 2)
+        .map(|f| [f.params[0].into(), f.params[1].into()])
+    else {
         return Err(error(
             rhai::Position::NONE,
             format!("no `fn {ENTRY_POINT}(msg, ctx)` defined"),
         ));
-    }
+    };
     let mut scope = Scope::new();
     api::begin(rel, 0);
-    let top = engine.run_ast_with_scope(&mut scope, &ast);
+    let top = {
+        let _budget = budget::start();
+        engine.run_ast_with_scope(&mut scope, &ast)
+    };
     let stray = api::take();
-    top.map_err(|e| error(e.position(), format!("top-level code failed: {e}")))?;
+    top.map_err(|e| {
+        let text = describe_eval_error(rel, &e);
+        let what = text.split_once(": ").map_or(text.as_str(), |(_, w)| w);
+        error(e.position(), format!("top-level code failed: {what}"))
+    })?;
     if !stray.is_empty() {
         return Err(error(
             rhai::Position::NONE,
-            "top-level code must not call alert/resolve/log/drop; do it in on_message".into(),
+            "top-level code must not call alert/resolve/log/print/debug/drop; do it in on_message"
+                .into(),
         ));
     }
     let topics = match scope.get(TOPICS_CONST) {
@@ -455,6 +535,7 @@ fn compile_rule(
     let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
     let constants_only = scope.iter_raw().all(|(_, constant, _)| constant);
     let reads_context = reads_context(&ast, source);
+    let entry = entry_ast(&ast, rel);
     Ok(Rule {
         shadow,
         metrics: RuleMetrics::new(&name),
@@ -462,12 +543,64 @@ fn compile_rule(
         rel_path: rel.to_string(),
         path: path.to_path_buf(),
         source_hash: hash_source(source),
-        ast,
+        entry,
+        params,
         constants_only,
         reads_context,
         scope,
         topics,
     })
+}
+
+/// The message of a compile error; a disabled keyword gets the sandbox's
+/// reason and the offending text (`import "x"`) instead of Rhai's
+/// "reserved keyword".
+fn compile_message(source: &str, e: &rhai::ParseError) -> String {
+    let word = match e.err_type() {
+        rhai::ParseErrorType::Reserved(word) => word,
+        rhai::ParseErrorType::BadInput(rhai::LexError::ImproperSymbol(word, _)) => word,
+        other => return other.to_string(),
+    };
+    let Some((_, reason)) = DISABLED_KEYWORDS.iter().find(|(k, _)| k == word) else {
+        return e.err_type().to_string();
+    };
+    match offending_text(source, e.position()) {
+        Some(text) => format!("{reason}: `{text}`"),
+        None => reason.to_string(),
+    }
+}
+
+/// The statement that starts at `pos`, up to its `;` or the end of its
+/// line and at most 80 characters, for an error message.
+fn offending_text(source: &str, pos: Position) -> Option<String> {
+    let line = source.lines().nth(pos.line()?.checked_sub(1)?)?;
+    let rest: String = line.chars().skip(pos.position()?.checked_sub(1)?).collect();
+    let end = rest.find(';').unwrap_or(rest.len());
+    let text: String = rest[..end].trim_end().chars().take(80).collect();
+    (!text.is_empty()).then_some(text)
+}
+
+/// `on_message`'s body as the statements of an AST of their own, with the
+/// rule's functions. A call runs them with the parameters bound in its
+/// scope instead of calling the function: when a sandbox limit (operations,
+/// time, sizes, call depth) stops a call, Rhai moves the error's position
+/// to the call site of each function frame it leaves, and a call from
+/// outside has none; run at the top level, the error keeps the position of
+/// the operation that hit the limit, or of the call in `on_message` that
+/// led to it. Everything else is the same: `return` ends the call with its
+/// value, and the statements see the rule's top-level values as the
+/// function did.
+fn entry_ast(ast: &AST, rel: &str) -> AST {
+    let entry_only = ast
+        .clone_functions_only_filtered(|_, _, _, name, params| name == ENTRY_POINT && params == 2);
+    let mut body = Vec::new();
+    entry_only.walk(&mut |path: &[ASTNode]| {
+        if let [ASTNode::Stmt(stmt)] = path {
+            body.push((*stmt).clone());
+        }
+        true
+    });
+    AST::new_with_source(body, ast.shared_lib().clone(), rel)
 }
 
 /// False only when the name of `on_message`'s second parameter appears
@@ -782,6 +915,337 @@ mod tests {
     #[test]
     fn sandbox_has_no_eval() {
         let (_d, set) = set_of(&[("x.rhai", "fn on_message(m, c) { eval(\"1\"); }")]);
-        assert!(set.is_err());
+        let err = set.err().unwrap().to_string();
+        assert!(
+            err.contains("x.rhai:1:23: rules cannot call `eval` (sandbox)"),
+            "{err}"
+        );
+    }
+
+    /// Runs every rule of `set` on `{}` with `limits`; the outcomes in path
+    /// order and how long the whole message took.
+    fn run_with(
+        set: &RuleSet,
+        limits: &Limits,
+    ) -> (Vec<Result<Actions, String>>, std::time::Duration) {
+        let engine = build_engine(limits);
+        let body: Dynamic = serde_json::from_str("{}").unwrap();
+        let all: Vec<usize> = (0..set.rules.len()).collect();
+        let started = Instant::now();
+        let results = set.evaluate(
+            &engine,
+            &all,
+            Message {
+                stream: "s",
+                body: &body,
+                ctx: Dynamic::UNIT,
+                id: "1-0",
+                now_ms: 0,
+            },
+        );
+        let took = started.elapsed();
+        (results.into_iter().map(|r| r.outcome).collect(), took)
+    }
+
+    #[test]
+    fn import_is_refused_at_load_with_its_position_anywhere_in_a_rule() {
+        let module = tempfile::tempdir().unwrap();
+        let target = module.path().join("secret.rhai");
+        std::fs::write(&target, "export const X = 1;").unwrap();
+        let absolute = target.with_extension("").display().to_string();
+        let (_d, set) = set_of(&[
+            (
+                "a_top.rhai",
+                "import \"secret\" as s;\nfn on_message(m, c) {}",
+            ),
+            (
+                "b_inside.rhai",
+                &format!("fn on_message(m, c) {{\n    import \"{absolute}\" as s;\n}}"),
+            ),
+            (
+                "c_helper.rhai",
+                "fn helper() {\n  if true {\n      import \"../secret\";\n  }\n}\nfn on_message(m, c) { helper() }",
+            ),
+        ]);
+        let err = set.err().unwrap().to_string();
+        let reason = "rules cannot import modules (sandbox)";
+        for expected in [
+            format!("a_top.rhai:1:1: {reason}"),
+            format!("b_inside.rhai:2:5: {reason}"),
+            format!("c_helper.rhai:3:7: {reason}"),
+            "`import \"secret\" as s`".to_string(),
+            format!("`import \"{absolute}\" as s`"),
+        ] {
+            assert!(err.contains(&expected), "{expected} not in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn runaways_stop_at_their_position_and_the_next_rule_still_alerts() {
+        let (_d, set) = set_of(&[
+            (
+                "1_array.rhai",
+                "fn on_message(m, c) {\n  let a = [];\n  loop { a.push(a.len()); }\n}",
+            ),
+            (
+                "2_map.rhai",
+                "fn on_message(m, c) {\n  let x = #{}; let i = 0;\n  loop { x[`k${i}`] = i; i += 1; }\n}",
+            ),
+            (
+                "3_string.rhai",
+                "fn on_message(m, c) {\n  let s = \"\";\n  loop { s += \"xxxxxxxx\"; }\n}",
+            ),
+            (
+                "4_recursion.rhai",
+                "fn deeper(n) { deeper(n + 1) }\nfn on_message(m, c) {\n  deeper(0)\n}",
+            ),
+            ("5_loop.rhai", "fn on_message(m, c) {\n  loop {}\n}"),
+            ("6_alert.rhai", "fn on_message(m, c) { alert(#{}); }"),
+        ]);
+        let (outcomes, _) = run_with(&set.unwrap(), &Limits::default());
+        let errors: Vec<&String> = outcomes[..5]
+            .iter()
+            .map(|o| o.as_ref().unwrap_err())
+            .collect();
+        for (error, expected) in errors.iter().zip([
+            "1_array.rhai:3:",
+            "2_map.rhai:3:",
+            "3_string.rhai:3:",
+            "4_recursion.rhai:",
+            "5_loop.rhai:2:",
+        ]) {
+            assert!(error.starts_with(expected), "{expected}: {error}");
+        }
+        // Rhai 1.27 stops this recursion either at the depth limit or, with
+        // some hash seeds, one level earlier with `n` unset (`+ ((), i64)`
+        // at 1:25): a position either way, and the next rule runs.
+        assert!(
+            errors[3].contains("limits.max_call_levels") || errors[3].contains(":1:25:"),
+            "{}",
+            errors[3]
+        );
+        for error in [errors[0], errors[1], errors[2], errors[4]] {
+            assert!(error.contains("limits."), "names its limit: {error}");
+        }
+        assert_eq!(outcomes[5].as_ref().unwrap().alerts.len(), 1);
+    }
+
+    #[test]
+    fn max_eval_time_stops_a_loop_the_operations_limit_would_let_run() {
+        let (_d, set) = set_of(&[(
+            "spin.rhai",
+            "fn on_message(m, c) {\n  let n = 0;\n  loop { n += 1; }\n}",
+        )]);
+        let limits = Limits {
+            max_operations: u64::MAX,
+            max_eval_time: std::time::Duration::from_millis(20),
+            ..Limits::default()
+        };
+        let (outcomes, took) = run_with(&set.unwrap(), &limits);
+        let error = outcomes[0].as_ref().unwrap_err();
+        assert!(
+            error.starts_with("spin.rhai:3:") && error.contains("limits.max_eval_time (20ms)"),
+            "{error}"
+        );
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn top_level_runaway_fails_the_load_within_its_budget() {
+        let (_d, set) = set_of(&[(
+            "t.rhai",
+            "let a = [];\nloop { a.push(1); }\nfn on_message(m, c) {}",
+        )]);
+        let err = set.err().unwrap().to_string();
+        assert!(
+            err.contains("t.rhai:2:") && err.contains("top-level code failed"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sleep_is_refused_even_through_a_function_pointer() {
+        let (_d, set) = set_of(&[
+            ("a.rhai", "fn on_message(m, c) { sleep(3600); }"),
+            ("b.rhai", "fn on_message(m, c) { sleep(0.5); }"),
+            (
+                "c.rhai",
+                "fn on_message(m, c) { Fn(\"sleep\").call(3600); }",
+            ),
+        ]);
+        let (outcomes, took) = run_with(&set.unwrap(), &Limits::default());
+        for o in &outcomes {
+            assert!(
+                o.as_ref()
+                    .unwrap_err()
+                    .contains("rules cannot sleep (sandbox)"),
+                "{o:?}"
+            );
+        }
+        assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+    }
+
+    #[test]
+    fn huge_single_allocations_are_refused_not_made() {
+        let (_d, set) = set_of(&[
+            (
+                "a.rhai",
+                "fn on_message(m, c) { let b = blob(1_000_000_000); }",
+            ),
+            (
+                "b.rhai",
+                "fn on_message(m, c) { let a = []; a.pad(1_000_000_000, 0); }",
+            ),
+            (
+                "c.rhai",
+                "fn on_message(m, c) { let s = \"\"; s.pad(1_000_000_000, \"x\"); }",
+            ),
+            (
+                "d.rhai",
+                "fn on_message(m, c) { let a = [1]; for i in 0..40 { a += a; } }",
+            ),
+        ]);
+        let (outcomes, took) = run_with(&set.unwrap(), &Limits::default());
+        for o in &outcomes {
+            assert!(o.as_ref().unwrap_err().contains("too large"), "{o:?}");
+        }
+        assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn print_and_debug_are_rule_logs_not_stdout() {
+        let (_d, set) = set_of(&[(
+            "p.rhai",
+            "fn on_message(m, c) { print(\"p\"); debug(\"d\"); }",
+        )]);
+        let (outcomes, _) = run_with(&set.unwrap(), &Limits::default());
+        let logs = &outcomes[0].as_ref().unwrap().logs;
+        assert_eq!(logs[0], (LogLevel::Info, "p".to_string()));
+        assert_eq!(logs[1].0, LogLevel::Debug);
+        let (_d, top) = set_of(&[("t.rhai", "print(1);\nfn on_message(m, c) {}")]);
+        assert!(top.err().unwrap().to_string().contains("print"));
+    }
+
+    #[test]
+    fn a_missing_field_in_a_label_fails_the_rule_at_its_position() {
+        let (_d, set) = set_of(&[
+            (
+                "a.rhai",
+                "fn on_message(m, c) {\n  alert(#{ labels: #{ hostname: m.hostname } });\n}",
+            ),
+            (
+                "b.rhai",
+                "fn on_message(m, c) {\n  resolve(#{ name: m.alert_name });\n}",
+            ),
+            (
+                "c.rhai",
+                "fn on_message(m, c) {\n  hysteresis_above(#{ labels: #{ i: m.interface } }, 5, 1, 0);\n}",
+            ),
+            (
+                "d.rhai",
+                "fn on_message(m, c) {\n  alert(#{ labels: #{ vrf: m.vrf ?? \"default\" } });\n}",
+            ),
+        ]);
+        let (outcomes, _) = run_with(&set.unwrap(), &Limits::default());
+        for (o, expected) in outcomes
+            .iter()
+            .zip(["a.rhai:2:3: ", "b.rhai:2:3: ", "c.rhai:2:3: "])
+        {
+            let e = o.as_ref().unwrap_err();
+            assert!(
+                e.starts_with(expected) && e.contains("is () (a field missing"),
+                "{e}"
+            );
+        }
+        let d = outcomes[3].as_ref().unwrap();
+        assert_eq!(d.alerts[0].labels["vrf"], "default");
+    }
+
+    #[test]
+    fn require_names_every_missing_field() {
+        let (_d, set) = set_of(&[
+            (
+                "a.rhai",
+                "fn on_message(m, c) {\n  require(m, [\"hostname\", \"interface\", \"x\"]);\n}",
+            ),
+            (
+                "b.rhai",
+                "fn on_message(m, c) { require(m, \"x\"); alert(#{}); }",
+            ),
+        ]);
+        let set = set.unwrap();
+        let engine = build_engine(&Limits::default());
+        let body: Dynamic = serde_json::from_str(r#"{"x": 1, "interface": null}"#).unwrap();
+        let r = set.evaluate(
+            &engine,
+            &[0, 1],
+            Message {
+                stream: "s",
+                body: &body,
+                ctx: Dynamic::UNIT,
+                id: "1-0",
+                now_ms: 0,
+            },
+        );
+        let e = r[0].outcome.as_ref().unwrap_err();
+        assert!(
+            e.starts_with("a.rhai:2:3: ")
+                && e.contains("require(): the message has no fields `hostname`, `interface`"),
+            "{e}"
+        );
+        assert_eq!(r[1].outcome.as_ref().unwrap().alerts.len(), 1);
+    }
+
+    #[test]
+    fn a_compiler_panic_is_the_files_compile_error() {
+        let err = guarded(Path::new("rules/p.rhai"), || panic!("parser gave up"))
+            .err()
+            .unwrap();
+        assert_eq!(err.path, Path::new("rules/p.rhai"));
+        assert!(
+            err.to_string()
+                .contains("the rule compiler panicked on this file: parser gave up"),
+            "{err}"
+        );
+    }
+
+    /// Worst engine time per message of each runaway, for
+    /// docs/performance.md: `cargo test --lib rules::tests::runaway_engine_time -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "prints figures; run by hand"]
+    fn runaway_engine_time() {
+        let runaways = [
+            ("array", "let a = []; loop { a.push(a.len()); }"),
+            (
+                "map",
+                "let x = #{}; let i = 0; loop { x[`k${i}`] = i; i += 1; }",
+            ),
+            ("string", "let s = \"\"; loop { s += \"x\"; }"),
+            ("recursion", "deeper(0)"),
+            ("loop", "loop {}"),
+            (
+                "array of 9,000 (no limit hit)",
+                "let a = []; for i in 0..9000 { a.push(i); }",
+            ),
+        ];
+        for (what, body) in runaways {
+            let rule =
+                format!("fn deeper(n) {{ deeper(n + 1) }}\nfn on_message(m, c) {{ {body} }}");
+            let (_d, set) = set_of(&[("r.rhai", &rule)]);
+            let set = set.unwrap();
+            let mut times: Vec<std::time::Duration> = (0..20)
+                .map(|_| run_with(&set, &Limits::default()).1)
+                .collect();
+            times.sort();
+            let error = run_with(&set, &Limits::default()).0[0]
+                .clone()
+                .err()
+                .unwrap_or_default();
+            println!(
+                "{what:32} median {:>9.2?}  max {:>9.2?}  {error}",
+                times[times.len() / 2],
+                times[times.len() - 1]
+            );
+        }
     }
 }

@@ -10,6 +10,7 @@ mod logging;
 mod pipeline;
 mod reader;
 mod reload;
+mod sandbox;
 mod seed_wire;
 mod sinks;
 mod tls;
