@@ -702,16 +702,18 @@ pub struct NodePersistence {
     /// `host:port` of a Cluster node; empty on a single server, whose
     /// address the log already names.
     pub node: String,
+    /// What the metric and the log level follow.
     pub mode: Persistence,
     /// The settings found (`appendonly no, save ""`), or why they could not
     /// be read: what the log line shows the operator.
     pub detail: String,
 }
 
-/// The persistence settings of the server, or of every Cluster node
-/// (replicas included: a promoted replica keeps the data only if it
-/// persists too). CONFIG refused is no error: the mode is then `aof` if
-/// INFO says so, else unknown. Errors only when Redis does not answer.
+/// The persistence settings of the server, or of every Cluster master (the
+/// nodes PING asks too, so an unreachable replica does not make Redis look
+/// down; a promoted replica is asked on the next reconnect). CONFIG refused
+/// is no error: the mode is then `aof` if INFO says so, else unknown.
+/// Errors only when Redis does not answer.
 pub async fn persistence(conn: &mut RedisConn) -> Result<Vec<NodePersistence>, RedisError> {
     let mut config = redis::cmd("CONFIG");
     config.arg("GET").arg("appendonly").arg("save");
@@ -764,11 +766,11 @@ fn persistence_from_config(v: Value) -> (Persistence, String) {
     (mode, detail)
 }
 
-/// Node address → its reply, or the error it answered; `Err` only when
-/// Redis could not be asked at all.
+/// Node address (empty on a single server) and its reply, or the error it
+/// answered with.
 type NodeReplies = Vec<(String, Result<Value, String>)>;
 
-/// Sends `cmd` to the server, or to every node of a Cluster.
+/// Sends `cmd` to the server, or to every master of a Cluster.
 async fn ask_every_node(conn: &mut RedisConn, cmd: &Cmd) -> Result<NodeReplies, RedisError> {
     match conn {
         RedisConn::Single(c) => Ok(vec![(
@@ -776,7 +778,7 @@ async fn ask_every_node(conn: &mut RedisConn, cmd: &Cmd) -> Result<NodeReplies, 
             refusal_as_reply(cmd.query_async(c).await)?,
         )]),
         RedisConn::Cluster(c) => {
-            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None));
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
             let replies = c.route_command(cmd.clone(), routing).await?;
             Ok(items(replies)
                 .chunks_exact(2)
