@@ -103,9 +103,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
     let tail = CancellationToken::new();
     let mut tail_tasks = JoinSet::new();
+    let consumed: Vec<String> = config
+        .subscriptions
+        .iter()
+        .flat_map(|s| s.streams.iter().cloned())
+        .collect();
     tail_tasks.spawn(redis_conn::watch_health(
         target.clone(),
         Duration::from_secs(1),
+        redis_conn::StateMarkers::new(&consumed),
         tail.clone(),
     ));
     // HTTP serves from here on: /readyz says why we are not ready yet.

@@ -58,6 +58,11 @@ pub struct Metrics {
     /// Lifecycle decisions taken again because another writer moved the
     /// alert state, by stream and reason.
     state_redecisions: Family<Labels, Counter>,
+    /// How Redis keeps data across its restart (1 on the mode found), so a
+    /// Redis that will lose the alert state can be alerted on before it does.
+    redis_persistence: Family<Labels, Gauge>,
+    /// Times Redis was found to have lost tripline's data, by hash tag.
+    redis_state_lost: Family<Labels, Counter>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -94,6 +99,8 @@ impl Metrics {
             sink_program_exits: Family::default(),
             consumers_removed: Family::default(),
             state_redecisions: Family::default(),
+            redis_persistence: Family::default(),
+            redis_state_lost: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -202,6 +209,16 @@ impl Metrics {
             "Lifecycle decisions taken again because another writer changed the alert state first (reason: stale = the partition's generation moved, conflict = an alert relied on changed), by stream",
             m.state_redecisions.clone(),
         );
+        registry.register(
+            "redis_persistence",
+            "1 on how Redis keeps its data across a restart (mode: aof, rdb, none, unknown when CONFIG is refused; a Cluster counts as its weakest node), checked on every connect",
+            m.redis_persistence.clone(),
+        );
+        registry.register(
+            "redis_state_lost",
+            "Times Redis was found to have lost tripline's data (alert state, outbox, groups) of a hash tag: restarted without persistence, flushed or evicted, by tag",
+            m.redis_state_lost.clone(),
+        );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
             env!("CARGO_PKG_VERSION").to_string(),
@@ -285,7 +302,7 @@ impl RuleMetrics {
     /// A rule threw or hit a sandbox limit on one message.
     pub fn rule_failed(&self, msg_id: &str, error: &str) {
         self.errors.inc();
-        tracing::warn!(rule = %self.rule, msg_id, "rule failed: {error}");
+        tracing::warn!(target: "tripline::rules", rule = %self.rule, msg_id, "rule failed: {error}");
     }
 }
 
@@ -318,14 +335,14 @@ pub fn rule_log(rule: &str, stream: &str, id: &str, level: crate::rules::LogLeve
 
 /// An entry written to `<stream>:dead`.
 pub fn dead_lettered(stream: &str, group: &str, id: &str, reason: &str) {
-    tracing::warn!(stream, group, id, reason, "entry dead-lettered");
+    tracing::warn!(target: "tripline::source", stream, group, id, reason, "entry dead-lettered");
     messages(stream, group, "dead_lettered", 1);
 }
 
 /// An alert notification committed to the outbox.
 pub fn alert_notified(alert: &Alert) {
     tracing::info!(
-        rule = %alert.rule,
+        target: "tripline::alert", rule = %alert.rule,
         alert = %alert.name,
         severity = alert.severity.as_str(),
         status = ?alert.status,
@@ -352,7 +369,7 @@ pub fn alert_notified(alert: &Alert) {
 
 /// An alert from a rule in shadow mode: counted, never sent.
 pub fn alert_shadowed(alert: &Alert) {
-    tracing::debug!(rule = %alert.rule, alert = %alert.name, "shadow rule asserted an alert (not sent)");
+    tracing::debug!(target: "tripline::alert", rule = %alert.rule, alert = %alert.name, "shadow rule asserted an alert (not sent)");
     get()
         .alerts
         .get_or_create(&vec![
@@ -370,7 +387,7 @@ pub fn redis_unreachable(what: &str, error: &redis::RedisError) {
     get().redis_up.set(0);
     if !REDIS_DOWN.swap(true, Ordering::SeqCst) {
         tracing::error!(
-            during = what,
+            target: "tripline::redis", during = what,
             "Redis unreachable, retrying with backoff: {error}"
         );
     }
@@ -380,8 +397,89 @@ pub fn redis_unreachable(what: &str, error: &redis::RedisError) {
 pub fn redis_reachable() {
     get().redis_up.set(1);
     if REDIS_DOWN.swap(false, Ordering::SeqCst) {
-        tracing::info!("Redis reachable again");
+        tracing::info!(target: "tripline::redis", "Redis reachable again");
     }
+}
+
+/// The persistence settings of Redis, read on a (re)connect. One line: a
+/// WARN when some node persists nothing, since its restart silently drops
+/// the alert state.
+pub fn redis_persistence(nodes: &[crate::redis_conn::NodePersistence]) {
+    use crate::redis_conn::Persistence;
+    let Some(weakest) = nodes.iter().map(|n| n.mode).min() else {
+        return;
+    };
+    let m = get();
+    for mode in Persistence::ALL {
+        m.redis_persistence
+            .get_or_create(&vec![("mode", mode.as_str().to_string())])
+            .set(i64::from(mode == weakest));
+    }
+    let which: Vec<String> = nodes
+        .iter()
+        .filter(|n| n.mode == weakest)
+        .map(|n| {
+            if n.node.is_empty() {
+                n.detail.clone()
+            } else {
+                format!("{}: {}", n.node, n.detail)
+            }
+        })
+        .collect();
+    let which = which.join("; ");
+    match weakest {
+        Persistence::None => tracing::warn!(
+            target: "tripline::redis",
+            "Redis persists nothing ({which}): a Redis restart loses the alert state (firing alerts then never resolve), queued alerts and consumer groups; enable AOF (appendonly yes, appendfsync everysec)"
+        ),
+        Persistence::Unknown => tracing::info!(
+            target: "tripline::redis",
+            "cannot tell whether Redis persists its data ({which}); it must (AOF recommended), or a Redis restart loses the alert state"
+        ),
+        Persistence::Rdb => tracing::info!(
+            target: "tripline::redis",
+            "Redis persists by RDB snapshots only ({which}): a crash loses what changed since the last snapshot; AOF is recommended"
+        ),
+        Persistence::Aof => {
+            tracing::debug!(target: "tripline::redis", "Redis persists with AOF ({which})")
+        }
+    }
+}
+
+/// Lost-state detection starts for these hash tags: their counters exist
+/// (at 0) from now on, so `increase()` sees the first loss.
+pub fn redis_state_watched(tags: &[String]) {
+    let m = get();
+    for tag in tags {
+        let _created = m
+            .redis_state_lost
+            .get_or_create(&vec![("tag", tag.clone())]);
+    }
+}
+
+/// Redis lost the data tripline keeps for these hash tags since the last
+/// check (their marker keys vanished).
+pub fn redis_state_lost(tags: &[String]) {
+    tracing::error!(
+        target: "tripline::redis",
+        tags = ?tags,
+        "Redis lost tripline's data (it restarted without persistence, was flushed, or evicted keys): the alert state of these streams (pending and firing alerts: a firing alert is never resolved now), alerts queued for the sinks and the consumer groups are gone; groups are re-created and alerting starts over from the next readings"
+    );
+    let m = get();
+    for tag in tags {
+        m.redis_state_lost
+            .get_or_create(&vec![("tag", tag.clone())])
+            .inc();
+    }
+}
+
+/// Redis refused the marker commands (an ACL without the `tripline:marker:*`
+/// keys, …): lost state cannot be detected.
+pub fn redis_state_uncheckable(error: &redis::RedisError) {
+    tracing::warn!(
+        target: "tripline::redis",
+        "cannot detect lost Redis data, the marker keys are refused: {error}"
+    );
 }
 
 pub fn redis_is_up() -> bool {
@@ -389,7 +487,7 @@ pub fn redis_is_up() -> bool {
 }
 
 pub fn sink_delivered(sink: &str, n: u64) {
-    tracing::debug!(sink, n, "alerts delivered");
+    tracing::debug!(target: "tripline::sinks", sink, n, "alerts delivered");
     get()
         .sink_deliveries
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -397,7 +495,7 @@ pub fn sink_delivered(sink: &str, n: u64) {
 }
 
 pub fn sink_failed(sink: &str, attempt: u32, error: &str) {
-    tracing::warn!(sink, attempt, "delivery failed, will retry: {error}");
+    tracing::warn!(target: "tripline::sinks", sink, attempt, "delivery failed, will retry: {error}");
     let m = get();
     m.sink_failures
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -409,7 +507,7 @@ pub fn sink_failed(sink: &str, attempt: u32, error: &str) {
 
 pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
     tracing::error!(
-        sink,
+        target: "tripline::sinks", sink,
         n,
         "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
     );
@@ -424,7 +522,7 @@ pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
 /// the dead-letter stream at once.
 pub fn sink_rejected(sink: &str, n: u64, error: &str) {
     tracing::error!(
-        sink,
+        target: "tripline::sinks", sink,
         n,
         "receiver rejected the batch, alerts moved to the sink's dead-letter stream: {error}"
     );
@@ -450,7 +548,7 @@ pub fn sink_lag_clear(sink: &str) {
 /// A sink took over alerts a dead instance had read but not acknowledged.
 pub fn sink_adopted(sink: &str, outbox: &str, from: &str, n: u64) {
     tracing::info!(
-        sink,
+        target: "tripline::sinks", sink,
         outbox,
         from,
         n,
@@ -461,7 +559,7 @@ pub fn sink_adopted(sink: &str, outbox: &str, from: &str, n: u64) {
 /// An exec sink's program exited; the next delivery starts a new one.
 pub fn sink_program_exited(sink: &str, pid: u32, status: &str) {
     tracing::warn!(
-        sink,
+        target: "tripline::sinks", sink,
         pid,
         "exec program exited ({status}); it restarts on the next delivery"
     );
@@ -491,7 +589,7 @@ pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: Option<i6
 /// A consumer idle for long with nothing pending was deleted from a group.
 pub fn consumer_removed(stream: &str, group: &str, consumer: &str) {
     tracing::info!(
-        stream,
+        target: "tripline::source", stream,
         group,
         consumer,
         "removed an idle consumer with nothing pending"
@@ -510,7 +608,7 @@ pub fn consumer_removed(stream: &str, group: &str, consumer: &str) {
 /// decisions relied on changed); the decisions are taken again.
 pub fn state_redecided(stream: &str, reason: &'static str) {
     tracing::debug!(
-        stream,
+        target: "tripline::alert", stream,
         reason,
         "alert state changed under a commit; deciding again"
     );
@@ -555,7 +653,7 @@ pub fn alert_silenced(alert: &Alert, silence: &str) {
 }
 
 pub fn sink_silenced(sink: &str, alert: &Alert, silence: &str) {
-    tracing::debug!(sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
+    tracing::debug!(target: "tripline::sinks", sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
     get()
         .sink_silenced
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -580,14 +678,26 @@ pub fn reload(kind: &str, trigger: &str, ok: bool, detail: &str) {
         m.last_reload
             .get_or_create(&vec![("kind", kind.to_string())])
             .set(unix_now());
-        tracing::info!(kind, trigger, "{kind} reloaded: {detail}");
+        tracing::info!(target: "tripline::reload", kind, trigger, "{kind} reloaded: {detail}");
     } else {
         tracing::error!(
-            kind,
+            target: "tripline::reload", kind,
             trigger,
-            "{kind} reload failed, the last good {kind} keep running:\n{detail}"
+            "{kind} reload failed, the last good {kind} keep running: {}",
+            one_line(detail)
         );
     }
+}
+
+/// Joins the lines of `text` with "; ": a reload reports every compile
+/// error at once, and a multi-line message would break line-based log
+/// shipping and grep into pieces that no longer say what failed.
+fn one_line(text: &str) -> String {
+    text.split(['\n', '\r'])
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn unix_now() -> f64 {
@@ -601,7 +711,7 @@ fn unix_now() -> f64 {
 /// resolved (each resolve is counted by [`alert_notified`] once written).
 pub fn rule_retired(rule: &str, resolved: usize) {
     tracing::info!(
-        rule,
+        target: "tripline::reload", rule,
         resolved,
         "removed rule's state dropped, {resolved} firing alert(s) resolved"
     );
@@ -611,7 +721,7 @@ pub fn rule_retired(rule: &str, resolved: usize) {
 pub fn retired_alerts_unsent(alerts: &[Alert], error: &str) {
     let fingerprints: Vec<&str> = alerts.iter().map(|a| a.fingerprint.as_str()).collect();
     tracing::error!(
-        n = alerts.len(),
+        target: "tripline::reload", n = alerts.len(),
         ?fingerprints,
         "cannot write the resolves of removed rules' alerts to the outbox, receivers keep them firing: {error}"
     );
@@ -622,7 +732,7 @@ pub fn retired_alerts_unsent(alerts: &[Alert], error: &str) {
 /// (at 0) from now on, so rates and alerts on them work before the first
 /// dead-letter or error.
 pub fn consuming(subscription: &str, stream: &str, group: &str) {
-    tracing::info!(subscription, stream, group, "consuming");
+    tracing::info!(target: "tripline::source", subscription, stream, group, "consuming");
     let m = get();
     for outcome in ["processed", "dropped", "dead_lettered", "error"] {
         let _created = m.messages.get_or_create(&vec![
@@ -635,7 +745,7 @@ pub fn consuming(subscription: &str, stream: &str, group: &str) {
 
 /// A sink dispatcher started; its counters exist (at 0) from now on.
 pub fn sink_started(sink: &str, kind: &str) {
-    tracing::info!(sink, kind, "sink started");
+    tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
     let m = get();
     let labels = vec![("sink", sink.to_string())];
     for family in [
@@ -657,26 +767,35 @@ fn gateway_request(result: &str) {
 
 /// A reading posted to the gateway was appended to `stream`.
 pub fn gateway_accepted(stream: &str, id: &str) {
-    tracing::debug!(stream, id, "gateway reading published");
+    tracing::debug!(target: "tripline::http", stream, id, "gateway reading published");
     gateway_request("accepted");
 }
 
 /// A request to the gateway was refused; `result` is the metric label
 /// (malformed, invalid, too_large, unauthorized), `why` the detail.
 pub fn gateway_rejected(result: &'static str, why: &str) {
-    tracing::info!(result, "gateway request rejected: {why}");
+    tracing::info!(target: "tripline::http", result, "gateway request rejected: {why}");
     gateway_request(result);
 }
 
 /// A valid reading could not be published; the client got 503.
 pub fn gateway_publish_failed(stream: &str, error: &redis::RedisError) {
-    tracing::warn!(stream, "gateway could not publish a reading: {error}");
+    tracing::warn!(target: "tripline::http", stream, "gateway could not publish a reading: {error}");
     gateway_request("unavailable");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn multi_line_reload_errors_become_one_line() {
+        assert_eq!(
+            one_line("rules/a.rhai:2:7: expecting name\nrules/b.rhai:3:1: eof\r\n"),
+            "rules/a.rhai:2:7: expecting name; rules/b.rhai:3:1: eof"
+        );
+        assert_eq!(one_line("added a"), "added a");
+    }
 
     #[test]
     fn families_carry_the_prefix_and_count() {

@@ -57,6 +57,13 @@ pub fn gen_key(stream: &str) -> String {
     format!("tripline:state:{{{}}}:gen", hash_tag(stream))
 }
 
+/// Marker of `stream`'s hash tag (see `redis_conn::StateMarkers`): exists
+/// as long as Redis keeps the alert state and outbox of that tag, in their
+/// slot.
+pub fn marker_key(stream: &str) -> String {
+    format!("tripline:marker:{{{}}}", hash_tag(stream))
+}
+
 /// An entry that goes to the dead-letter stream instead of the rules.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {

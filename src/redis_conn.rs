@@ -19,10 +19,12 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
     RedisError, RedisFuture, TlsCertificates, Value,
 };
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics;
@@ -394,19 +396,20 @@ pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool 
     }
 }
 
-/// Records an error from Redis: a server error reply is the command's fault,
-/// anything else means Redis is unreachable.
+/// Records an error from Redis: a server error reply is the command's fault;
+/// anything else is a failed connection, which the task only reports at
+/// debug level and hands to [`watch_health`]: every task notices an outage
+/// (and a stale connection after it) on its own, the watcher logs it once.
 pub fn note_error(what: &str, e: &RedisError) {
     if e.kind() == redis::ErrorKind::Client {
         // Raised by the client library before anything was sent (bad
         // arguments, …): retried like a Redis error, but Redis itself is fine.
         tracing::warn!(during = what, "{e}; retrying");
-    } else if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-        || e.code().is_some()
-    {
+    } else if is_refusal(e) {
         tracing::warn!(during = what, "Redis refused a command: {e}");
     } else {
-        metrics::redis_unreachable(what, e);
+        tracing::debug!(during = what, "Redis connection failed, reconnecting: {e}");
+        check_health_now();
     }
 }
 
@@ -600,19 +603,309 @@ pub async fn every<T>(
     }
 }
 
-/// PINGs Redis every `every` until `shutdown`, so an outage is noticed (and
-/// `/readyz` and `tripline_redis_up` follow it) even while every worker sits
-/// in a blocking read and no message flows.
-pub async fn watch_health(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
-    self::every(
-        LazyConn::new(target, every),
-        every,
-        shutdown,
-        "health check",
-        async |c| redis::cmd("PING").query_async::<String>(c).await,
-        |_| metrics::redis_reachable(),
-    )
-    .await;
+/// Wakes [`watch_health`] for a check now rather than at its next tick: a
+/// task saw Redis fail, or work again.
+static CHECK_NOW: Notify = Notify::const_new();
+
+/// The shortest pause between two health checks, so a burst of task errors
+/// (every worker and sink notices an outage at once) costs a few checks.
+const MIN_CHECK_GAP: Duration = Duration::from_millis(100);
+
+/// Asks the health watcher to look at Redis now. Tasks call this instead of
+/// declaring Redis up or down themselves: each of them notices an outage at
+/// its own moment (and a stale connection after it), so only the watcher's
+/// one connection decides, and an outage is logged once.
+pub fn check_health_now() {
+    CHECK_NOW.notify_one();
+}
+
+/// Decides whether Redis is reachable (for the log, `tripline_redis_up`
+/// and `/readyz`), every `every` and whenever a task asks
+/// ([`check_health_now`]). On every (re)connect it checks that Redis
+/// persists its data; on every check, that the data tripline keeps in
+/// Redis is still there (see [`StateMarkers`]).
+pub async fn watch_health(
+    target: RedisTarget,
+    every: Duration,
+    mut markers: StateMarkers,
+    shutdown: CancellationToken,
+) {
+    let mut conn = LazyConn::new(target, every);
+    loop {
+        let reconnect = conn.conn.is_none();
+        let checked = match conn.get().await {
+            Ok(c) => check_health(c, reconnect, &mut markers).await,
+            Err(e) => Err(e),
+        };
+        match checked {
+            Ok(()) => metrics::redis_reachable(),
+            Err(e) => {
+                metrics::redis_unreachable("health check", &e);
+                conn.reset();
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = CHECK_NOW.notified() => tokio::time::sleep(MIN_CHECK_GAP).await,
+            _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One health check: PING, the persistence settings after a reconnect, the
+/// state markers. Only an error that leaves Redis unusable is returned.
+async fn check_health(
+    conn: &mut RedisConn,
+    reconnect: bool,
+    markers: &mut StateMarkers,
+) -> Result<(), RedisError> {
+    redis::cmd("PING").query_async::<Value>(conn).await?;
+    if reconnect {
+        let nodes = persistence(conn).await?;
+        metrics::redis_persistence(&nodes);
+    }
+    match markers.check(conn).await {
+        Ok(lost) if lost.is_empty() => {}
+        Ok(lost) => metrics::redis_state_lost(&lost),
+        Err(e) if is_refusal(&e) => {
+            if !markers.refused {
+                markers.refused = true;
+                metrics::redis_state_uncheckable(&e);
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// An error Redis (or the client library) gave for the command itself: the
+/// server is there and answering.
+fn is_refusal(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Client
+        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+        || e.code().is_some()
+}
+
+/// How a Redis server keeps its data across a restart, weakest first: a
+/// Cluster is as safe as its weakest node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Persistence {
+    /// Neither AOF nor RDB snapshots: a restart starts empty.
+    None,
+    /// CONFIG is refused (ACLs, managed Redis) and INFO does not show AOF.
+    Unknown,
+    /// RDB snapshots only: a crash loses the writes since the last one.
+    Rdb,
+    /// Append-only file: loses at most the last `appendfsync` interval.
+    Aof,
+}
+
+impl Persistence {
+    pub const ALL: [Persistence; 4] = [
+        Persistence::None,
+        Persistence::Unknown,
+        Persistence::Rdb,
+        Persistence::Aof,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Persistence::None => "none",
+            Persistence::Unknown => "unknown",
+            Persistence::Rdb => "rdb",
+            Persistence::Aof => "aof",
+        }
+    }
+}
+
+/// What one node said about its persistence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePersistence {
+    /// `host:port` of a Cluster node; empty on a single server, whose
+    /// address the log already names.
+    pub node: String,
+    /// What the metric and the log level follow.
+    pub mode: Persistence,
+    /// The settings found (`appendonly no, save ""`), or why they could not
+    /// be read: what the log line shows the operator.
+    pub detail: String,
+}
+
+/// The persistence settings of the server, or of every Cluster master (the
+/// nodes PING asks too, so an unreachable replica does not make Redis look
+/// down; a promoted replica is asked on the next reconnect). CONFIG refused
+/// is no error: the mode is then `aof` if INFO says so, else unknown.
+/// Errors only when Redis does not answer.
+pub async fn persistence(conn: &mut RedisConn) -> Result<Vec<NodePersistence>, RedisError> {
+    let mut config = redis::cmd("CONFIG");
+    config.arg("GET").arg("appendonly").arg("save");
+    let mut nodes = Vec::new();
+    for (node, reply) in ask_every_node(conn, &config).await? {
+        let found = match reply {
+            Ok(v) => persistence_from_config(v),
+            Err(why) => {
+                let mut info = redis::cmd("INFO");
+                info.arg("persistence");
+                let aof = match ask_one_node(conn, &info, &node).await? {
+                    Ok(v) => text(v).is_some_and(|t| t.contains("aof_enabled:1")),
+                    Err(_) => false,
+                };
+                if aof {
+                    (Persistence::Aof, "aof_enabled:1 (from INFO)".to_string())
+                } else {
+                    (Persistence::Unknown, format!("CONFIG GET refused: {why}"))
+                }
+            }
+        };
+        nodes.push(NodePersistence {
+            node,
+            mode: found.0,
+            detail: found.1,
+        });
+    }
+    Ok(nodes)
+}
+
+/// The mode from a `CONFIG GET appendonly save` reply.
+fn persistence_from_config(v: Value) -> (Persistence, String) {
+    let mut flat = items(v).into_iter();
+    let (mut appendonly, mut save) = (String::new(), String::new());
+    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+        match text(k).as_deref() {
+            Some("appendonly") => appendonly = text(v).unwrap_or_default(),
+            Some("save") => save = text(v).unwrap_or_default(),
+            _ => {}
+        }
+    }
+    let detail = format!("appendonly {appendonly}, save {save:?}");
+    let mode = if appendonly == "yes" {
+        Persistence::Aof
+    } else if !save.trim().is_empty() {
+        Persistence::Rdb
+    } else {
+        Persistence::None
+    };
+    (mode, detail)
+}
+
+/// Node address (empty on a single server) and its reply, or the error it
+/// answered with.
+type NodeReplies = Vec<(String, Result<Value, String>)>;
+
+/// Sends `cmd` to the server, or to every master of a Cluster.
+async fn ask_every_node(conn: &mut RedisConn, cmd: &Cmd) -> Result<NodeReplies, RedisError> {
+    match conn {
+        RedisConn::Single(c) => Ok(vec![(
+            String::new(),
+            refusal_as_reply(cmd.query_async(c).await)?,
+        )]),
+        RedisConn::Cluster(c) => {
+            let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+            let replies = c.route_command(cmd.clone(), routing).await?;
+            Ok(items(replies)
+                .chunks_exact(2)
+                .map(|pair| {
+                    let node = text(pair[0].clone()).unwrap_or_default();
+                    let reply = match &pair[1] {
+                        Value::ServerError(e) => Err(e.to_string()),
+                        v => Ok(v.clone()),
+                    };
+                    (node, reply)
+                })
+                .collect())
+        }
+    }
+}
+
+/// Sends `cmd` to one node (named as [`ask_every_node`] names it).
+async fn ask_one_node(
+    conn: &mut RedisConn,
+    cmd: &Cmd,
+    node: &str,
+) -> Result<Result<Value, String>, RedisError> {
+    match conn {
+        RedisConn::Single(c) => refusal_as_reply(cmd.query_async(c).await),
+        RedisConn::Cluster(c) => {
+            let (host, port) = node.rsplit_once(':').unwrap_or((node, "6379"));
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.to_string(),
+                port: port.parse().unwrap_or(6379),
+            });
+            refusal_as_reply(c.route_command(cmd.clone(), routing).await)
+        }
+    }
+}
+
+/// A server's refusal becomes the reply (the node answered); other errors
+/// stay errors.
+fn refusal_as_reply(r: Result<Value, RedisError>) -> Result<Result<Value, String>, RedisError> {
+    match r {
+        Ok(v) => Ok(Ok(v)),
+        Err(e) if is_refusal(&e) => Ok(Err(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// Keys that exist as long as Redis keeps tripline's data: one per hash tag
+/// of the consumed streams (`tripline:marker:{<tag>}`, see
+/// [`crate::outbox::marker_key`]), in the slot of that tag's alert state and
+/// outbox, so on a Cluster the loss of one node's data is seen too.
+///
+/// Each holds a value chosen by whichever instance wrote it first (`SET
+/// NX`); every instance remembers the value it saw. A key gone, or holding
+/// another value (another instance saw it gone first and wrote it again),
+/// means Redis lost the data since: it restarted without persistence, was
+/// flushed, or evicted keys. Instances never write over each other's value,
+/// so they cannot raise a false alarm for one another.
+pub struct StateMarkers {
+    /// (hash tag, marker key, value seen last; `None` before the first check).
+    markers: Vec<(String, String, Option<String>)>,
+    /// Whether Redis refused a marker command and that was logged: once is
+    /// enough, and it does not make Redis unreachable.
+    refused: bool,
+}
+
+impl StateMarkers {
+    /// Markers for the hash tags of `streams`.
+    pub fn new(streams: &[String]) -> StateMarkers {
+        let mut markers: Vec<(String, String, Option<String>)> = streams
+            .iter()
+            .map(|s| (hash_tag(s).to_string(), crate::outbox::marker_key(s), None))
+            .collect();
+        markers.sort();
+        markers.dedup();
+        let tags: Vec<String> = markers.iter().map(|m| m.0.clone()).collect();
+        metrics::redis_state_watched(&tags);
+        StateMarkers {
+            markers,
+            refused: false,
+        }
+    }
+
+    /// Checks every marker, writes the missing ones; returns the hash tags
+    /// whose data Redis lost since the last check.
+    async fn check(&mut self, conn: &mut RedisConn) -> Result<Vec<String>, RedisError> {
+        let mut lost = Vec::new();
+        for (tag, key, seen) in &mut self.markers {
+            let mut now: Option<String> = redis::cmd("GET").arg(&*key).query_async(conn).await?;
+            if now.is_none() {
+                let fresh = uuid::Uuid::new_v4().to_string();
+                redis::cmd("SET")
+                    .arg(&*key)
+                    .arg(&fresh)
+                    .arg("NX")
+                    .query_async::<Value>(conn)
+                    .await?;
+                now = redis::cmd("GET").arg(&*key).query_async(conn).await?;
+            }
+            if seen.is_some() && *seen != now {
+                lost.push(tag.clone());
+            }
+            *seen = now;
+        }
+        self.refused = false;
+        Ok(lost)
+    }
 }
 
 #[cfg(test)]
@@ -713,6 +1006,41 @@ mod tests {
             cluster.read_groups(&streams),
             vec![vec!["t:{0}"], vec!["t:{1}", "u:{1}"], vec!["plain"]]
         );
+    }
+
+    #[test]
+    fn persistence_from_config_get() {
+        let reply = |aof: &str, save: &str| {
+            Value::Array(vec![
+                bulk("appendonly"),
+                bulk(aof),
+                bulk("save"),
+                bulk(save),
+            ])
+        };
+        assert_eq!(
+            persistence_from_config(reply("no", "")),
+            (Persistence::None, "appendonly no, save \"\"".to_string())
+        );
+        assert_eq!(
+            persistence_from_config(reply("no", "3600 1 300 100")).0,
+            Persistence::Rdb
+        );
+        assert_eq!(
+            persistence_from_config(reply("yes", "")).0,
+            Persistence::Aof
+        );
+        // RESP3 answers with a map, in any order.
+        let map = Value::Map(vec![
+            (bulk("save"), bulk("")),
+            (bulk("appendonly"), bulk("yes")),
+        ]);
+        assert_eq!(persistence_from_config(map).0, Persistence::Aof);
+        // A Cluster is as safe as its weakest node.
+        let nodes = [Persistence::Aof, Persistence::None, Persistence::Unknown];
+        assert_eq!(nodes.iter().min(), Some(&Persistence::None));
+        let nodes = [Persistence::Aof, Persistence::Rdb, Persistence::Unknown];
+        assert_eq!(nodes.iter().min(), Some(&Persistence::Unknown));
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub async fn acquire(
     loop {
         match try_acquire(&mut conn, base, &token).await {
             Ok(name) => {
-                crate::metrics::redis_reachable();
+                crate::redis_conn::check_health_now();
                 return Some((name, token));
             }
             Err(e) => {

@@ -24,7 +24,7 @@ use crate::metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
-    Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
+    self, Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
     parse_entries, parse_groups, parse_pending, pause,
 };
 use crate::stream_reader::{Batches, ReadConn};
@@ -114,7 +114,7 @@ pub async fn run_worker(
         match worker_step(&shared, &sub, &consumer, &mut read, &mut write, &mut state).await {
             Ok(()) => {
                 if backoff.attempts() > 0 {
-                    metrics::redis_reachable();
+                    redis_conn::check_health_now();
                     backoff.reset();
                 }
             }
@@ -201,7 +201,7 @@ async fn worker_step(
             ensure_group(conn, stream, sub.group(), &sub.start_id).await?;
         }
         state.groups_ready = true;
-        metrics::redis_reachable();
+        redis_conn::check_health_now();
     }
     let new_entries = vec![">".to_string(); sub.streams.len()];
     if !state.draining.is_empty() {
