@@ -28,15 +28,24 @@ pub fn registry() -> &'static Registry {
 #[derive(Debug)]
 struct ProcessCollector;
 
-/// What one scrape read from `/proc`.
+/// What one scrape read from `/proc`: the standard set, so existing
+/// process dashboards and alerts work unchanged.
 #[derive(Debug, PartialEq)]
 struct Sample {
+    /// User plus system time: `rate()` of it is the cores in use.
     cpu_seconds: f64,
+    /// What the kernel must keep in RAM; the figure memory limits act on.
     resident_bytes: u64,
+    /// Address space reserved, a sign of leaks that RSS hides.
     virtual_bytes: u64,
-    start_time_seconds: f64,
+    /// Unix time the process started, for restart detection; unknown when
+    /// `/proc/stat` is hidden (systemd's `ProcSubset=pid`).
+    start_time_seconds: Option<f64>,
+    /// OS threads: tokio's workers plus the blocking pool.
     threads: u64,
+    /// Sockets and files in use; with `max_fds`, how close to the limit.
     open_fds: Option<u64>,
+    /// The soft `RLIMIT_NOFILE`; unknown when unlimited.
     max_fds: Option<u64>,
 }
 
@@ -67,7 +76,7 @@ impl Collector for ProcessCollector {
             (
                 "process_start_time_seconds",
                 "Start time of the process since unix epoch in seconds.",
-                Some(s.start_time_seconds),
+                s.start_time_seconds,
             ),
             (
                 "process_threads",
@@ -108,7 +117,7 @@ fn read_sample() -> Option<Sample> {
             libc::sysconf(libc::_SC_PAGESIZE),
         )
     };
-    let mut sample = parse_stat(&stat, ticks as f64, page.max(0) as u64, boot_time?)?;
+    let mut sample = parse_stat(&stat, ticks as f64, page.max(0) as u64, boot_time)?;
     sample.open_fds = std::fs::read_dir("/proc/self/fd")
         .ok()
         .map(|d| d.count() as u64);
@@ -124,7 +133,7 @@ fn parse_stat(
     stat: &str,
     ticks_per_second: f64,
     page_bytes: u64,
-    boot_time: f64,
+    boot_time: Option<f64>,
 ) -> Option<Sample> {
     if ticks_per_second <= 0.0 {
         return None;
@@ -138,7 +147,10 @@ fn parse_stat(
     Some(Sample {
         cpu_seconds: (user + system) as f64 / ticks_per_second,
         threads: field(20)?,
-        start_time_seconds: boot_time + field(22)? as f64 / ticks_per_second,
+        start_time_seconds: match boot_time {
+            Some(boot) => Some(boot + field(22)? as f64 / ticks_per_second),
+            None => None,
+        },
         virtual_bytes: field(23)?,
         resident_bytes: field(24)? * page_bytes,
         open_fds: None,
@@ -171,24 +183,25 @@ mod tests {
     fn stat_with_spaces_and_parens_in_the_command_name() {
         // Fields 3.. of a real /proc/<pid>/stat; the name is hostile.
         let stat = "4242 (tri) line (x)) S 1 4242 4242 0 -1 4194560 1500 0 0 0 250 50 0 0 20 0 7 0 12345 104857600 2560 18446744073709551615 1 1 0 0 0 0 0 4096 17663 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0";
-        let s = parse_stat(stat, 100.0, 4096, 1_700_000_000.0).unwrap();
+        let s = parse_stat(stat, 100.0, 4096, Some(1_700_000_000.0)).unwrap();
         assert_eq!(s.cpu_seconds, 3.0);
         assert_eq!(s.resident_bytes, 2560 * 4096);
         assert_eq!(s.virtual_bytes, 104_857_600);
         assert_eq!(s.threads, 7);
-        assert!(
-            (s.start_time_seconds - 1_700_000_123.45).abs() < 1e-3,
-            "{s:?}"
-        );
+        let started = s.start_time_seconds.unwrap();
+        assert!((started - 1_700_000_123.45).abs() < 1e-3, "{s:?}");
+        // Without /proc/stat (ProcSubset=pid) only the start time is unknown.
+        let s = parse_stat(stat, 100.0, 4096, None).unwrap();
+        assert_eq!((s.start_time_seconds, s.threads), (None, 7));
     }
 
     #[test]
     fn truncated_stat_is_no_sample() {
         assert_eq!(
-            parse_stat("4242 (tripline) S 1 2 3", 100.0, 4096, 0.0),
+            parse_stat("4242 (tripline) S 1 2 3", 100.0, 4096, None),
             None
         );
-        assert_eq!(parse_stat("garbage", 100.0, 4096, 0.0), None);
+        assert_eq!(parse_stat("garbage", 100.0, 4096, None), None);
     }
 
     #[test]

@@ -879,6 +879,7 @@ impl Project {
 /// A `prometheus` server scraping `target` every second (job `tripline`),
 /// with its own storage and config under `dir`; killed on drop.
 pub struct Prometheus {
+    /// The server, killed on drop so no test leaves one running.
     child: Child,
     /// Where its HTTP API listens.
     pub addr: String,
