@@ -29,11 +29,12 @@
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
+//! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
-//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate` and
-//!   `silence` commands behind `main`.
+//! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate`,
+//!   `silence`, `completions` and `man` commands behind `main`.
 
 pub mod alert;
 pub mod app;
@@ -44,6 +45,7 @@ pub mod escape;
 pub mod http;
 pub mod http_silences;
 pub mod metrics;
+pub mod metrics_process;
 pub mod outbox;
 pub mod process;
 pub mod redis_conn;

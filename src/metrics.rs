@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::text::{encode, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -236,7 +236,9 @@ impl Metrics {
     /// The OpenMetrics exposition of everything (what Prometheus asks for).
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        encode_registry(&mut out, crate::metrics_process::registry())
+            .and_then(|()| encode(&mut out, &self.registry))
+            .expect("writing to a String cannot fail");
         out
     }
 
@@ -244,8 +246,10 @@ impl Metrics {
     /// OpenMetrics: promtool, curl, older scrapers. Its counters carry the
     /// `_total` suffix in HELP/TYPE too and `info` becomes a gauge.
     pub fn encode_prometheus_text(&self) -> String {
+        use prometheus_client::encoding::prometheus_text;
         let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        prometheus_text::encode(&mut out, crate::metrics_process::registry())
+            .and_then(|()| prometheus_text::encode(&mut out, &self.registry))
             .expect("writing to a String cannot fail");
         out
     }

@@ -3,6 +3,7 @@
 //! (see [`error_chain`]) and picks the exit code.
 
 pub mod check;
+pub mod docs;
 pub mod record;
 pub mod replay;
 pub mod run;
@@ -81,6 +82,20 @@ pub enum Command {
         after_help = "Examples:\n  tripline record packet-counter-errors --from 24h -o yesterday.jsonl\n  tripline record packet-counter-errors transceiver-telemetry --from 2025-01-01T00:00:00Z --to 2025-01-02T00:00:00Z -o day.jsonl\n  tripline record packet-counter-errors --count 100"
     )]
     Record(record::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  source <(tripline completions bash)\n  tripline completions zsh > \"${fpath[1]}/_tripline\"\n  tripline completions fish > ~/.config/fish/completions/tripline.fish"
+    )]
+    Completions {
+        /// The shell whose completion language the script is written in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the tripline(1) man page (roff), or write it and one page per subcommand to a directory.
+    #[command(
+        after_help = "Examples:\n  tripline man | man -l -\n  tripline man --out-dir /usr/local/share/man/man1"
+    )]
+    Man(docs::ManArgs),
 }
 
 /// Installs the log subscriber: level from `RUST_LOG`, else `default`.
@@ -185,6 +200,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay::replay(config, args),
         Command::Record(args) => record::record(config, args),
         Command::Silence(action) => silence::silence(config, action),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Man(args) => docs::man(args),
     }
 }
 

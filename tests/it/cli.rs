@@ -360,7 +360,16 @@ summary:
 #[test]
 fn every_command_has_help_with_an_example() {
     let project = seed_project(&[]);
-    for cmd in ["run", "check", "test", "replay", "record", "simulate"] {
+    for cmd in [
+        "run",
+        "check",
+        "test",
+        "replay",
+        "record",
+        "simulate",
+        "completions",
+        "man",
+    ] {
         let (code, out, err) = project.command(&[cmd, "--help"], None);
         assert_eq!(code, 0, "{cmd}: {err}");
         assert!(

@@ -3,8 +3,7 @@
 //! content after a known set of messages, promtool and a real Prometheus.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::util::*;
@@ -707,50 +706,6 @@ fn metrics_after_known_messages_have_every_family_and_pass_promtool() {
     );
     assert!(om.text().ends_with("# EOF\n"), "{}", om.text());
     assert!(om.text().contains("# TYPE tripline_messages counter"));
-}
-
-/// A `prometheus` server with its own storage and config; killed on drop.
-struct Prometheus {
-    child: Child,
-    addr: String,
-}
-
-impl Prometheus {
-    fn start(dir: &Path, target: &str) -> Prometheus {
-        let addr = local_addr();
-        let config = dir.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: tripline\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [\"{target}\"]\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new("prometheus")
-            .arg(format!("--config.file={}", config.display()))
-            .arg(format!(
-                "--storage.tsdb.path={}",
-                dir.join("tsdb").display()
-            ))
-            .arg(format!("--web.listen-address={addr}"))
-            .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
-            .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
-            .spawn()
-            .expect("prometheus must be installed (Debian package `prometheus`; scripts/test installs it)");
-        Prometheus { child, addr }
-    }
-
-    fn api(&self, path: &str) -> Option<serde_json::Value> {
-        let r = http_call(&self.addr, "GET", path, &[], b"").ok()?;
-        (r.status == 200).then(|| r.json())
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

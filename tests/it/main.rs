@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod contrib;
 mod http;
 mod http_limits;
 mod lifecycle;

@@ -875,3 +875,94 @@ impl Project {
         Tripline::spawn(self.dir.path(), addr, &["run"], &[])
     }
 }
+
+/// A `prometheus` server scraping `target` every second (job `tripline`),
+/// with its own storage and config under `dir`; killed on drop.
+pub struct Prometheus {
+    /// The server, killed on drop so no test leaves one running.
+    child: Child,
+    /// Where its HTTP API listens.
+    pub addr: String,
+    /// Its stderr (where it logs), for failure messages.
+    log: PathBuf,
+}
+
+impl Prometheus {
+    pub fn start(dir: &Path, target: &str) -> Prometheus {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: tripline\n    scrape_interval: 1s\n    scrape_timeout: 900ms\n    static_configs:\n      - targets: [\"{target}\"]\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.join("prometheus.err");
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("tsdb").display()
+            ))
+            .arg(format!("--web.listen-address={addr}"))
+            .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("prometheus must be installed (Debian package `prometheus`; scripts/test installs it)");
+        Prometheus { child, addr, log }
+    }
+
+    /// A GET of the HTTP API; `None` unless it answered 200.
+    pub fn api(&self, path: &str) -> Option<serde_json::Value> {
+        let r = http_call(&self.addr, "GET", path, &[], b"").ok()?;
+        (r.status == 200).then(|| r.json())
+    }
+
+    /// The series an instant PromQL query returns now; `Err` with
+    /// Prometheus' answer when it refused the query.
+    pub fn query(&self, promql: &str) -> Result<Vec<serde_json::Value>, String> {
+        let path = format!("/api/v1/query?query={}", url_encode(promql));
+        let r = http_call(&self.addr, "GET", &path, &[], b"").map_err(|e| e.to_string())?;
+        let v = r.json();
+        match v["data"]["result"].as_array() {
+            Some(series) if r.status == 200 => Ok(series.clone()),
+            _ => Err(format!("{} {}", r.status, r.text())),
+        }
+    }
+
+    /// Waits until the scrape target is up.
+    pub fn wait_target_up(&self, timeout: Duration) -> bool {
+        wait_until(timeout, || {
+            self.api("/api/v1/targets").is_some_and(|v| {
+                v["data"]["activeTargets"]
+                    .as_array()
+                    .is_some_and(|ts| ts.iter().any(|t| t["health"] == "up"))
+            })
+        })
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Percent-encodes `s` for a URL query value (everything but RFC 3986's
+/// unreserved characters).
+pub fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
