@@ -5,6 +5,7 @@
 //! from the directory: if any file fails, the caller keeps its previous set.
 
 pub mod api;
+pub mod lint;
 pub mod state;
 
 use std::cell::RefCell;
