@@ -630,8 +630,12 @@ impl Config {
         Ok(config)
     }
 
-    /// Parses YAML text; `origin` names it in errors.
+    /// Parses YAML text; `origin` names it in errors. A file with no
+    /// settings at all (empty, or only comments) is the built-in defaults.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        if let Ok(serde_yaml::Value::Null) = serde_yaml::from_str(text) {
+            return Ok(Config::default());
+        }
         serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.to_string(),
             source,
@@ -805,9 +809,11 @@ mod tests {
                 "transceiver-alerts"
             ]
         );
-        let c = Config::parse("{}", "t").unwrap();
-        c.validate("t").unwrap();
-        assert_eq!(c.subscriptions.len(), 3);
+        for empty in ["{}", "", "# only a comment\n"] {
+            let c = Config::parse(empty, "t").unwrap();
+            c.validate("t").unwrap();
+            assert_eq!(c.subscriptions.len(), 3, "{empty:?}");
+        }
     }
 
     #[test]
