@@ -107,6 +107,12 @@ pub struct Network {
     rng: rand::rngs::StdRng,
     /// Chance per port per minute that a burst starts.
     burst_chance: f64,
+    /// The port whose counter is read next, then its power: ports take
+    /// turns like devices polled on a schedule. Picked at random, one port
+    /// was sometimes read twice within a millisecond, and a counter that had
+    /// no time to grow read as a rate of 0/s in the middle of a burst.
+    next_counter: usize,
+    next_power: usize,
 }
 
 impl Network {
@@ -132,6 +138,8 @@ impl Network {
             ports,
             rng,
             burst_chance,
+            next_counter: 0,
+            next_power: 0,
         }
     }
 
@@ -142,11 +150,12 @@ impl Network {
         p > 0.0 && rng.random_bool(p.min(1.0))
     }
 
-    /// The interface error counter of a random port at `now_ms` (time since
+    /// The interface error counter of the next port at `now_ms` (time since
     /// the simulation started): advanced by its trickle or burst rate over
     /// the time since it was last read; sometimes reset.
     pub fn counter_reading(&mut self, now_ms: u64) -> serde_json::Value {
-        let n = self.rng.random_range(0..self.ports.len());
+        let n = self.next_counter;
+        self.next_counter = (n + 1) % self.ports.len();
         let rng = &mut self.rng;
         let p = &mut self.ports[n];
         let secs = now_ms.saturating_sub(p.last_ms) as f64 / 1000.0;
@@ -171,11 +180,12 @@ impl Network {
         json!({"hostname": p.hostname, "interface": p.interface, "input_errors": p.input_errors as i64})
     }
 
-    /// The optical receive power of a random port at `now_ms`: a random
+    /// The optical receive power of the next port at `now_ms`: a random
     /// walk pulled back to its level, now and then a dip below −40 dBm
     /// that lasts tens of seconds.
     pub fn power_reading(&mut self, now_ms: u64) -> serde_json::Value {
-        let n = self.rng.random_range(0..self.ports.len());
+        let n = self.next_power;
+        self.next_power = (n + 1) % self.ports.len();
         let rng = &mut self.rng;
         let p = &mut self.ports[n];
         let secs = now_ms.saturating_sub(p.last_power_ms) as f64 / 1000.0;
@@ -394,6 +404,22 @@ mod tests {
                     }
                     _ => {}
                 }
+            }
+        }
+    }
+
+    /// A port read twice in one publishing tick showed no growth, a rate of
+    /// 0/s in the middle of a burst: the demo's rate alert resolved and
+    /// fired again within seconds.
+    #[test]
+    fn ports_take_turns_so_none_is_read_twice_in_a_tick() {
+        let mut net = Network::new(4, 4, 1.0, 5);
+        for tick in 0..1000u64 {
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..10 {
+                let r = net.counter_reading(tick * 50);
+                let port = format!("{}|{}", r["hostname"], r["interface"]);
+                assert!(seen.insert(port), "tick {tick}");
             }
         }
     }
