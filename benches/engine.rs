@@ -445,7 +445,7 @@ impl Project {
         std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
         std::fs::write(
             dir.path().join("plugins/bench-file.yaml"),
-            "name: bench-file\nkind: file\npath: alerts.jsonl\n",
+            "name: bench-file\nkind: file\npath: ../alerts.jsonl\n",
         )
         .expect("write plugin");
         std::fs::write(dir.path().join("tripline.yaml"), config(rules, groups))
@@ -501,8 +501,9 @@ impl Project {
 /// `groups == 1` only the alerts subscription on [`STREAM`]; generated rules
 /// apply to every subscription.
 fn config(rules: Rules, groups: u8) -> String {
-    let mut c: serde_yaml::Value =
-        serde_yaml::from_str(tripline::config::DEFAULT_CONFIG).expect("shipped config parses");
+    let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tripline.yaml"))
+        .expect("shipped tripline.yaml");
+    let mut c: serde_yaml::Value = serde_yaml::from_str(&shipped).expect("shipped config parses");
     c["instance"] = format!("bench-{}", free_port()).into();
     c["http"]["listen"] = format!("127.0.0.1:{}", free_port()).into();
     let subs = c["subscriptions"].as_sequence_mut().expect("subscriptions");

@@ -11,11 +11,12 @@ use serde::Deserialize;
 
 use crate::redis_conn::{RedisEndpoint, RedisTarget};
 
-/// The configuration shipped with tripline, used when no file is given and
-/// `tripline.yaml` does not exist in the working directory. It reproduces the
-/// seed system: two groups on `packet-counter-errors` plus the transceiver
-/// stream.
-pub const DEFAULT_CONFIG: &str = include_str!("../tripline.yaml");
+/// Names the built-in defaults in errors, where a file name would be.
+const BUILT_IN: &str = "<built-in defaults>";
+
+/// Overrides `http.listen`, so a second engine (or the demo) can run beside
+/// one holding the default port without editing the file.
+pub const HTTP_LISTEN_ENV: &str = "TRIPLINE_HTTP_LISTEN";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -62,7 +63,9 @@ pub struct Config {
     /// How long SIGINT/SIGTERM waits for in-flight batches and sinks.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
-    /// The consumer groups this instance joins.
+    /// The consumer groups this instance joins; absent means the seed's
+    /// (see [`seed_subscriptions`]), so a config that only moves Redis
+    /// still runs the shipped rules.
     pub subscriptions: Vec<Subscription>,
 }
 
@@ -362,9 +365,47 @@ impl Default for Config {
             http: HttpConfig::default(),
             consumer_cleanup: ConsumerCleanup::default(),
             shutdown_timeout: Duration::from_secs(10),
-            subscriptions: Vec::new(),
+            subscriptions: seed_subscriptions(),
         }
     }
+}
+
+/// The seed system's consumer groups: two on `packet-counter-errors` (every
+/// message reaches both) and one on the transceiver readings. The seed's
+/// collectors write `transceiver_telemetry`; `transceiver-telemetry` is read
+/// too, for publishers that followed tripline's earlier default.
+pub fn seed_subscriptions() -> Vec<Subscription> {
+    let sub = |name: &str, streams: &[&str], rules: &str| Subscription {
+        name: name.into(),
+        group: Some(name.into()),
+        streams: streams.iter().map(|s| s.to_string()).collect(),
+        rules: vec![rules.into()],
+        batch_size: default_batch_size(),
+        concurrency: None,
+        start_id: default_start_id(),
+        consumer: None,
+        block: default_block(),
+        claim_min_idle: default_claim_min_idle(),
+        claim_interval: default_claim_interval(),
+        max_deliveries: default_max_deliveries(),
+    };
+    vec![
+        sub(
+            "packet-error-alerts",
+            &["packet-counter-errors"],
+            "packet_errors/alert*.rhai",
+        ),
+        sub(
+            "packet-error-logs",
+            &["packet-counter-errors"],
+            "packet_errors/log*.rhai",
+        ),
+        sub(
+            "transceiver-alerts",
+            &["transceiver_telemetry", "transceiver-telemetry"],
+            "transceiver/*.rhai",
+        ),
+    ]
 }
 
 impl Default for RedisConfig {
@@ -667,7 +708,9 @@ impl Subscription {
 
 impl Config {
     /// Loads `path`, or `./tripline.yaml` when it exists, or the built-in
-    /// defaults; then applies `REDIS_ADDR` and validates.
+    /// defaults (the seed's setup, the same as the shipped `tripline.yaml`);
+    /// then applies `REDIS_ADDR` and `TRIPLINE_HTTP_LISTEN` and validates.
+    /// Relative paths are made relative to the file's directory.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
         let implicit = Path::new("tripline.yaml");
         let chosen = match path {
@@ -688,7 +731,7 @@ impl Config {
                 c.redis.tls_ca_file = c.redis.tls_ca_file.map(|f| base.join(f));
                 c
             }
-            None => Config::parse(DEFAULT_CONFIG, "<built-in tripline.yaml>")?,
+            None => Config::default(),
         };
         if let Ok(addr) = std::env::var("REDIS_ADDR")
             && !addr.trim().is_empty()
@@ -696,16 +739,25 @@ impl Config {
             config.redis.url = Some(addr.trim().to_string());
             config.redis.cluster.clear();
         }
+        if let Ok(listen) = std::env::var(HTTP_LISTEN_ENV)
+            && !listen.trim().is_empty()
+        {
+            config.http.listen = listen.trim().to_string();
+        }
         config.validate(
             &chosen
                 .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "<built-in tripline.yaml>".into()),
+                .unwrap_or_else(|| BUILT_IN.into()),
         )?;
         Ok(config)
     }
 
-    /// Parses YAML text; `origin` names it in errors.
+    /// Parses YAML text; `origin` names it in errors. A file with no
+    /// settings at all (empty, or only comments) is the built-in defaults.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        if let Ok(serde_yaml::Value::Null) = serde_yaml::from_str(text) {
+            return Ok(Config::default());
+        }
         serde_yaml::from_str(text).map_err(|source| ConfigError::Parse {
             path: origin.to_string(),
             source,
@@ -722,7 +774,7 @@ impl Config {
         self.redis.tls_ca().map_err(invalid)?;
         if self.subscriptions.is_empty() {
             return Err(invalid(
-                "`subscriptions` is empty: nothing to consume".into(),
+                "`subscriptions` is empty: nothing to consume (leave the key out for the seed's subscriptions)".into(),
             ));
         }
         let mut names = std::collections::HashSet::new();
@@ -800,11 +852,116 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The shipped file, read at test time: the binary no longer embeds it.
+    fn shipped() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tripline.yaml")).unwrap()
+    }
+
     #[test]
     fn shipped_config_parses_and_validates() {
-        let c = Config::parse(DEFAULT_CONFIG, "shipped").unwrap();
+        let c = Config::parse(&shipped(), "shipped").unwrap();
         c.validate("shipped").unwrap();
         assert!(c.subscriptions.len() >= 3);
+    }
+
+    #[test]
+    fn built_in_defaults_are_the_seed_setup() {
+        let c = Config::default();
+        c.validate(BUILT_IN).unwrap();
+        assert_eq!(c.rules_dir, Path::new("rules"));
+        assert_eq!(c.plugins_dir, Path::new("plugins"));
+        assert_eq!(c.http.listen, "127.0.0.1:9464");
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
+        let subs: Vec<(&str, &str, Vec<&str>, Vec<&str>)> = c
+            .subscriptions
+            .iter()
+            .map(|s| {
+                (
+                    s.name.as_str(),
+                    s.group(),
+                    s.streams.iter().map(String::as_str).collect(),
+                    s.rules.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            subs,
+            [
+                (
+                    "packet-error-alerts",
+                    "packet-error-alerts",
+                    vec!["packet-counter-errors"],
+                    vec!["packet_errors/alert*.rhai"]
+                ),
+                (
+                    "packet-error-logs",
+                    "packet-error-logs",
+                    vec!["packet-counter-errors"],
+                    vec!["packet_errors/log*.rhai"]
+                ),
+                (
+                    "transceiver-alerts",
+                    "transceiver-alerts",
+                    vec!["transceiver_telemetry", "transceiver-telemetry"],
+                    vec!["transceiver/*.rhai"]
+                ),
+            ]
+        );
+        for s in &c.subscriptions {
+            assert_eq!(
+                (s.batch_size, s.claim_min_idle, s.max_deliveries),
+                (100, Duration::from_secs(60), 5),
+                "{}",
+                s.name
+            );
+        }
+    }
+
+    #[test]
+    fn config_without_subscriptions_gets_the_seeds() {
+        let c = Config::parse("redis: {url: \"10.0.0.1:6379\"}\n", "t").unwrap();
+        c.validate("t").unwrap();
+        let names: Vec<&str> = c.subscriptions.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "packet-error-alerts",
+                "packet-error-logs",
+                "transceiver-alerts"
+            ]
+        );
+        for empty in ["{}", "", "# only a comment\n"] {
+            let c = Config::parse(empty, "t").unwrap();
+            c.validate("t").unwrap();
+            assert_eq!(c.subscriptions.len(), 3, "{empty:?}");
+        }
+    }
+
+    #[test]
+    fn seed_rule_globs_select_shipped_rules() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+        for s in seed_subscriptions() {
+            for g in &s.rules {
+                let m = globset::Glob::new(g).unwrap().compile_matcher();
+                let found = walk(Path::new(dir))
+                    .iter()
+                    .any(|p| m.is_match(p.strip_prefix(dir).unwrap()));
+                assert!(found, "{}: `{g}` selects no shipped rule", s.name);
+            }
+        }
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else if p.extension().is_some_and(|x| x == "rhai") {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[test]

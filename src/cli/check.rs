@@ -1,21 +1,35 @@
 //! `tripline check`: loads the config, compiles every rule and validates
 //! every plugin through the same code `run` uses, and reports all errors.
+//! Then the lint ([`crate::rules::lint`]): mistakes that compile but fail
+//! every time they run are errors too. What is legal but likely unintended
+//! (no sink enabled, a subscription without rules) is a warning.
 
 use std::path::Path;
 
 use crate::app;
 use crate::config::Config;
 use crate::escape::escape;
+use crate::rules::lint;
 
 pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Config::load(config_path)?;
     let prepared = app::prepare(&config)?;
+    let findings = lint::lint_set(&prepared.rules.set);
+    for f in &findings {
+        eprintln!("error: {}", escape(&f.to_string()));
+    }
+    if !findings.is_empty() {
+        anyhow::bail!(
+            "{} mistake(s) in rules (above); they would fail every time they run",
+            findings.len()
+        );
+    }
+    let enabled = prepared.plugins.iter().filter(|m| m.enabled).count();
     println!(
-        "OK: {} subscription(s), {} rule(s), {} sink(s) ({} enabled)",
+        "OK: {} subscription(s), {} rule(s), {} sink(s) ({enabled} enabled)",
         config.subscriptions.len(),
         prepared.rules.set.rules.len(),
         prepared.plugins.len(),
-        prepared.plugins.iter().filter(|m| m.enabled).count()
     );
     for sub in &config.subscriptions {
         let names: Vec<&str> = prepared
@@ -41,6 +55,20 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
             }
         );
         println!("{}", escape(&line));
+        if names.is_empty() {
+            eprintln!(
+                "warning: subscription `{}` selects no rule (`rules`: {} under {}): no rule judges its messages",
+                sub.name,
+                sub.rules.join(", "),
+                config.rules_dir.display()
+            );
+        }
+    }
+    if enabled == 0 {
+        eprintln!(
+            "warning: no sink is enabled in {}: alerts are raised but go nowhere (set `enabled: true` in a manifest)",
+            config.plugins_dir.display()
+        );
     }
     Ok(())
 }

@@ -299,6 +299,7 @@ fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
             sink: manifest.name.clone(),
             redis: redis.clone(),
             timeout: manifest.timeout,
+            base_dir: manifest.dir(),
         };
         let sink = kind
             .build(&manifest.settings, &cx)

@@ -26,7 +26,7 @@ pub enum Action {
         duration: Duration,
         #[arg(long, default_value = "")]
         comment: String,
-        /// Who set it; default $USER.
+        /// Who set it; default $USER, else the host name, else "unknown".
         #[arg(long)]
         created_by: Option<String>,
     },
@@ -34,6 +34,23 @@ pub enum Action {
     List,
     /// End a silence now.
     Expire { id: String },
+}
+
+/// Who a silence is recorded as set by: never empty, because the question
+/// "who muted this?" is asked when the person is not around to answer.
+fn author(given: Option<String>, user: Option<String>) -> String {
+    [given, user]
+        .into_iter()
+        .flatten()
+        .map(|s| s.trim().to_string())
+        .find(|s| !s.is_empty())
+        .or_else(|| {
+            hostname::get()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .filter(|h| !h.trim().is_empty())
+        })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()> {
@@ -61,9 +78,7 @@ pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()>
                     .map(|m| Matcher::parse(m))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(anyhow::Error::msg)?;
-                let who = created_by
-                    .or_else(|| std::env::var("USER").ok())
-                    .unwrap_or_default();
+                let who = author(created_by, std::env::var("USER").ok());
                 let s = Silence::new(matchers, now_ms(), duration, who, comment)
                     .map_err(anyhow::Error::msg)?;
                 silence::add(&mut conn, &s).await?;
@@ -100,4 +115,18 @@ pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()>
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::author;
+
+    #[test]
+    fn silence_without_user_is_not_anonymous() {
+        assert_eq!(author(Some("ana".into()), Some("bob".into())), "ana");
+        assert_eq!(author(None, Some("bob".into())), "bob");
+        let fallback = author(None, None);
+        assert!(!fallback.trim().is_empty());
+        assert_eq!(author(Some(" ".into()), Some(String::new())), fallback);
+    }
 }

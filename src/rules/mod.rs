@@ -6,6 +6,7 @@
 
 pub mod api;
 mod budget;
+pub mod lint;
 pub mod state;
 
 use std::cell::RefCell;

@@ -16,6 +16,7 @@
 //! a few seconds to exit before it is killed.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -38,10 +39,11 @@ const EXIT_WAIT: Duration = Duration::from_millis(500);
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecSettings {
-    /// The program: a path (relative to tripline's working directory) or a
-    /// name looked up in `PATH`.
+    /// The program: a path (with a `/`; relative to the manifest's
+    /// directory) or a name looked up in `PATH`, as a shell does.
     pub command: String,
-    /// Its arguments.
+    /// Its arguments. The program runs in the manifest's directory, so a
+    /// relative path among them is relative to the manifest too.
     #[serde(default)]
     pub args: Vec<String>,
     /// Variables added to the environment it inherits from tripline
@@ -69,7 +71,14 @@ impl SinkSettings for ExecSettings {
     }
 
     fn build(self, cx: &BuildContext) -> Result<Box<dyn Sink>, String> {
+        let program = if self.command.contains('/') {
+            cx.base_dir.join(&self.command)
+        } else {
+            PathBuf::from(&self.command)
+        };
         Ok(Box::new(ExecSink {
+            program,
+            dir: cx.base_dir.clone(),
             settings: self,
             sink: cx.sink.clone(),
             state: Mutex::new(State {
@@ -83,6 +92,10 @@ impl SinkSettings for ExecSettings {
 
 pub struct ExecSink {
     settings: ExecSettings,
+    /// `command` resolved against the manifest's directory.
+    program: PathBuf,
+    /// The manifest's directory: the program's working directory.
+    dir: PathBuf,
     /// The sink's name, for log lines.
     sink: String,
     /// Locked for a whole delivery: the program gets one batch at a time.
@@ -148,8 +161,9 @@ impl ExecSink {
         tokio::time::sleep_until(st.next_start).await;
         st.next_start = Instant::now() + st.restarts.next_delay();
         let s = &self.settings;
-        let mut cmd = tokio::process::Command::new(&s.command);
+        let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&s.args)
+            .current_dir(&self.dir)
             .envs(&s.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -158,9 +172,13 @@ impl ExecSink {
             // kill it before tripline has flushed what is queued for it.
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| SinkError::Failed(format!("cannot start `{}`: {e}", s.command)))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            SinkError::Failed(format!(
+                "cannot start `{}` (in {}): {e}",
+                self.program.display(),
+                self.dir.display()
+            ))
+        })?;
         let pid = child.id().unwrap_or(0);
         tracing::info!(sink = %self.sink, command = %s.command, pid, "exec program started");
         if let Some(err) = child.stderr.take() {
@@ -389,6 +407,8 @@ mod tests {
             ack,
         };
         ExecSink {
+            program: "sh".into(),
+            dir: std::env::temp_dir(),
             sink: "t".into(),
             state: Mutex::new(State {
                 program: None,

@@ -17,7 +17,7 @@ use crate::alert::Alert;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileSettings {
-    /// File to append to (relative to tripline's working directory); parent
+    /// File to append to (relative to the manifest's directory); parent
     /// directories are created.
     pub path: PathBuf,
     /// fsync after each batch: slower, but a delivered alert survives a
@@ -34,9 +34,12 @@ impl SinkSettings for FileSettings {
         Ok(())
     }
 
-    fn build(self, _: &BuildContext) -> Result<Box<dyn Sink>, String> {
+    fn build(self, cx: &BuildContext) -> Result<Box<dyn Sink>, String> {
         Ok(Box::new(FileSink {
-            settings: Arc::new(self),
+            settings: Arc::new(FileSettings {
+                path: cx.base_dir.join(&self.path),
+                ..self
+            }),
         }))
     }
 }

@@ -156,6 +156,20 @@ pub struct Manifest {
     pub source_hash: u64,
 }
 
+impl Manifest {
+    /// The directory relative paths in this manifest are relative to,
+    /// made absolute so it holds whatever directory a program is run in.
+    pub fn dir(&self) -> PathBuf {
+        let parent = self.path.parent().unwrap_or(Path::new(""));
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
+    }
+}
+
 impl std::fmt::Debug for Manifest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Manifest")

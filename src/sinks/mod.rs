@@ -24,6 +24,7 @@ pub mod supervisor;
 pub mod webhook;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -89,6 +90,10 @@ pub struct BuildContext {
     /// attempt; kinds use it for their own connect and reply timeouts so the
     /// error says what timed out.
     pub timeout: Duration,
+    /// The manifest's directory (absolute): relative paths in a manifest are
+    /// relative to it, as config paths are to the config file, so a service
+    /// started from `/` finds the same files as a shell in the checkout.
+    pub base_dir: PathBuf,
 }
 
 /// The settings of one kind: a serde type (unknown fields denied) that knows

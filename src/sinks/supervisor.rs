@@ -97,6 +97,7 @@ impl Supervisor {
                 sink: name.clone(),
                 redis: self.target.clone(),
                 timeout: m.timeout,
+                base_dir: m.dir(),
             };
             let sink: Arc<dyn Sink> = match kind.build(&m.settings, &cx) {
                 Ok(s) => Arc::from(s),

@@ -394,3 +394,163 @@ fn bad_flags_name_the_flag_and_exit_two() {
         assert!(err.contains(flag), "{args:?} should name {flag}:\n{err}");
     }
 }
+
+/// The shipped rules and their tests, without a config file of their own.
+fn shipped_rules_and_tests() -> Vec<(&'static str, String)> {
+    [
+        "rules/packet_errors/alert.rhai",
+        "rules/packet_errors/alert.test.yaml",
+        "rules/packet_errors/log.rhai",
+        "rules/packet_errors/log.test.yaml",
+        "rules/transceiver/rx_power.rhai",
+        "rules/transceiver/rx_power.test.yaml",
+        "plugins/console.yaml",
+    ]
+    .into_iter()
+    .map(|p| (p, shipped(p)))
+    .collect()
+}
+
+fn project_with(config: &str, files: &[(&str, String)]) -> Project {
+    let refs: Vec<(&str, &str)> = files.iter().map(|(p, t)| (*p, t.as_str())).collect();
+    Project::new(config, &refs)
+}
+
+#[test]
+fn config_without_subscriptions_gets_the_seeds_in_check_and_test() {
+    let project = project_with("http: {enabled: false}\n", &shipped_rules_and_tests());
+    let (code, out, err) = project.command(&["check"], None);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("OK: 3 subscription(s), 3 rule(s)"), "{out}");
+    assert!(
+        out.contains("transceiver-alerts (group transceiver-alerts, streams transceiver_telemetry, transceiver-telemetry): transceiver/rx_power"),
+        "{out}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+    let (code, out, err) = project.command(&["test"], None);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains(" passed, 0 failed\n"), "{out}");
+}
+
+#[test]
+fn without_a_config_file_the_built_in_defaults_are_the_seeds() {
+    let project = project_with("", &shipped_rules_and_tests());
+    std::fs::remove_file(project.path("tripline.yaml")).unwrap();
+    let (code, out, err) = project.command(&["check"], None);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("OK: 3 subscription(s), 3 rule(s)"), "{out}");
+    assert!(
+        out.contains("packet-error-logs (group packet-error-logs, streams packet-counter-errors): packet_errors/log"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_lints_alert_maps_with_file_line_column() {
+    let project = seed_project(&[(
+        "rules/packet_errors/typo.rhai",
+        "fn on_message(msg, ctx) {\n    if msg.input_errors > 5 {\n        alert(#{ name: \"Typo\", severity: \"crit\", labels: #{ h: msg.hostname } });\n    } else {\n        resolve(#{ name: \"Typo\", lables: #{ h: msg.hostname } });\n    }\n}\n",
+    )]);
+    let (code, out, err) = project.command(&["check"], None);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("rules/packet_errors/typo.rhai:3:42: alert(): severity `crit` is not one of info, warning, major, critical"),
+        "{err}"
+    );
+    assert!(
+        err.contains("rules/packet_errors/typo.rhai:5:34: resolve(): unknown field `lables`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_warns_when_no_sink_is_enabled_and_a_subscription_selects_no_rule() {
+    let project = seed_project(&[]);
+    let cfg = config(&format!(
+        "{SHIPPED_SUBS}  - name: nothing\n    streams: [other]\n    rules: [\"typo/*.rhai\"]\n"
+    ));
+    project.write("tripline.yaml", &cfg);
+    let (code, out, err) = project.command(&["check"], None);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("warning: subscription `nothing` selects no rule (`rules`: typo/*.rhai"),
+        "{err}"
+    );
+    assert!(err.contains("warning: no sink is enabled"), "{err}");
+    project.write("plugins/console.yaml", &shipped("plugins/console.yaml"));
+    let (code, _, err) = project.command(&["check"], None);
+    assert_eq!(code, 0);
+    assert!(!err.contains("no sink is enabled"), "{err}");
+}
+
+/// A relative path in a manifest used to be relative to the directory
+/// tripline was started in: under systemd (started in `/`) the same
+/// checkout wrote elsewhere, or could not start its exec program.
+#[test]
+fn manifest_paths_are_relative_to_the_manifest_not_the_working_directory() {
+    let alert = shipped("rules/packet_errors/alert.rhai");
+    let project = Project::new(
+        &config(SEED_SUBS),
+        &[
+            ("rules/packet_errors/alert.rhai", alert.as_str()),
+            (
+                "plugins/file.yaml",
+                "name: file\nkind: file\npath: ../out/alerts.jsonl\n",
+            ),
+            (
+                "plugins/exec.yaml",
+                "name: exec\nkind: exec\ncommand: ./exec-example.py\nargs: [../exec-out.txt]\n",
+            ),
+        ],
+    );
+    std::fs::copy(
+        format!("{}/plugins/exec-example.py", env!("CARGO_MANIFEST_DIR")),
+        project.path("plugins/exec-example.py"),
+    )
+    .unwrap();
+    let elsewhere = Project::new("", &[]);
+    let redis = RedisServer::start();
+    let cfg = project.path("tripline.yaml");
+    let tl = elsewhere.start_with_args(&redis, &["--config", cfg.to_str().unwrap(), "run"]);
+    let mut con = redis.conn();
+    let id = xadd_watermill(
+        &mut con,
+        "packet-counter-errors",
+        r#"{"hostname":"core-1","interface":"et-0/0/1","input_errors":12000}"#,
+    );
+    let delivered = wait_until(std::time::Duration::from_secs(20), || {
+        !project.json_lines("out/alerts.jsonl").is_empty()
+            && std::fs::read_to_string(project.path("exec-out.txt"))
+                .is_ok_and(|t| t.contains("HighInputErrors"))
+    });
+    assert!(delivered, "entry {id}; stderr:\n{}", tl.stderr());
+    assert_eq!(
+        project.json_lines("out/alerts.jsonl")[0]["name"],
+        "HighInputErrors"
+    );
+    assert!(!elsewhere.path("out").exists());
+    assert!(!elsewhere.path("exec-out.txt").exists());
+}
+
+#[test]
+fn http_listen_is_overridden_by_the_environment_and_a_busy_port_is_an_error() {
+    let project = seed_project(&[]);
+    project.write(
+        "tripline.yaml",
+        &format!(
+            "instance: t-{}\nhttp: {{listen: \"127.0.0.1:1\"}}\nsubscriptions:\n{SHIPPED_SUBS}",
+            free_port()
+        ),
+    );
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let redis = RedisServer::start();
+    let mut tl = project.start_with_env(&redis, &["run"], &[("TRIPLINE_HTTP_LISTEN", &addr)]);
+    let code = tl.wait(std::time::Duration::from_secs(20));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    let err = tl.stderr();
+    assert!(
+        err.contains(&format!("cannot listen on {addr}: Address already in use")),
+        "{err}"
+    );
+}

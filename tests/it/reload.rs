@@ -393,7 +393,7 @@ fn saved_plugin_manifest_starts_a_sink_and_a_broken_one_keeps_the_old() {
     );
     e.project.write(
         "plugins/second.yaml",
-        "name: second\nkind: file\npath: second.jsonl\n",
+        "name: second\nkind: file\npath: ../second.jsonl\n",
     );
     e.wait_reloads("plugins", "success", 1.0);
     e.project

@@ -529,11 +529,11 @@ fn compliance_file() {
     compliance(
         Case {
             kind: "file",
-            ok: "path: out/alerts.jsonl".into(),
+            ok: "path: ../out/alerts.jsonl".into(),
             // A parent "directory" that is a regular file.
-            failing: Some("path: blocker/alerts.jsonl".into()),
+            failing: Some("path: ../blocker/alerts.jsonl".into()),
             // Opening a FIFO nobody reads blocks forever.
-            hanging: Some("path: hang.fifo".into()),
+            hanging: Some("path: ../hang.fifo".into()),
         },
         |p| {
             std::fs::write(p.path("blocker"), "not a directory").unwrap();
@@ -639,7 +639,7 @@ fn compliance_exec() {
     compliance(
         Case {
             kind: "exec",
-            ok: "command: plugins/exec-example.py\nargs: [exec-out.txt]".into(),
+            ok: "command: ./exec-example.py\nargs: [../exec-out.txt]".into(),
             failing: Some(
                 "command: sh\nargs: [-c, 'while read l; do echo \"error: refused\"; done']".into(),
             ),
@@ -967,7 +967,7 @@ fn exec_example_gets_every_alert_even_when_killed_mid_stream() {
         None,
         &[(
             "exec.yaml",
-            "name: script\nkind: exec\ncommand: plugins/exec-example.py\nargs: [exec-out.txt]\nbatch_size: 20\n".into(),
+            "name: script\nkind: exec\ncommand: ./exec-example.py\nargs: [../exec-out.txt]\nbatch_size: 20\n".into(),
         )],
     );
     install_exec_example(&project);
@@ -1059,7 +1059,7 @@ fn critical_alert_reaches_only_the_sinks_whose_route_matches() {
         .map(|(name, route)| {
             (
                 *name,
-                format!("name: {name}\nkind: file\npath: {name}.jsonl\n{route}\n"),
+                format!("name: {name}\nkind: file\npath: ../{name}.jsonl\n{route}\n"),
             )
         })
         .collect();
@@ -1182,7 +1182,7 @@ fn alerts_queued_when_tripline_is_killed_are_delivered_after_restart() {
 fn plugin_reload_starts_reconfigures_and_stops_only_the_changed_sink() {
     let live = Receiver::start(Mode::Ok);
     let dead_port = free_port();
-    let file_sink = |name: &str| format!("name: {name}\nkind: file\npath: {name}.jsonl\n");
+    let file_sink = |name: &str| format!("name: {name}\nkind: file\npath: ../{name}.jsonl\n");
     let project = sink_project(
         None,
         &[
@@ -1372,7 +1372,8 @@ fn sigterm_exits_even_with_a_file_sink_stuck_on_a_fifo() {
         None,
         &[(
             "stuck.yaml",
-            "name: stuck\nkind: file\npath: hang.fifo\ntimeout: 300ms\nmax_attempts: 1000\n".into(),
+            "name: stuck\nkind: file\npath: ../hang.fifo\ntimeout: 300ms\nmax_attempts: 1000\n"
+                .into(),
         )],
     );
     let made = Command::new("mkfifo")

@@ -476,8 +476,9 @@ pub const SEED_SUBS: &str = "  - name: packet-error-alerts
     rules: [\"packet_errors/log*.rhai\"]
 ";
 
-/// A file sink manifest writing to `alerts.jsonl` in the project.
-pub const FILE_SINK: &str = "name: file\nkind: file\npath: alerts.jsonl\n";
+/// A file sink manifest writing to `alerts.jsonl` in the project (its path
+/// is relative to the manifest, in `plugins/`).
+pub const FILE_SINK: &str = "name: file\nkind: file\npath: ../alerts.jsonl\n";
 
 /// An HTTP response read by [`http_call`].
 #[derive(Debug)]
