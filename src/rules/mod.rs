@@ -120,6 +120,10 @@ pub struct Rule {
     pub source_hash: u64,
     /// `on_message`'s body and the rule's functions (see [`entry_ast`]).
     entry: AST,
+    /// The whole file as compiled, top-level statements included: `check`'s
+    /// lint ([`lint`]) reads literals wherever they stand, and `entry` keeps
+    /// only `on_message`'s body.
+    pub(crate) ast: AST,
     /// The names of `on_message`'s parameters, bound in the scope of a call.
     params: [ImmutableString; 2],
     /// Top-level `const`/`let` values, evaluated once at load and visible to
@@ -545,6 +549,7 @@ fn compile_rule(
         path: path.to_path_buf(),
         source_hash: hash_source(source),
         entry,
+        ast,
         params,
         constants_only,
         reads_context,
