@@ -115,7 +115,7 @@ fn reload_refuses_an_import_and_the_running_rules_keep_alerting() {
 }
 
 #[test]
-fn runaway_rule_is_logged_at_its_position_and_the_next_rule_still_alerts() {
+fn runaway_rule_is_logged_with_its_file_and_limit_and_the_next_rule_still_alerts() {
     let redis = RedisServer::start();
     let project = Project::new(
         &sandbox_config(None),
@@ -144,8 +144,8 @@ fn runaway_rule_is_logged_at_its_position_and_the_next_rule_still_alerts() {
     let stderr = tl.stderr();
     let failed = stderr
         .lines()
-        .find(|l| l.contains("rule failed: a_runaway.rhai:3:"))
-        .unwrap_or_else(|| panic!("no positioned rule error in:\n{stderr}"));
+        .find(|l| l.contains("rule failed: a_runaway.rhai"))
+        .unwrap_or_else(|| panic!("no rule error naming the file in:\n{stderr}"));
     assert!(failed.contains("limits."), "{failed}");
     assert_eq!(
         project.json_lines("alerts.jsonl")[0]["labels"]["host"],
