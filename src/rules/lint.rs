@@ -20,27 +20,8 @@ const ALERT_FUNCTIONS: [&str; 5] = [
     "hysteresis_below",
 ];
 
-/// One mistake, located to the character like a compile error.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finding {
-    pub path: std::path::PathBuf,
-    pub line: Option<usize>,
-    pub column: Option<usize>,
-    pub message: String,
-}
-
-impl std::fmt::Display for Finding {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.path.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-            if let Some(col) = self.column {
-                write!(f, ":{col}")?;
-            }
-        }
-        write!(f, ": {}", self.message)
-    }
-}
+/// One mistake, located and printed exactly like a compile error.
+pub use super::CompileError as Finding;
 
 /// Every finding of every rule, in rule order.
 pub fn lint_set(set: &RuleSet) -> Vec<Finding> {
