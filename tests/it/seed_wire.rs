@@ -77,17 +77,6 @@ impl<'de> serde::Deserialize<'de> for InOrder {
     }
 }
 
-/// Entries of `stream` with their fields' raw bytes.
-fn raw_entries(con: &mut redis::Connection, stream: &str) -> Vec<redis::streams::StreamId> {
-    let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(stream)
-        .arg("-")
-        .arg("+")
-        .query(con)
-        .unwrap();
-    reply.ids
-}
-
 /// The raw bytes of a field.
 fn bytes(v: &redis::Value) -> &[u8] {
     match v {
@@ -198,7 +187,7 @@ fn seed_publisher_entries_alert_log_and_drain_none_dead_lettered() {
         .collect();
     // The stored bytes are the fixture's, field for field.
     for (e, id) in entries.iter().zip(&ids) {
-        let stored = raw_entries(&mut con, &e.stream);
+        let stored = xrange_raw(&mut con, &e.stream);
         let entry = stored.iter().find(|s| s.id == *id).unwrap();
         assert_eq!(entry.map.len(), e.fields.len());
         for (k, v) in &e.fields {
@@ -398,7 +387,7 @@ fn seed_publisher_entries_alert_log_and_drain_none_dead_lettered() {
     // Watermill subscriber reads it (both sinks deliver on their own, so
     // wait until they agree).
     assert!(
-        wait_until(Duration::from_secs(20), || raw_entries(
+        wait_until(Duration::from_secs(20), || xrange_raw(
             &mut con,
             "tripline-alerts"
         )
@@ -407,14 +396,14 @@ fn seed_publisher_entries_alert_log_and_drain_none_dead_lettered() {
         "tripline-alerts: {:?}",
         xrange(&mut con, "tripline-alerts")
     );
-    let written = raw_entries(&mut con, "tripline-alerts").len();
+    let written = xrange_raw(&mut con, "tripline-alerts").len();
     assert!(written >= alerts.len());
     assert_watermill_stream(&mut con, "tripline-alerts", written);
 }
 
 /// Every entry of `stream` reads as Watermill, and carries an alert.
 fn assert_watermill_stream(con: &mut redis::Connection, stream: &str, count: usize) {
-    let entries = raw_entries(con, stream);
+    let entries = xrange_raw(con, stream);
     assert_eq!(entries.len(), count);
     for entry in &entries {
         let alert = read_as_watermill(&entry.map);

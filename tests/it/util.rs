@@ -226,19 +226,27 @@ pub fn group_position(con: &mut redis::Connection, stream: &str, group: &str) ->
     (int("pending"), int("lag"))
 }
 
-/// Entries of a stream as (id, field → value), on one server or a cluster.
-pub fn xrange(
+/// Entries of a stream with their fields' raw bytes, for tests that check
+/// exactly what was stored.
+pub fn xrange_raw(
     con: &mut impl redis::ConnectionLike,
     stream: &str,
-) -> Vec<(String, std::collections::HashMap<String, String>)> {
+) -> Vec<redis::streams::StreamId> {
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg(stream)
         .arg("-")
         .arg("+")
         .query(con)
         .unwrap();
-    reply
-        .ids
+    reply.ids
+}
+
+/// Entries of a stream as (id, field → value), on one server or a cluster.
+pub fn xrange(
+    con: &mut impl redis::ConnectionLike,
+    stream: &str,
+) -> Vec<(String, std::collections::HashMap<String, String>)> {
+    xrange_raw(con, stream)
         .into_iter()
         .map(|e| {
             let map = e
