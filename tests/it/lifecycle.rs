@@ -676,6 +676,28 @@ fn a_pending_alert_fires_by_the_timer_when_its_for_elapses_live() {
     );
 }
 
+/// The `hot` rule on stream `s` with a file sink and timers every
+/// `timer_interval`, started and past creating its group, so that a silence
+/// added next is the first thing it sees.
+fn start_hot_silenceable(redis: &RedisServer, timer_interval: &str) -> (Project, Tripline) {
+    let project = Project::new(
+        &format!(
+            "http:\n  enabled: false\nalerts:\n  timer_interval: {timer_interval}\nsubscriptions:\n  - name: hot\n    streams: [s]\n"
+        ),
+        &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
+    );
+    let tl = project.start(redis);
+    let mut con = redis.conn();
+    assert!(
+        wait_until(Duration::from_secs(20), || group_exists(
+            &mut con, "s", "hot"
+        )),
+        "{}",
+        tl.stderr()
+    );
+    (project, tl)
+}
+
 /// Whether the engine created its consumer group `group` on `stream` yet.
 fn group_exists(con: &mut redis::Connection, stream: &str, group: &str) -> bool {
     let groups: redis::RedisResult<Vec<HashMap<String, redis::Value>>> =
@@ -708,19 +730,8 @@ fn unsilence(project: &Project, redis: &RedisServer, id: &str) {
 #[test]
 fn the_end_of_a_silence_sends_what_it_muted_and_never_a_lone_resolve() {
     let redis = RedisServer::start();
-    let project = Project::new(
-        "http:\n  enabled: false\nalerts:\n  timer_interval: 100ms\nsubscriptions:\n  - name: hot\n    streams: [s]\n",
-        &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
-    );
-    let tl = project.start(&redis);
+    let (project, tl) = start_hot_silenceable(&redis, "100ms");
     let mut con = redis.conn();
-    assert!(
-        wait_until(Duration::from_secs(20), || group_exists(
-            &mut con, "s", "hot"
-        )),
-        "{}",
-        tl.stderr()
-    );
     let id = silence(&project, &redis, "host=~m.*");
     // The instance reads silences every 2 s.
     std::thread::sleep(Duration::from_millis(2500));
@@ -779,19 +790,8 @@ fn the_end_of_a_silence_sends_what_it_muted_and_never_a_lone_resolve() {
 #[test]
 fn a_resolve_of_a_firing_withheld_by_a_silence_is_withheld_too() {
     let redis = RedisServer::start();
-    let project = Project::new(
-        "http:\n  enabled: false\nalerts:\n  timer_interval: 60s\nsubscriptions:\n  - name: hot\n    streams: [s]\n",
-        &[("rules/hot.rhai", RULE), ("plugins/file.yaml", FILE_SINK)],
-    );
-    let tl = project.start(&redis);
+    let (project, tl) = start_hot_silenceable(&redis, "60s");
     let mut con = redis.conn();
-    assert!(
-        wait_until(Duration::from_secs(20), || group_exists(
-            &mut con, "s", "hot"
-        )),
-        "{}",
-        tl.stderr()
-    );
     let id = silence(&project, &redis, "host=quiet");
     std::thread::sleep(Duration::from_millis(2500));
     xadd(&mut con, "s", &[("host", b"quiet"), ("v", b"500")]);
