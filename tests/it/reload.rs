@@ -54,14 +54,7 @@ impl Engine {
         let project = Project::new(&reload_config(port, extra_config), files);
         let tl = project.start(&redis);
         let http = format!("127.0.0.1:{port}");
-        assert!(
-            wait_until(Duration::from_secs(20), || tl
-                .stderr()
-                .contains("watching rules and plugins for changes")
-                && std::net::TcpStream::connect(&http).is_ok()),
-            "tripline did not come up; stderr:\n{}",
-            tl.stderr()
-        );
+        tl.wait_watching(&http);
         Engine {
             tl,
             http,

@@ -71,14 +71,7 @@ fn reload_refuses_an_import_and_the_running_rules_keep_alerting() {
     std::fs::write(project.path("secret.rhai"), SECRET_MODULE).unwrap();
     let tl = project.start(&redis);
     let http = format!("127.0.0.1:{port}");
-    assert!(
-        wait_until(Duration::from_secs(20), || tl
-            .stderr()
-            .contains("watching rules and plugins for changes")
-            && std::net::TcpStream::connect(&http).is_ok()),
-        "tripline did not come up; stderr:\n{}",
-        tl.stderr()
-    );
+    tl.wait_watching(&http);
 
     project.write(
         "rules/r.rhai",

@@ -450,6 +450,19 @@ impl Tripline {
     pub fn stderr(&self) -> String {
         Self::read(&self.stderr)
     }
+
+    /// Waits until the file watcher runs and HTTP answers on `http`: then a
+    /// saved file or a `POST /-/reload` reaches a running engine.
+    pub fn wait_watching(&self, http: &str) {
+        assert!(
+            wait_until(Duration::from_secs(20), || self
+                .stderr()
+                .contains("watching rules and plugins for changes")
+                && std::net::TcpStream::connect(http).is_ok()),
+            "tripline did not come up; stderr:\n{}",
+            self.stderr()
+        );
+    }
 }
 
 impl Drop for Tripline {
