@@ -7,17 +7,35 @@ use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub use redis::Value;
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now, below Linux's ephemeral range
+/// (32768-60999).
+///
+/// A port the kernel hands out for `bind(0)` comes from the ephemeral range,
+/// which every outgoing connection of every test draws from too: between
+/// picking it and `redis-server` binding it, a client socket could take it,
+/// and the server then failed to start ("cluster node did not come up", CI
+/// run of session 3). Ports below that range are only ever taken by a
+/// listener, and the process-wide counter keeps two tests of this binary
+/// from picking the same one; the bind check skips ports other processes
+/// hold.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    let start = std::process::id() * 97 % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < SPAN, "no free port left below the ephemeral range");
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it is true or `timeout` passes; returns whether it held.
@@ -860,8 +878,9 @@ impl ClusterNode {
                 .try_conn()
                 .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
                 .is_ok()),
-            "cluster node did not come up on port {}",
-            self.port
+            "cluster node did not come up on port {}; its log:\n{}",
+            self.port,
+            self.log()
         );
     }
 
