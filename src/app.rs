@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
 use crate::config::{Config, Subscription};
+use crate::instance::{cleanup, lease};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
@@ -18,7 +19,7 @@ use crate::reload::Reloader;
 use crate::rules::{RuleError, RuleSet, build_engine};
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
-use crate::source::{self, Shared, lease};
+use crate::source::{self, Shared};
 use crate::{http, metrics};
 
 #[derive(Debug, thiserror::Error)]
@@ -250,9 +251,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             workers_stop.clone(),
         ));
     }
-    workers.spawn(source::cleanup::run(
+    workers.spawn(cleanup::run(
         target.clone(),
-        source::cleanup::Scope {
+        cleanup::Scope {
             subscriptions: subs
                 .iter()
                 .flat_map(|s| s.streams.iter().map(|x| (x.clone(), s.group().to_string())))

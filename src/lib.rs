@@ -11,8 +11,9 @@
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
-//!   evaluate it, commit it; claiming stale entries; dead-lettering; removing
-//!   consumers idle for long.
+//!   evaluate it, commit it; claiming stale entries; dead-lettering.
+//! - [`instance`]: the instance name's lease, and removing consumers idle for
+//!   long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
 //! - [`alert`]: alert model, fingerprint, the lifecycle book (state in Redis,
@@ -44,6 +45,7 @@ pub mod decode;
 pub mod escape;
 pub mod http;
 pub mod http_silences;
+pub mod instance;
 pub mod metrics;
 pub mod metrics_process;
 pub mod outbox;

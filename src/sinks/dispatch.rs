@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
 use crate::alert::Alert;
+use crate::instance::lease;
 use crate::metrics;
 use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{
     Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, note_error, parse_groups,
     parse_pending, parse_read_reply, pause,
 };
-use crate::source::lease;
 
 /// How long one XREADGROUP on the outbox blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -286,11 +286,7 @@ async fn adopt_orphans(
             if name == consumer || pending == 0 {
                 continue;
             }
-            let alive: bool = redis::cmd("EXISTS")
-                .arg(lease::key(&name))
-                .query_async(write.get().await?)
-                .await?;
-            if alive {
+            if lease::is_alive(write.get().await?, &name).await? {
                 continue;
             }
             let mut taken = 0;

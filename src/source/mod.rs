@@ -6,8 +6,6 @@
 //! after a Redis error it can safely re-read *its own* pending entries (id
 //! `0`) before new ones (`>`): nobody else is working on them.
 
-pub mod cleanup;
-pub mod lease;
 pub mod timers;
 
 use std::collections::HashMap;

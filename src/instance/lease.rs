@@ -9,7 +9,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::redis_conn::{Backoff, LazyConn, RedisTarget, note_error, pause};
+use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 
 const TTL: Duration = Duration::from_secs(30);
 const REFRESH: Duration = Duration::from_secs(10);
@@ -28,6 +28,12 @@ return 0";
 /// The lease key of instance `name`; it exists while that instance lives.
 pub fn key(name: &str) -> String {
     format!("tripline:instance:{name}")
+}
+
+/// Whether the instance that named a consumer `name` still lives: its
+/// pending entries are then its own to finish, not orphans to adopt.
+pub async fn is_alive(conn: &mut RedisConn, name: &str) -> Result<bool, redis::RedisError> {
+    redis::cmd("EXISTS").arg(key(name)).query_async(conn).await
 }
 
 /// Takes the first free name, waiting (with backoff) for Redis if needed.
