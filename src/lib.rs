@@ -5,9 +5,10 @@
 //!
 //! - [`config`]: the YAML file, its defaults and `validate()`.
 //! - [`redis_conn`]: connections to one Redis or a Redis Cluster (reply
-//!   timeouts, reconnect backoff, reply parsing).
-//! - [`stream_reader`]: the workers' XREADGROUP over a socket of our own,
-//!   parsed straight into stream entries (single server, TCP or Unix).
+//!   timeouts, reconnect backoff, health).
+//! - [`group_reader`]: the one consumer-group reader of subscriptions and
+//!   sinks (own pending first, then new; delivery counts, claims, lag), with
+//!   its fast path: XREADGROUP over a socket of our own.
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
@@ -43,6 +44,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod escape;
+pub mod group_reader;
 pub mod http;
 pub mod http_silences;
 pub mod instance;
@@ -58,4 +60,3 @@ pub mod ruletest;
 pub mod shard;
 pub mod sinks;
 pub mod source;
-pub mod stream_reader;

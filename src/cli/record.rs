@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::config::Config;
-use crate::redis_conn::{StreamEntry, parse_entries};
+use crate::group_reader::reply::{StreamEntry, parse_entries};
 use crate::replay::{Record, parse_rfc3339};
 
 /// Entries fetched per XRANGE call.

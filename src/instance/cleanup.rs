@@ -14,8 +14,9 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerCleanup;
+use crate::group_reader::groups as groups_of;
 use crate::metrics;
-use crate::redis_conn::{LazyConn, RedisTarget, note_error, parse_groups};
+use crate::redis_conn::{LazyConn, RedisTarget, note_error};
 use crate::sinks::dispatch::SINK_GROUP_PREFIX;
 
 /// Deletes the consumers of group ARGV[1] on stream KEYS[1] idle at least
@@ -82,22 +83,14 @@ async fn sweep(
 ) -> Result<(), RedisError> {
     let mut groups = scope.subscriptions.clone();
     for outbox in &scope.outboxes {
-        let reply: Result<redis::Value, RedisError> = redis::cmd("XINFO")
-            .arg("GROUPS")
-            .arg(outbox)
-            .query_async(conn.get().await?)
-            .await;
-        match reply {
-            Ok(v) => groups.extend(
-                parse_groups(v)
-                    .into_iter()
-                    .filter(|(g, _, _)| g.starts_with(SINK_GROUP_PREFIX))
-                    .map(|(g, _, _)| (outbox.clone(), g)),
-            ),
-            // No outbox yet: no alert was ever raised there.
-            Err(e) if e.code().is_some() => {}
-            Err(e) => return Err(e),
-        }
+        // No outbox yet (no alert was ever raised there): no groups.
+        groups.extend(
+            groups_of(conn.get().await?, outbox)
+                .await?
+                .into_iter()
+                .filter(|(g, _, _)| g.starts_with(SINK_GROUP_PREFIX))
+                .map(|(g, _, _)| (outbox.clone(), g)),
+        );
     }
     for (stream, group) in groups {
         let removed: Vec<String> = script

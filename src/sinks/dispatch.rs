@@ -8,7 +8,6 @@
 //! `tripline:instance:<name>` expired) are taken over by a live one, so a
 //! crash between reading and acknowledging loses nothing.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,13 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
 use crate::alert::Alert;
+use crate::group_reader::{GroupReader, Member, StreamEntry, ensure_group, position};
 use crate::instance::lease;
 use crate::metrics;
 use crate::outbox::ALERT_FIELD;
-use crate::redis_conn::{
-    Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, note_error, parse_groups,
-    parse_pending, parse_read_reply, pause,
-};
+use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 
 /// How long one XREADGROUP on the outbox blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -56,7 +53,7 @@ pub async fn ensure_groups(
     start: &str,
 ) -> Result<(), RedisError> {
     for outbox in outboxes {
-        crate::redis_conn::ensure_group(conn, outbox, &group_name(sink), start).await?;
+        ensure_group(conn, outbox, &group_name(sink), start).await?;
     }
     Ok(())
 }
@@ -112,15 +109,17 @@ pub async fn run(
     ));
     let mut lanes = tokio::task::JoinSet::new();
     for lane_outboxes in target.read_groups(&outboxes) {
-        lanes.spawn(lane(
-            sink.clone(),
-            manifest.clone(),
-            lane_outboxes,
-            group.clone(),
-            consumer.clone(),
-            target.clone(),
-            shutdown.clone(),
-        ));
+        let member = Member {
+            group: group.clone(),
+            consumer: consumer.clone(),
+        };
+        let lane = Lane {
+            sink: sink.clone(),
+            manifest: manifest.clone(),
+            reader: GroupReader::new(&target, member, lane_outboxes, manifest.batch_size, BLOCK),
+            write: LazyConn::new(target.clone(), Duration::from_secs(5)),
+        };
+        lanes.spawn(lane.run(shutdown.clone()));
     }
     while lanes.join_next().await.is_some() {}
     if let Err(e) = sink.close().await {
@@ -131,72 +130,126 @@ pub async fn run(
     metrics::sink_lag_clear(&manifest.name);
 }
 
-/// Reads, delivers and acknowledges the alerts of `outboxes` until
-/// `shutdown`, then until they hold nothing new for us (the flush on exit).
-async fn lane(
+/// Reads, delivers and acknowledges the alerts of one set of outboxes.
+struct Lane {
+    /// Shared by the sink's lanes: on Cluster they deliver concurrently.
     sink: Arc<dyn Sink>,
+    /// Batch size, grouping, timeout, attempts and route of the deliveries.
     manifest: Arc<Manifest>,
-    outboxes: Vec<String>,
-    group: String,
-    consumer: String,
-    target: RedisTarget,
-    shutdown: CancellationToken,
-) {
-    let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
-    let mut write = LazyConn::new(target, Duration::from_secs(5));
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    let mut draining: HashMap<String, String> =
-        outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
-    let mut next_adopt = Instant::now();
-    loop {
-        // After `shutdown`, keep delivering until the outbox has nothing new
-        // for us: that is the flush on exit.
-        let finishing = shutdown.is_cancelled();
-        if !finishing && Instant::now() >= next_adopt {
-            next_adopt = Instant::now() + ADOPT_EVERY;
-            match adopt_orphans(&manifest.name, &outboxes, &group, &consumer, &mut write).await {
-                // Re-read our pending list there: it now holds the orphans.
-                Ok(adopted) => draining.extend(adopted.into_iter().map(|o| (o, "0".into()))),
+    /// The sink's consumer of its group on these outboxes.
+    reader: GroupReader,
+    /// For acknowledgements, dead letters and adoptions, which must not wait
+    /// behind a blocking read.
+    write: LazyConn,
+}
+
+impl Lane {
+    /// Delivers until `shutdown`, then until the outboxes hold nothing new
+    /// for us (the flush on exit).
+    async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut next_adopt = Instant::now();
+        loop {
+            // After `shutdown`, keep delivering until the outbox has nothing
+            // new for us: that is the flush on exit.
+            let finishing = shutdown.is_cancelled();
+            if !finishing && Instant::now() >= next_adopt {
+                next_adopt = Instant::now() + ADOPT_EVERY;
+                match self.adopt_orphans().await {
+                    // Re-read our pending list there: it now holds the orphans.
+                    Ok(adopted) => adopted.into_iter().for_each(|o| self.reader.redrain(o)),
+                    Err(e) => {
+                        note_error(&format!("sink {} adopting orphans", self.manifest.name), &e);
+                        self.write.reset();
+                    }
+                }
+            }
+            match self.step(&shutdown).await {
+                Ok(n) => {
+                    backoff.reset();
+                    if finishing && n == 0 {
+                        break;
+                    }
+                }
                 Err(e) => {
-                    note_error(&format!("sink {} adopting orphans", manifest.name), &e);
-                    write.reset();
+                    if e.code() == Some("NOGROUP")
+                        && let Ok(c) = self.write.get().await
+                    {
+                        let _ =
+                            ensure_groups(c, &self.manifest.name, self.reader.streams(), "0").await;
+                    }
+                    note_error(&format!("sink {}", self.manifest.name), &e);
+                    self.reader.reset();
+                    self.write.reset();
+                    if finishing || !pause(&mut backoff, &shutdown).await {
+                        break;
+                    }
                 }
             }
         }
-        let step = step(
-            &*sink,
-            &manifest,
-            &outboxes,
-            &group,
-            &consumer,
-            &mut read,
-            &mut write,
-            &mut draining,
-            &shutdown,
-        )
-        .await;
-        match step {
-            Ok(n) => {
-                backoff.reset();
-                if finishing && n == 0 {
-                    break;
+    }
+
+    /// Claims the pending entries of consumers whose instance lease is gone
+    /// (the process died before acknowledging them). Returns the outboxes
+    /// where something was claimed.
+    async fn adopt_orphans(&mut self) -> Result<Vec<String>, RedisError> {
+        let member = self.reader.member();
+        let mut adopted = Vec::new();
+        for outbox in self.reader.streams() {
+            for name in member
+                .others_pending(self.write.get().await?, outbox)
+                .await?
+            {
+                if lease::is_alive(self.write.get().await?, &name).await? {
+                    continue;
                 }
-            }
-            Err(e) => {
-                if e.code() == Some("NOGROUP")
-                    && let Ok(c) = write.get().await
-                {
-                    let _ = ensure_groups(c, &manifest.name, &outboxes, "0").await;
-                }
-                note_error(&format!("sink {}", manifest.name), &e);
-                read.reset();
-                write.reset();
-                draining = outboxes.iter().map(|o| (o.clone(), "0".into())).collect();
-                if finishing || !pause(&mut backoff, &shutdown).await {
-                    break;
+                let taken = member
+                    .adopt(&mut self.write, outbox, &name, ADOPT_BATCH)
+                    .await?;
+                if taken > 0 {
+                    metrics::sink_adopted(&self.manifest.name, outbox, &name, taken as u64);
+                    adopted.push(outbox.clone());
                 }
             }
         }
+        Ok(adopted)
+    }
+
+    /// Reads once and delivers what came; returns how many entries came.
+    async fn step(&mut self, shutdown: &CancellationToken) -> Result<usize, RedisError> {
+        let read = self.reader.read(!shutdown.is_cancelled()).await?;
+        let mut batches = read.batches;
+        if !batches.is_empty()
+            && !read.redelivered
+            && !self.manifest.group_wait.is_zero()
+            && !shutdown.is_cancelled()
+        {
+            // Grouping: let the rest of a burst arrive, then deliver it together.
+            tokio::select! {
+                _ = tokio::time::sleep(self.manifest.group_wait) => {}
+                _ = shutdown.cancelled() => {}
+            }
+            for (stream, entries) in self.reader.read_more().await? {
+                match batches.iter_mut().find(|(s, _)| *s == stream) {
+                    Some((_, e)) => e.extend(entries),
+                    None => batches.push((stream, entries)),
+                }
+            }
+            batches.retain(|(_, e)| !e.is_empty());
+        }
+        let seen = batches.iter().map(|(_, e)| e.len()).sum();
+        if seen > 0 {
+            deliver_batch(
+                &*self.sink,
+                &self.manifest,
+                &self.reader.member().group,
+                batches,
+                &mut self.write,
+                shutdown,
+            )
+            .await?;
+        }
+        Ok(seen)
     }
 }
 
@@ -214,26 +267,14 @@ async fn report_lag(
         let mut total = 0;
         let mut complete = true;
         for outbox in &outboxes {
-            let reply: Result<Value, RedisError> = match conn.get().await {
-                Ok(c) => {
-                    redis::cmd("XINFO")
-                        .arg("GROUPS")
-                        .arg(outbox)
-                        .query_async(c)
-                        .await
-                }
+            let found = match conn.get().await {
+                Ok(c) => position(c, outbox, &group).await,
                 Err(e) => Err(e),
             };
-            match reply {
-                Ok(v) => {
-                    total += parse_groups(v)
-                        .into_iter()
-                        .filter(|(g, _, _)| *g == group)
-                        .map(|(_, pending, lag)| pending + lag.unwrap_or(0))
-                        .sum::<i64>();
-                }
+            match found {
+                Ok(Some((pending, lag))) => total += pending + lag.unwrap_or(0),
                 // No such outbox yet: nothing queued there.
-                Err(e) if e.code().is_some() => {}
+                Ok(None) => {}
                 Err(_) => {
                     conn.reset();
                     complete = false;
@@ -250,160 +291,6 @@ async fn report_lag(
         }
     }
 }
-
-/// Claims the pending entries of consumers whose instance lease is gone
-/// (the process died before acknowledging them). Returns the outboxes where
-/// something was claimed.
-async fn adopt_orphans(
-    sink: &str,
-    outboxes: &[String],
-    group: &str,
-    consumer: &str,
-    write: &mut LazyConn,
-) -> Result<Vec<String>, RedisError> {
-    let mut adopted = Vec::new();
-    for outbox in outboxes {
-        let reply: Result<Vec<HashMap<String, Value>>, RedisError> = redis::cmd("XINFO")
-            .arg("CONSUMERS")
-            .arg(outbox)
-            .arg(group)
-            .query_async(write.get().await?)
-            .await;
-        let consumers = match reply {
-            Ok(c) => c,
-            Err(e) if e.code() == Some("NOGROUP") => continue,
-            Err(e) => return Err(e),
-        };
-        for c in consumers {
-            let name: String = match c.get("name").map(redis::from_redis_value_ref) {
-                Some(Ok(n)) => n,
-                _ => continue,
-            };
-            let pending: i64 = match c.get("pending").map(redis::from_redis_value_ref) {
-                Some(Ok(p)) => p,
-                _ => 0,
-            };
-            if name == consumer || pending == 0 {
-                continue;
-            }
-            if lease::is_alive(write.get().await?, &name).await? {
-                continue;
-            }
-            let mut taken = 0;
-            loop {
-                let rows: Value = redis::cmd("XPENDING")
-                    .arg(outbox)
-                    .arg(group)
-                    .arg("-")
-                    .arg("+")
-                    .arg(ADOPT_BATCH)
-                    .arg(&name)
-                    .query_async(write.get().await?)
-                    .await?;
-                let ids: Vec<String> = parse_pending(rows).into_iter().map(|p| p.id).collect();
-                if ids.is_empty() {
-                    break;
-                }
-                let claimed: Vec<String> = redis::cmd("XCLAIM")
-                    .arg(outbox)
-                    .arg(group)
-                    .arg(consumer)
-                    .arg(0)
-                    .arg(&ids)
-                    .arg("JUSTID")
-                    .query_async(write.get().await?)
-                    .await?;
-                taken += claimed.len();
-                // Entries trimmed from the stream are dropped from the
-                // pending list without being returned: stop when a round
-                // makes no progress or the list is exhausted.
-                if claimed.is_empty() || ids.len() < ADOPT_BATCH {
-                    break;
-                }
-            }
-            if taken > 0 {
-                metrics::sink_adopted(sink, outbox, &name, taken as u64);
-                adopted.push(outbox.clone());
-            }
-        }
-    }
-    Ok(adopted)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn step(
-    sink: &dyn Sink,
-    manifest: &Manifest,
-    outboxes: &[String],
-    group: &str,
-    consumer: &str,
-    read: &mut LazyConn,
-    write: &mut LazyConn,
-    draining: &mut HashMap<String, String>,
-    shutdown: &CancellationToken,
-) -> Result<usize, RedisError> {
-    let is_draining = !draining.is_empty();
-    let (streams, ids): (Vec<String>, Vec<String>) = if is_draining {
-        draining.iter().map(|(s, i)| (s.clone(), i.clone())).unzip()
-    } else {
-        (outboxes.to_vec(), vec![">".into(); outboxes.len()])
-    };
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(group)
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(manifest.batch_size);
-    if !is_draining && !shutdown.is_cancelled() {
-        cmd.arg("BLOCK").arg(BLOCK.as_millis() as u64);
-    }
-    cmd.arg("STREAMS").arg(&streams).arg(&ids);
-    let reply: Value = cmd.query_async(read.get().await?).await?;
-    let mut batches = parse_read_reply(reply);
-    let got_some = batches.iter().any(|(_, e)| !e.is_empty());
-    if got_some && !is_draining && !manifest.group_wait.is_zero() && !shutdown.is_cancelled() {
-        // Grouping: let the rest of a burst arrive, then deliver it together.
-        tokio::select! {
-            _ = tokio::time::sleep(manifest.group_wait) => {}
-            _ = shutdown.cancelled() => {}
-        }
-        let mut more = redis::cmd("XREADGROUP");
-        more.arg("GROUP")
-            .arg(group)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(manifest.batch_size)
-            .arg("STREAMS")
-            .arg(&streams)
-            .arg(&ids);
-        let reply: Value = more.query_async(read.get().await?).await?;
-        for (stream, entries) in parse_read_reply(reply) {
-            match batches.iter_mut().find(|(s, _)| *s == stream) {
-                Some((_, e)) => e.extend(entries),
-                None => batches.push((stream, entries)),
-            }
-        }
-    }
-    if is_draining {
-        for s in &streams {
-            match batches.iter().find(|(n, _)| n == s) {
-                Some((_, e)) if !e.is_empty() => {
-                    draining.insert(s.clone(), e.last().expect("not empty").id.clone());
-                }
-                _ => {
-                    draining.remove(s);
-                }
-            }
-        }
-    }
-    batches.retain(|(_, e)| !e.is_empty());
-    let seen = batches.iter().map(|(_, e)| e.len()).sum();
-    if seen > 0 {
-        deliver_batch(sink, manifest, group, batches, write, shutdown).await?;
-    }
-    Ok(seen)
-}
-
 fn parse_alert(e: &StreamEntry) -> Result<Alert, String> {
     let fields = e.fields.as_ref().ok_or("entry was deleted")?;
     let raw = fields

@@ -2,30 +2,26 @@
 //! batch, judge it on a blocking thread, commit it), one claimer that takes
 //! over entries abandoned by dead consumers, and a reporter of pending/lag.
 //!
-//! Every worker has its own consumer name (`<instance>-w<i>`), so on start or
-//! after a Redis error it can safely re-read *its own* pending entries (id
-//! `0`) before new ones (`>`): nobody else is working on them.
+//! Every worker has its own consumer name (`<instance>-w<i>`) and reads
+//! through a [`GroupReader`], which re-reads its own pending entries before
+//! new ones.
 
 pub mod timers;
 
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{RedisError, Value};
+use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Action;
 use crate::config::Subscription;
+use crate::group_reader::{Delivered, GroupReader, Member, ensure_group, position};
 use crate::metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
-use crate::redis_conn::{
-    self, Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
-    parse_entries, parse_groups, parse_pending, pause,
-};
-use crate::stream_reader::{Batches, ReadConn};
+use crate::redis_conn::{self, Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 
 /// Reply timeout of connections that never block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,13 +57,6 @@ impl Shared {
     }
 }
 
-/// An entry handed to us, with which delivery of it this is.
-struct Delivered {
-    id: String,
-    fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
-    deliveries: u64,
-}
-
 /// The judged batch of one stream, ready for the lifecycle and the commit.
 struct Judged {
     acks: Vec<String>,
@@ -98,18 +87,27 @@ pub async fn run_worker(
     consumer: String,
     shutdown: CancellationToken,
 ) {
-    let read_timeout = sub.block + Duration::from_secs(2).max(sub.block / 2);
-    let mut read = ReadConn::new(&shared.target, read_timeout);
-    let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
-    let mut backoff = backoff();
-    let mut state = WorkerState {
-        groups_ready: false,
-        draining: initial_drain(&sub),
-        ahead: None,
+    let member = Member {
+        group: sub.group().to_string(),
+        consumer,
     };
-    tracing::debug!(subscription = %sub.name, consumer, "worker started");
+    tracing::debug!(subscription = %sub.name, consumer = member.consumer, "worker started");
+    let mut worker = Worker {
+        reader: GroupReader::new(
+            &shared.target,
+            member,
+            sub.streams.clone(),
+            sub.batch_size,
+            sub.block,
+        ),
+        write: LazyConn::new(shared.target.clone(), WRITE_TIMEOUT),
+        groups_ready: false,
+        shared,
+        sub,
+    };
+    let mut backoff = backoff();
     while !shutdown.is_cancelled() {
-        match worker_step(&shared, &sub, &consumer, &mut read, &mut write, &mut state).await {
+        match worker.step().await {
             Ok(()) => {
                 if backoff.attempts() > 0 {
                     redis_conn::check_health_now();
@@ -117,221 +115,115 @@ pub async fn run_worker(
                 }
             }
             Err(e) => {
-                note_error(&format!("subscription {}", sub.name), &e);
-                read.reset();
-                write.reset();
-                state.reset(&sub);
+                note_error(&format!("subscription {}", worker.sub.name), &e);
+                worker.reader.reset();
+                worker.write.reset();
+                worker.groups_ready = false;
                 if !pause(&mut backoff, &shutdown).await {
                     break;
                 }
             }
         }
     }
-    if let Some(batches) = state.ahead.take() {
-        // Read before the shutdown: judged now rather than left pending.
-        if let Err(e) = settle_batches(&shared, &sub, batches, &mut write, &mut state).await {
-            note_error(&format!("subscription {}", sub.name), &e);
-        }
+    if let Err(e) = worker.finish().await {
+        note_error(&format!("subscription {}", worker.sub.name), &e);
     }
-    tracing::debug!(subscription = %sub.name, consumer, "worker stopped");
+    tracing::debug!(
+        subscription = %worker.sub.name,
+        consumer = worker.reader.member().consumer,
+        "worker stopped"
+    );
 }
 
-struct WorkerState {
+/// One worker of a subscription: its reader, and what it commits with.
+struct Worker {
+    /// The rules, the alert book and the outbox every worker commits to.
+    shared: Arc<Shared>,
+    /// The subscription, narrowed to the streams this worker reads.
+    sub: Arc<Subscription>,
+    /// Our consumer of the subscription's group on those streams.
+    reader: GroupReader,
+    /// For the commits, which must not wait behind a blocking read.
+    write: LazyConn,
     /// Groups are (re)created after every (re)connect: a Redis that restarted
     /// without persistence has lost them.
     groups_ready: bool,
-    /// While re-reading our own pending entries: the last id seen per stream
-    /// still being drained. Empty once all are drained.
-    draining: HashMap<String, String>,
-    /// The next batch, read while the previous (full) one was judged and
-    /// committed, so the judging threads never wait for a read's round trip
-    /// while there is a backlog. Its
-    /// entries are in our pending list: dropped (after an error, or when a
-    /// batch is left pending), they are read again by the drain.
-    ahead: Option<Batches>,
 }
 
-impl WorkerState {
-    fn reset(&mut self, sub: &Subscription) {
-        self.groups_ready = false;
-        self.draining = initial_drain(sub);
-        self.ahead = None;
-    }
-}
-
-fn initial_drain(sub: &Subscription) -> HashMap<String, String> {
-    sub.streams
-        .iter()
-        .map(|s| (s.clone(), "0".to_string()))
-        .collect()
-}
-
-fn read_command(
-    sub: &Subscription,
-    consumer: &str,
-    streams: &[String],
-    ids: &[String],
-) -> redis::Cmd {
-    let mut cmd = redis::cmd("XREADGROUP");
-    cmd.arg("GROUP")
-        .arg(sub.group())
-        .arg(consumer)
-        .arg("COUNT")
-        .arg(sub.batch_size);
-    if ids.iter().all(|id| id == ">") {
-        cmd.arg("BLOCK").arg(sub.block.as_millis() as u64);
-    }
-    cmd.arg("STREAMS").arg(streams).arg(ids);
-    cmd
-}
-
-async fn worker_step(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    consumer: &str,
-    read: &mut ReadConn,
-    write: &mut LazyConn,
-    state: &mut WorkerState,
-) -> Result<(), RedisError> {
-    if !state.groups_ready {
-        let conn = write.get().await?;
-        for stream in &sub.streams {
-            ensure_group(conn, stream, sub.group(), &sub.start_id).await?;
-        }
-        state.groups_ready = true;
-        redis_conn::check_health_now();
-    }
-    let new_entries = vec![">".to_string(); sub.streams.len()];
-    if !state.draining.is_empty() {
-        let (streams, ids): (Vec<String>, Vec<String>) = state
-            .draining
-            .iter()
-            .map(|(s, id)| (s.clone(), id.clone()))
-            .unzip();
-        let batches = read
-            .read(&read_command(sub, consumer, &streams, &ids))
-            .await?;
-        for stream in &streams {
-            match batches.iter().find(|(s, _)| s == stream) {
-                Some((_, entries)) if !entries.is_empty() => {
-                    let last = entries.last().expect("not empty").id.clone();
-                    state.draining.insert(stream.clone(), last);
-                }
-                _ => {
-                    state.draining.remove(stream);
-                }
+impl Worker {
+    async fn step(&mut self) -> Result<(), RedisError> {
+        if !self.groups_ready {
+            let conn = self.write.get().await?;
+            for stream in &self.sub.streams {
+                ensure_group(conn, stream, self.sub.group(), &self.sub.start_id).await?;
             }
+            self.groups_ready = true;
+            redis_conn::check_health_now();
         }
-        let mut batches_with_counts = Vec::with_capacity(batches.len());
-        for (stream, entries) in batches {
-            let counts =
-                delivery_counts(write.get().await?, &stream, sub.group(), consumer, &entries)
-                    .await?;
-            batches_with_counts.push((stream, entries, counts));
+        let read = self.reader.read(true).await?;
+        // Reading ahead pays only with a backlog (a full batch of new
+        // entries). Without one, the read would wait here for the next
+        // entry, which an idle worker of the group should take at once
+        // instead.
+        let backlog = !read.redelivered
+            && read
+                .batches
+                .iter()
+                .any(|(_, entries)| entries.len() >= self.sub.batch_size);
+        let batches = self
+            .reader
+            .member()
+            .deliveries(&mut self.write, read)
+            .await?;
+        if !backlog {
+            let left = settle_all(&self.shared, &self.sub, batches, &mut self.write).await?;
+            left.into_iter().for_each(|s| self.reader.redrain(s));
+            return Ok(());
         }
-        return settle_delivered(shared, sub, batches_with_counts, write, state).await;
-    }
-    let batches = match state.ahead.take() {
-        Some(batches) => batches,
-        None => {
-            read.read(&read_command(sub, consumer, &sub.streams, &new_entries))
-                .await?
+        let (settled, ahead) = tokio::join!(
+            settle_all(&self.shared, &self.sub, batches, &mut self.write),
+            self.reader.read_ahead()
+        );
+        let left = settled?;
+        if left.is_empty() {
+            ahead?;
         }
-    };
-    if batches.iter().all(|(_, entries)| entries.is_empty()) {
-        return Ok(());
+        left.into_iter().for_each(|s| self.reader.redrain(s));
+        Ok(())
     }
-    // Reading ahead pays only with a backlog (a full batch). Without one,
-    // the read would wait here for the next entry, which an idle worker of
-    // the group should take at once instead.
-    if batches
-        .iter()
-        .all(|(_, entries)| entries.len() < sub.batch_size)
-    {
-        return settle_batches(shared, sub, batches, write, state).await;
+
+    /// Judges what was read ahead before the shutdown, rather than leave it
+    /// pending.
+    async fn finish(&mut self) -> Result<(), RedisError> {
+        let Some(read) = self.reader.take_ahead() else {
+            return Ok(());
+        };
+        let batches = self
+            .reader
+            .member()
+            .deliveries(&mut self.write, read)
+            .await?;
+        settle_all(&self.shared, &self.sub, batches, &mut self.write).await?;
+        Ok(())
     }
-    let next = read_command(sub, consumer, &sub.streams, &new_entries);
-    let read_next = read.read(&next);
-    let (settled, next) = tokio::join!(
-        settle_batches(shared, sub, batches, write, state),
-        read_next
-    );
-    settled?;
-    if state.draining.is_empty() {
-        state.ahead = Some(next?);
-    }
-    Ok(())
 }
 
-/// Judges and commits new entries (first deliveries).
-async fn settle_batches(
+/// Judges and commits batches given with their delivery counts. Returns the
+/// streams whose batch was left pending after too many state conflicts: read
+/// again from our own pending list at once, not after `claim_min_idle`.
+async fn settle_all(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
-    batches: Vec<(String, Vec<StreamEntry>)>,
+    batches: Vec<(String, Vec<Delivered>)>,
     write: &mut LazyConn,
-    state: &mut WorkerState,
-) -> Result<(), RedisError> {
-    let batches = batches
-        .into_iter()
-        .map(|(stream, entries)| (stream, entries, HashMap::new()))
-        .collect();
-    settle_delivered(shared, sub, batches, write, state).await
-}
-
-/// Judges and commits batches given with their delivery counts (absent:
-/// a first delivery). A batch left pending after too many state conflicts
-/// is read again from our own pending list at once, not after
-/// `claim_min_idle`.
-async fn settle_delivered(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    batches: Vec<(String, Vec<StreamEntry>, HashMap<String, u64>)>,
-    write: &mut LazyConn,
-    state: &mut WorkerState,
-) -> Result<(), RedisError> {
-    for (stream, entries, deliveries) in batches {
-        if entries.is_empty() {
-            continue;
-        }
-        let delivered = entries
-            .into_iter()
-            .map(|e| Delivered {
-                deliveries: deliveries.get(&e.id).copied().unwrap_or(1),
-                id: e.id,
-                fields: e.fields,
-            })
-            .collect();
+) -> Result<Vec<String>, RedisError> {
+    let mut left = Vec::new();
+    for (stream, delivered) in batches {
         if !settle(shared, sub, &stream, delivered, write).await? {
-            state.draining.insert(stream, "0".to_string());
+            left.push(stream);
         }
     }
-    Ok(())
-}
-
-/// Delivery counts of entries re-read from our own pending list.
-async fn delivery_counts(
-    conn: &mut RedisConn,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    entries: &[StreamEntry],
-) -> Result<HashMap<String, u64>, RedisError> {
-    let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
-        return Ok(HashMap::new());
-    };
-    let reply: Value = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg(group)
-        .arg(&first.id)
-        .arg(&last.id)
-        .arg(entries.len())
-        .arg(consumer)
-        .query_async(conn)
-        .await?;
-    Ok(parse_pending(reply)
-        .into_iter()
-        .map(|p| (p.id, p.deliveries))
-        .collect())
+    Ok(left)
 }
 
 /// Judges a batch of one stream and commits its outcome; false when it was
@@ -558,6 +450,10 @@ pub async fn run_claimer(
     consumer: String,
     shutdown: CancellationToken,
 ) {
+    let member = Member {
+        group: sub.group().to_string(),
+        consumer,
+    };
     let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
     loop {
         tokio::select! {
@@ -565,7 +461,7 @@ pub async fn run_claimer(
             _ = shutdown.cancelled() => break,
         }
         for stream in &sub.streams {
-            if let Err(e) = claim_stream(&shared, &sub, stream, &consumer, &mut write).await {
+            if let Err(e) = claim_stream(&shared, &sub, &member, stream, &mut write).await {
                 note_error(&format!("claiming on {stream}"), &e);
                 write.reset();
             }
@@ -579,66 +475,28 @@ pub async fn run_claimer(
 async fn claim_stream(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
+    member: &Member,
     stream: &str,
-    consumer: &str,
     write: &mut LazyConn,
 ) -> Result<(), RedisError> {
     let min_idle = sub.claim_min_idle.as_millis() as u64;
-    loop {
-        let reply: Result<Value, RedisError> = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(sub.group())
-            .arg("IDLE")
-            .arg(min_idle)
-            .arg("-")
-            .arg("+")
-            .arg(sub.batch_size)
-            .query_async(write.get().await?)
-            .await;
-        let stale = match reply {
-            Ok(v) => parse_pending(v),
-            // The group or stream vanished (Redis restarted empty): the
-            // workers recreate it; nothing is pending.
-            Err(e) if e.code() == Some("NOGROUP") => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if stale.is_empty() {
-            return Ok(());
-        }
-        let full = stale.len() >= sub.batch_size;
-        let counts: HashMap<String, u64> =
-            stale.iter().map(|p| (p.id.clone(), p.deliveries)).collect();
-        let reply: Value = redis::cmd("XCLAIM")
-            .arg(stream)
-            .arg(sub.group())
-            .arg(consumer)
-            .arg(min_idle)
-            .arg(stale.iter().map(|p| p.id.as_str()).collect::<Vec<_>>())
-            .query_async(write.get().await?)
-            .await?;
-        let claimed: Vec<Delivered> = parse_entries(reply)
-            .into_iter()
-            .map(|e| Delivered {
-                deliveries: counts.get(&e.id).copied().unwrap_or(0) + 1,
-                id: e.id,
-                fields: e.fields,
-            })
-            .collect();
-        if claimed.is_empty() {
-            return Ok(());
-        }
+    while let Some(claimed) = member
+        .claim_idle(write, stream, min_idle, sub.batch_size)
+        .await?
+    {
         tracing::info!(
             subscription = %sub.name,
             stream,
-            n = claimed.len(),
-            from = %stale[0].consumer,
+            n = claimed.entries.len(),
+            from = %claimed.from,
             "claimed entries idle longer than claim_min_idle"
         );
-        settle(shared, sub, stream, claimed, write).await?;
-        if !full {
-            return Ok(());
+        settle(shared, sub, stream, claimed.entries, write).await?;
+        if !claimed.full {
+            break;
         }
     }
+    Ok(())
 }
 
 /// Refreshes the pending and lag gauges of every group on an interval (not
@@ -654,25 +512,15 @@ pub async fn run_position_reporter(
     loop {
         for sub in &subs {
             for stream in &sub.streams {
-                let reply: Result<Value, RedisError> = match conn.get().await {
-                    Ok(c) => {
-                        redis::cmd("XINFO")
-                            .arg("GROUPS")
-                            .arg(stream)
-                            .query_async(c)
-                            .await
-                    }
+                let found = match conn.get().await {
+                    Ok(c) => position(c, stream, sub.group()).await,
                     Err(e) => Err(e),
                 };
-                match reply {
-                    Ok(v) => {
-                        for (group, pending, lag) in parse_groups(v) {
-                            if group == sub.group() {
-                                metrics::consumer_position(stream, &group, pending, lag);
-                            }
-                        }
+                match found {
+                    Ok(Some((pending, lag))) => {
+                        metrics::consumer_position(stream, sub.group(), pending, lag)
                     }
-                    Err(e) if e.code().is_some() => {}
+                    Ok(None) => {}
                     Err(_) => conn.reset(),
                 }
             }

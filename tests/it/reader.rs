@@ -1,12 +1,12 @@
-//! The workers' own XREADGROUP connection (`stream_reader`) against a real
-//! Redis: passwords, ACL users and databases, errors that keep their code,
-//! and a group destroyed under a running instance.
+//! The group reader's own XREADGROUP connection (`group_reader::fast`)
+//! against a real Redis: passwords, ACL users and databases, errors that
+//! keep their code, and a group destroyed under a running instance.
 
 use std::time::Duration;
 
 use redis::ErrorKind;
+use tripline::group_reader::fast::StreamReader;
 use tripline::redis_conn::{RedisEndpoint, RedisTarget};
-use tripline::stream_reader::StreamReader;
 
 use crate::pipeline::{counting_project, seqs_delivered};
 use crate::util::*;

@@ -1,8 +1,9 @@
-//! The workers' blocking reads (XREADGROUP) over a socket of our own, parsed
-//! straight from the bytes into [`StreamEntry`] values.
+//! The group reader's fast path: its blocking reads (XREADGROUP) over a
+//! socket of our own, parsed straight from the bytes into [`StreamEntry`]
+//! values.
 //!
 //! redis-rs parses every reply into a `redis::Value` tree with a combinator
-//! parser, which [`crate::redis_conn::parse_read_reply`] then converts; on the
+//! parser, which [`super::reply::parse_read_reply`] then converts; on the
 //! throughput benchmark that was ~18% of tripline's CPU, nearly all of it
 //! XREADGROUP replies. Here a reply is first scanned until all of it has
 //! arrived (headers only, bulk payloads skipped by their length, resumed where
@@ -23,10 +24,8 @@ use redis::{Cmd, ConnectionAddr, ErrorKind, RedisError, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::redis_conn::{self, LazyConn, RedisTarget, StreamEntry};
-
-/// XREADGROUP's reply: the entries of each stream, in the order given.
-pub type Batches = Vec<(String, Vec<StreamEntry>)>;
+use super::reply::{self as value, Batches, StreamEntry};
+use crate::redis_conn::{LazyConn, RedisTarget};
 
 /// An entry's field/value pairs, as [`StreamEntry::fields`] holds them.
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -67,7 +66,7 @@ impl ReadConn {
             ReadConn::Raw(reader) => reader.read(cmd).await,
             ReadConn::Client(conn) => {
                 let reply: Value = cmd.query_async(conn.get().await?).await?;
-                Ok(redis_conn::parse_read_reply(reply))
+                Ok(value::parse_read_reply(reply))
             }
         }
     }
@@ -338,7 +337,7 @@ impl Frames {
 }
 
 /// Which aggregate a header opens; only the top level of a reply tells them
-/// apart, like [`redis_conn::parse_read_reply`].
+/// apart, like [`value::parse_read_reply`].
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
     /// `*n`.
@@ -531,7 +530,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// `[[id, [field, value, …] | nil], …]`, as
-    /// [`redis_conn::parse_entries`] reads it.
+    /// [`value::parse_entries`] reads it.
     fn entries(&mut self, item: Item<'_>) -> Result<Vec<StreamEntry>, RedisError> {
         let Some(n) = item.elements() else {
             return Ok(Vec::new());
@@ -583,7 +582,7 @@ impl<'a> Cursor<'a> {
 }
 
 /// Parses one complete XREADGROUP reply into (stream, entries) pairs, like
-/// [`redis_conn::parse_read_reply`] on redis-rs's `Value` of the same bytes:
+/// [`value::parse_read_reply`] on redis-rs's `Value` of the same bytes:
 /// nil (timeout) gives nothing, shapes it skips are skipped.
 fn parse_read_reply(reply: &[u8]) -> Result<Batches, RedisError> {
     let mut c = Cursor { buf: reply, pos: 0 };
@@ -835,7 +834,7 @@ mod tests {
     fn expected(bytes: &[u8]) -> Result<Batches, RedisError> {
         redis::parse_redis_value(bytes)
             .and_then(Value::extract_error)
-            .map(redis_conn::parse_read_reply)
+            .map(value::parse_read_reply)
     }
 
     fn assert_same(
