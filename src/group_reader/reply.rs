@@ -135,7 +135,7 @@ mod tests {
     use super::*;
 
     fn bulk(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
+        Value::BulkString(s.into())
     }
 
     #[test]

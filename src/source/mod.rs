@@ -87,10 +87,7 @@ pub async fn run_worker(
     consumer: String,
     shutdown: CancellationToken,
 ) {
-    let member = Member {
-        group: sub.group().to_string(),
-        consumer,
-    };
+    let member = member_of(&sub, consumer);
     tracing::debug!(subscription = %sub.name, consumer = member.consumer, "worker started");
     let mut worker = Worker {
         reader: GroupReader::new(
@@ -441,6 +438,14 @@ fn judge(
     j
 }
 
+/// `consumer` in the subscription's group.
+fn member_of(sub: &Subscription, consumer: String) -> Member {
+    Member {
+        group: sub.group().to_string(),
+        consumer,
+    }
+}
+
 /// Takes over entries idle longer than `claim_min_idle` (their consumer is
 /// dead or stuck) and judges them here; entries delivered too often are
 /// dead-lettered instead.
@@ -450,10 +455,7 @@ pub async fn run_claimer(
     consumer: String,
     shutdown: CancellationToken,
 ) {
-    let member = Member {
-        group: sub.group().to_string(),
-        consumer,
-    };
+    let member = member_of(&sub, consumer);
     let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
     loop {
         tokio::select! {
