@@ -113,7 +113,7 @@ fn two_instances_notify_each_alert_and_its_resolve_exactly_once() {
 /// v=100 one wins, the v=0 one then resolves the firing it raised, a second
 /// resolve that is right for that commit order (it flaked so under load).
 /// Readings of one series judged by different consumers are not ordered
-/// (README, `concurrency`); this test is about the generation check.
+/// (docs/scale-out.md, "Sharded topics"); this test is about the generation check.
 #[test]
 fn a_cache_known_current_notices_that_another_instance_wrote() {
     let redis = RedisServer::start();
