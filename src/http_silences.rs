@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::alert::silence::{self, Matcher, Silence};
+use crate::clock::{now_ms, rfc3339};
 use crate::http::{bearer_ok, unauthorized};
-use crate::process::{now_ms, rfc3339};
 use crate::redis_conn::{RedisConn, RedisTarget};
 
 /// Where silences are stored; one connection shared by all requests.

@@ -31,6 +31,7 @@
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
+//! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
 //! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate`,
@@ -39,6 +40,7 @@
 pub mod alert;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod escape;

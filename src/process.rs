@@ -386,21 +386,6 @@ fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) ->
     Dynamic::from_map(ctx)
 }
 
-/// Milliseconds since the epoch as RFC 3339 UTC, the form Alertmanager wants.
-pub fn rfc3339(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Wall-clock milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

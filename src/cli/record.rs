@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::clock::parse_rfc3339;
 use crate::config::Config;
 use crate::redis_conn::{StreamEntry, parse_entries};
-use crate::replay::{Record, parse_rfc3339};
+use crate::replay::Record;
 
 /// Entries fetched per XRANGE call.
 const PAGE: usize = 1000;
@@ -142,7 +143,7 @@ pub fn record(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
         .map_err(anyhow::Error::msg)?
         .connect_blocking()
         .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
-    let now = crate::process::now_ms();
+    let now = crate::clock::now_ms();
     let (start, end) = (args.from.resolve(now), args.to.resolve(now));
     let mut cursors: Vec<Cursor> = args
         .streams

@@ -18,7 +18,7 @@ use arc_swap::ArcSwap;
 use crate::alert::{Alert, AlertBook, Status};
 use crate::config::Config;
 use crate::escape::escape;
-use crate::process::{self, Input, LoadedRules, Processor, Verdict};
+use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
 use crate::rules::{RuleSet, build_engine};
 use crate::sinks::{self, Manifest, Sink};
@@ -170,7 +170,7 @@ pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
             .timestamp_ms
             .or_else(|| rec.id.as_deref().and_then(id_ms))
             .or(clock.map(|(ms, _)| ms))
-            .unwrap_or_else(process::now_ms);
+            .unwrap_or_else(crate::clock::now_ms);
         let seq = match clock {
             Some((ms, seq)) if ms == now_ms => seq + 1,
             _ => 0,

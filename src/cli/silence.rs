@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::alert::silence::{self, Matcher, Silence};
+use crate::clock::{now_ms, rfc3339};
 use crate::config::Config;
 use crate::escape::escape;
-use crate::process::{now_ms, rfc3339};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {

@@ -339,14 +339,14 @@ impl Clock {
             Some(At::Exactly(t)) if copy > 0 => {
                 return Err(format!(
                     "`repeat` needs a relative `at` (like +10s), not the absolute time {}",
-                    crate::process::rfc3339(t)
+                    crate::clock::rfc3339(t)
                 ));
             }
             Some(At::Exactly(t)) if t < self.now => {
                 return Err(format!(
                     "time goes backwards: {} is before the previous input at {}",
-                    crate::process::rfc3339(t),
-                    crate::process::rfc3339(self.now)
+                    crate::clock::rfc3339(t),
+                    crate::clock::rfc3339(self.now)
                 ));
             }
             Some(At::Exactly(t)) => t,

@@ -19,10 +19,11 @@ use redis::{RedisError, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Action;
+use crate::clock::now_ms;
 use crate::config::Subscription;
 use crate::metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
-use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
+use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::redis_conn::{
     self, Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
     parse_entries, parse_groups, parse_pending, pause,
