@@ -137,12 +137,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         tracing::info!(listen = %config.http.listen, "HTTP listening");
         tail_tasks.spawn(http::serve(
             listener,
-            http::State::new(
+            http::router(http::State::new(
                 engine_handle.clone(),
                 gateway,
-                crate::http_silences::SilenceApi::new(target.clone(), admin_token.clone()),
+                http::silences::SilenceApi::new(target.clone(), admin_token.clone()),
                 admin_token,
-            ),
+            )),
             http::ConnectionLimits::of(&config.http),
             tail.clone(),
         ));

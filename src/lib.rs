@@ -20,9 +20,8 @@
 //! - [`outbox`]: the alert hand-off, committed in one script run with the
 //!   XACK, the dead letters and the alert-state writes.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
-//! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
+//! - [`http`]: /metrics, /healthz, /readyz, /-/reload, `/api/silences` and the seed's
 //!   `POST /telemetry-data` gateway.
-//! - [`http_silences`]: `/api/silences`, the HTTP side of silences.
 //! - [`process`]: one entry through decode, rules and the alert book.
 //! - [`ruletest`]: `*.test.yaml` rule tests on a virtual clock (`tripline test`).
 //! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
@@ -45,7 +44,6 @@ pub mod config;
 pub mod decode;
 pub mod escape;
 pub mod http;
-pub mod http_silences;
 pub mod metrics;
 pub mod metrics_process;
 pub mod outbox;
