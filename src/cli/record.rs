@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::clock::parse_rfc3339;
-use crate::config::Config;
+use crate::config::Settings;
 use crate::redis_conn::{StreamEntry, parse_entries};
 use crate::replay::Record;
 
@@ -135,12 +135,11 @@ fn order(id: &str) -> (u64, u64) {
 }
 
 pub fn record(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
+    let config = Settings::load(config_path)?;
+    let endpoint = &config.redis.endpoint;
     let mut con = config
         .redis
-        .target()
-        .map_err(anyhow::Error::msg)?
+        .target
         .connect_blocking()
         .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
     let now = crate::clock::now_ms();

@@ -16,7 +16,7 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 
 use crate::alert::{Alert, AlertBook, Status};
-use crate::config::Config;
+use crate::config::Settings;
 use crate::escape::escape;
 use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
@@ -107,7 +107,7 @@ struct LiveSink {
 }
 
 pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Settings::load(config_path)?;
     let engine = build_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let processor = Processor {
@@ -116,7 +116,7 @@ pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
             set,
             &config.subscriptions,
         ))),
-        book: Arc::new(AlertBook::new(config.alerts.policy())),
+        book: Arc::new(AlertBook::new(config.alerts.policy)),
     };
     let sinks = if args.sinks {
         build_sinks(&config)?
@@ -278,14 +278,14 @@ fn say(out: &mut impl Write, quiet: bool, line: fmt::Arguments) -> std::io::Resu
 
 /// Builds every enabled sink the way `run` would, so a replay with
 /// `--sinks` fails early on a bad manifest.
-fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
+fn build_sinks(config: &Settings) -> anyhow::Result<Vec<LiveSink>> {
     let manifests = sinks::load_dir(&config.plugins_dir).map_err(|errors| {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("plugins failed to load:\n{}", text.join("\n"))
     })?;
     // Connects lazily: only a `redis_stream` sink writing to tripline's own
     // Redis ever uses it.
-    let redis = config.redis.target().map_err(anyhow::Error::msg)?;
+    let redis = config.redis.target.clone();
     let mut live = Vec::new();
     for manifest in manifests.into_iter().filter(|m| m.enabled) {
         let kind = sinks::kind(&manifest.kind).with_context(|| {

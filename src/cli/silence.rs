@@ -8,7 +8,7 @@ use anyhow::Context;
 
 use crate::alert::silence::{self, Matcher, Silence};
 use crate::clock::{now_ms, rfc3339};
-use crate::config::Config;
+use crate::config::Settings;
 use crate::escape::escape;
 
 #[derive(Debug, clap::Subcommand)]
@@ -54,9 +54,9 @@ fn author(given: Option<String>, user: Option<String>) -> String {
 }
 
 pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
-    let target = config.redis.target().map_err(anyhow::Error::msg)?;
+    let config = Settings::load(config_path)?;
+    let endpoint = config.redis.endpoint.clone();
+    let target = config.redis.target.clone();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

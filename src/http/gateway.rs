@@ -16,7 +16,7 @@ use redis::RedisError;
 use serde_json::{Value, json};
 
 use super::auth::{bearer_ok, unauthorized};
-use crate::config::GatewayConfig;
+use crate::config::GatewaySettings;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 use crate::metrics;
 use crate::redis_conn::{RedisConn, RedisTarget};
@@ -50,12 +50,11 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// `token` is the resolved [`GatewayConfig::token`].
-    pub fn new(config: &GatewayConfig, token: Option<String>, target: RedisTarget) -> Gateway {
+    pub fn new(config: &GatewaySettings, target: RedisTarget) -> Gateway {
         Gateway {
             stream: config.stream.clone(),
             shards: config.shards,
-            token,
+            token: config.token.clone(),
             max_body_bytes: config.max_body_bytes,
             target,
             conn: tokio::sync::Mutex::new(None),

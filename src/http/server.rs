@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::HttpConfig;
+use crate::config::HttpSettings;
 
 /// How the listener sheds slow, idle and excess clients, so that anyone
 /// who can reach the port cannot hold its descriptors (`http.*`).
@@ -36,7 +36,7 @@ pub struct ConnectionLimits {
 }
 
 impl ConnectionLimits {
-    pub fn of(config: &HttpConfig) -> ConnectionLimits {
+    pub fn of(config: &HttpSettings) -> ConnectionLimits {
         ConnectionLimits {
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
