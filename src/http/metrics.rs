@@ -24,7 +24,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
     if wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            metrics::get().encode(),
+            metrics::get().encode(&crate::rules::state::registry()),
         )
     } else {
         (
@@ -32,7 +32,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
-            metrics::get().encode_prometheus_text(),
+            metrics::get().encode_prometheus_text(&crate::rules::state::registry()),
         )
     }
 }

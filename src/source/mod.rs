@@ -524,7 +524,7 @@ fn judge(
             }
         };
         for (rule, level, text) in &out.logs {
-            metrics::rule_log(rule, stream, &d.id, *level, text);
+            metrics::rule_log(rule, stream, &d.id, (*level).into(), text);
         }
         match out.verdict {
             Verdict::Undecodable(reason) => {
