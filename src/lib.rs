@@ -3,7 +3,8 @@
 //! # Layout
 //! Read top-down, the modules follow one message through the engine:
 //!
-//! - [`config`]: the YAML file, its defaults and `validate()`.
+//! - [`config`]: the YAML file and its defaults, resolved into the validated
+//!   [`config::Settings`] (every problem reported at once, at file:line).
 //! - [`redis_conn`]: connections to one Redis or a Redis Cluster (reply
 //!   timeouts, reconnect backoff, reply parsing).
 //! - [`stream_reader`]: the workers' XREADGROUP over a socket of our own,
