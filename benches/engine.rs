@@ -926,7 +926,7 @@ fn judge(a: &JudgeArgs) {
     use tripline::process::{Input, LoadedRules, Processor};
     let project = Project::new(a.work.rules, 2);
     let config =
-        tripline::config::Config::load(Some(&project.path("tripline.yaml"))).expect("config");
+        tripline::config::Settings::load(Some(&project.path("tripline.yaml"))).expect("config");
     let engine = tripline::rules::build_engine(&config.limits);
     let set = tripline::rules::RuleSet::load(&engine, &config.rules_dir).expect("rules");
     let processor = Processor {
@@ -935,7 +935,7 @@ fn judge(a: &JudgeArgs) {
             set,
             &config.subscriptions,
         ))),
-        book: Arc::new(tripline::alert::AlertBook::new(config.alerts.policy())),
+        book: Arc::new(tripline::alert::AlertBook::new(config.alerts.policy)),
     };
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
     let entries: Vec<(String, Fields)> = (0..a.work.messages)

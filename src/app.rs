@@ -1,6 +1,8 @@
-//! `run(config, shutdown)`: builds the engine, starts every task, and on
+//! `run(settings, shutdown)`: builds the engine, starts every task, and on
 //! shutdown drains them in order: stop reading, finish and commit in-flight
-//! batches, let the sinks deliver what was committed, exit.
+//! batches, let the sinks deliver what was committed, exit. Each stage is a
+//! function of its own: start HTTP, take an instance name, start the sinks,
+//! spawn the consumers, drain.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
-use crate::config::{Config, Subscription};
+use crate::config::{Settings, Subscription};
 use crate::instance::{cleanup, lease};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
@@ -25,15 +27,10 @@ use crate::{http, metrics};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AppError {
-    #[error("invalid Redis address: {0}")]
-    RedisAddr(String),
     #[error("rules failed to load:\n{0}")]
     Rules(#[from] RuleError),
     #[error("plugins failed to load:\n{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
     Plugins(Vec<PluginError>),
-    /// A bad HTTP setting (a token variable unset, …) found at start-up.
-    #[error("{0}")]
-    Gateway(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -49,7 +46,7 @@ pub struct Prepared {
 }
 
 /// Compiles rules and plugins exactly as the running engine does.
-pub fn prepare(config: &Config) -> Result<Prepared, AppError> {
+pub fn prepare(config: &Settings) -> Result<Prepared, AppError> {
     let engine = build_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir)?;
     let rules = LoadedRules::new(set, &config.subscriptions);
@@ -71,7 +68,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, AppError> {
 }
 
 /// Every outbox stream the subscriptions write to.
-pub fn outbox_streams(config: &Config) -> Vec<String> {
+pub fn outbox_streams(config: &Settings) -> Vec<String> {
     let mut keys: Vec<String> = config
         .subscriptions
         .iter()
@@ -83,172 +80,223 @@ pub fn outbox_streams(config: &Config) -> Vec<String> {
     keys
 }
 
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
-    let endpoint = config.redis.endpoint().map_err(AppError::RedisAddr)?;
-    let target = config.redis.target().map_err(AppError::RedisAddr)?;
-    let prepared = prepare(&config)?;
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
+    let prepared = prepare(&settings)?;
     tracing::info!(
         rules = prepared.rules.set.rules.len(),
         sinks = prepared.plugins.iter().filter(|m| m.enabled).count(),
-        redis = %endpoint,
+        redis = %settings.redis.endpoint,
         "tripline starting"
     );
-    let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
-    let book = Arc::new(AlertBook::new(config.alerts.policy()));
-    let processor = Processor {
-        engine: prepared.engine.clone(),
-        rules: live_rules.clone(),
-        book: book.clone(),
-    };
-
-    // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
-    let tail = CancellationToken::new();
-    let mut tail_tasks = JoinSet::new();
-    let consumed: Vec<String> = config
-        .subscriptions
-        .iter()
-        .flat_map(|s| s.streams.iter().cloned())
-        .collect();
-    tail_tasks.spawn(redis_conn::watch_health(
+    let target = &settings.redis.target;
+    let mut tail = Tail::default();
+    tail.tasks.spawn(redis_conn::watch_health(
         target.clone(),
         Duration::from_secs(1),
-        redis_conn::StateMarkers::new(&consumed),
-        tail.clone(),
+        redis_conn::StateMarkers::new(&consumed_streams(&settings.subscriptions)),
+        tail.stop.clone(),
     ));
-    // HTTP serves from here on: /readyz says why we are not ready yet.
-    let engine_handle = Arc::new(http::EngineHandle::default());
-    if config.http.enabled {
-        let listener = tokio::net::TcpListener::bind(&config.http.listen)
-            .await
-            .map_err(|source| AppError::Listen {
-                addr: config.http.listen.clone(),
-                source,
-            })?;
-        let admin_token = config.http.admin_token().map_err(AppError::Gateway)?;
-        let gateway = if config.http.gateway.enabled {
-            let token = config.http.gateway.token().map_err(AppError::Gateway)?;
-            Some(http::Gateway::new(
-                &config.http.gateway,
-                token,
-                target.clone(),
-            ))
-        } else {
-            None
-        };
-        tracing::info!(listen = %config.http.listen, "HTTP listening");
-        tail_tasks.spawn(http::serve(
-            listener,
-            http::State::new(
-                engine_handle.clone(),
-                gateway,
-                crate::http_silences::SilenceApi::new(target.clone(), admin_token.clone()),
-                admin_token,
-            ),
-            http::ConnectionLimits::of(&config.http),
-            tail.clone(),
-        ));
-    }
-
-    let base = config
-        .instance
-        .clone()
-        .or_else(|| hostname::get().ok().and_then(|h| h.into_string().ok()))
-        .unwrap_or_else(|| "tripline".into());
-    let Some((instance, token)) = lease::acquire(&target, &base, &shutdown).await else {
+    let engine_handle = start_http(&settings, &mut tail).await?;
+    let Some(instance) = take_instance(&settings, &mut tail, &shutdown).await else {
         return Ok(());
     };
+    // Silences load in the background from here on; the first read is a
+    // single round trip, done long before a worker commits an alert.
+    tail.tasks.spawn(crate::alert::silence::refresh_loop(
+        target.clone(),
+        Duration::from_secs(2),
+        tail.stop.clone(),
+    ));
+    let Some(sinks) = start_sinks(&settings, &instance, prepared.plugins, &shutdown).await else {
+        return Ok(());
+    };
+    let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
+    let book = Arc::new(AlertBook::new(settings.alerts.policy));
+    let reloader = start_reloads(
+        &settings,
+        &prepared.engine,
+        &live_rules,
+        &book,
+        &sinks,
+        &mut tail,
+    );
+    let shared = Arc::new(Shared {
+        processor: Processor {
+            engine: prepared.engine,
+            rules: live_rules,
+            book,
+        },
+        target: target.clone(),
+        outbox_prefix: settings.outbox.prefix.clone(),
+        outbox_max_len: settings.outbox.max_len,
+    });
+    let workers_stop = shutdown.child_token();
+    let mut workers = spawn_consumers(&settings, &shared, &instance, &workers_stop);
+    engine_handle.running(reloader);
+
+    shutdown.cancelled().await;
+    engine_handle.stopping();
+    let deadline = tokio::time::Instant::now() + settings.shutdown_timeout;
+    workers_stop.cancel();
+    drain_in_order(deadline, &mut workers, &sinks, tail).await;
+    Ok(())
+}
+
+/// Tasks that must outlive the workers (health, HTTP, lease, silences,
+/// reloads), stopped last.
+#[derive(Default)]
+struct Tail {
+    /// Cancelled once workers and sinks are done.
+    stop: CancellationToken,
+    /// The tasks, awaited (briefly) after `stop`.
+    tasks: JoinSet<()>,
+}
+
+/// Every stream some subscription reads, once each.
+fn consumed_streams(subs: &[Subscription]) -> Vec<String> {
+    let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
+    streams.sort();
+    streams.dedup();
+    streams
+}
+
+/// Binds the listener and serves from here on, so `/readyz` says why the
+/// engine is not ready yet instead of refusing connections.
+async fn start_http(
+    settings: &Settings,
+    tail: &mut Tail,
+) -> Result<Arc<http::EngineHandle>, AppError> {
+    let engine_handle = Arc::new(http::EngineHandle::default());
+    let Some(config) = &settings.http else {
+        return Ok(engine_handle);
+    };
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let target = &settings.redis.target;
+    let gateway = config
+        .gateway
+        .as_ref()
+        .map(|g| http::Gateway::new(g, target.clone()));
+    let silences = http::silences::SilenceApi::new(target.clone(), config.admin_token.clone());
+    tracing::info!(listen = %config.listen, "HTTP listening");
+    tail.tasks.spawn(http::serve(
+        listener,
+        http::router(http::State::new(
+            engine_handle.clone(),
+            gateway,
+            silences,
+            config.admin_token.clone(),
+        )),
+        http::ConnectionLimits::of(config),
+        tail.stop.clone(),
+    ));
+    Ok(engine_handle)
+}
+
+/// Leases a consumer name unique among live instances and keeps it;
+/// `None` when shutdown came first.
+async fn take_instance(
+    settings: &Settings,
+    tail: &mut Tail,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    let target = &settings.redis.target;
+    let (instance, token) = lease::acquire(target, &settings.instance, shutdown).await?;
     tracing::info!(instance, "instance name acquired");
-    tail_tasks.spawn(lease::keep(
+    tail.tasks.spawn(lease::keep(
         target.clone(),
         instance.clone(),
         token,
-        tail.clone(),
+        tail.stop.clone(),
     ));
+    Some(instance)
+}
 
-    // Silences load in the background from here on; the first read is a
-    // single round trip, done long before a worker commits an alert.
-    tail_tasks.spawn(crate::alert::silence::refresh_loop(
-        target.clone(),
-        Duration::from_secs(2),
-        tail.clone(),
-    ));
-    // Sinks start (and their groups exist) before any worker can write an
-    // alert, so no alert is queued before the group that delivers it.
+/// Sinks start (and their groups exist) before any worker can write an
+/// alert, so no alert is queued before the group that delivers it. `None`
+/// when shutdown came first (the sinks started so far are stopped).
+async fn start_sinks(
+    settings: &Settings,
+    instance: &str,
+    plugins: Vec<Manifest>,
+    shutdown: &CancellationToken,
+) -> Option<Arc<Supervisor>> {
     let sinks = Arc::new(Supervisor::new(
-        outbox_streams(&config),
-        instance.clone(),
-        target.clone(),
+        outbox_streams(settings),
+        instance.to_string(),
+        settings.redis.target.clone(),
         CancellationToken::new(),
     ));
     tokio::select! {
-        _ = sinks.apply(prepared.plugins) => {}
+        _ = sinks.apply(plugins) => Some(sinks),
         _ = shutdown.cancelled() => {
             sinks.stop_all().await;
-            return Ok(());
+            None
         }
     }
+}
+
+/// The reloader, and the SIGHUP and file-watch triggers that call it.
+fn start_reloads(
+    settings: &Settings,
+    engine: &Arc<rhai::Engine>,
+    rules: &Arc<ArcSwap<LoadedRules>>,
+    book: &Arc<AlertBook>,
+    sinks: &Arc<Supervisor>,
+    tail: &mut Tail,
+) -> Arc<Reloader> {
     let reloader = Arc::new(Reloader {
-        engine: prepared.engine,
-        rules: live_rules,
+        engine: engine.clone(),
+        rules: rules.clone(),
         sinks: sinks.clone(),
-        rules_dir: config.rules_dir.clone(),
-        plugins_dir: config.plugins_dir.clone(),
-        subscriptions: config.subscriptions.clone(),
-        book,
-        target: target.clone(),
-        outbox_prefix: config.outbox.prefix.clone(),
-        outbox_max_len: config.outbox.max_len,
+        rules_dir: settings.rules_dir.clone(),
+        plugins_dir: settings.plugins_dir.clone(),
+        subscriptions: settings.subscriptions.clone(),
+        book: book.clone(),
+        target: settings.redis.target.clone(),
+        outbox_prefix: settings.outbox.prefix.clone(),
+        outbox_max_len: settings.outbox.max_len,
         lock: Default::default(),
     });
     metrics::config_loaded("rules");
     metrics::config_loaded("plugins");
-    tail_tasks.spawn(reload_on_sighup(reloader.clone(), tail.clone()));
-    tail_tasks.spawn(crate::reload::watch::watch(reloader.clone(), tail.clone()));
+    tail.tasks
+        .spawn(reload_on_sighup(reloader.clone(), tail.stop.clone()));
+    tail.tasks.spawn(crate::reload::watch::watch(
+        reloader.clone(),
+        tail.stop.clone(),
+    ));
+    reloader
+}
 
-    let shared = Arc::new(Shared {
-        processor,
-        target: target.clone(),
-        outbox_prefix: config.outbox.prefix.clone(),
-        outbox_max_len: config.outbox.max_len,
-    });
-    let workers_stop = shutdown.child_token();
+/// The workers of every subscription, its claimer, and the tasks that
+/// stop with them (consumer cleanup, timers, position reports).
+fn spawn_consumers(
+    settings: &Settings,
+    shared: &Arc<Shared>,
+    instance: &str,
+    stop: &CancellationToken,
+) -> JoinSet<()> {
+    let target = &settings.redis.target;
     let mut workers = JoinSet::new();
-    let subs: Vec<Arc<_>> = config.subscriptions.iter().cloned().map(Arc::new).collect();
-    let mut own_consumers = vec![instance.clone()];
+    let subs: Vec<Arc<Subscription>> = settings
+        .subscriptions
+        .iter()
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    let mut own_consumers = vec![instance.to_string()];
     for sub in &subs {
-        for stream in &sub.streams {
-            metrics::consuming(&sub.name, stream, sub.group());
-        }
-        let consumer_base = sub.consumer.clone().unwrap_or_else(|| instance.clone());
-        // One XREADGROUP covers one hash slot on Cluster: each worker reads
-        // one set of streams, and every set gets its share of `concurrency`.
-        let parts = target.read_groups(&sub.streams);
-        let per_part = sub.concurrency().div_ceil(parts.len());
-        for part in parts {
-            let part_sub = if part.len() == sub.streams.len() {
-                sub.clone()
-            } else {
-                Arc::new(Subscription {
-                    streams: part,
-                    ..(**sub).clone()
-                })
-            };
-            for i in 0..per_part {
-                workers.spawn(source::run_worker(
-                    shared.clone(),
-                    part_sub.clone(),
-                    format!("{consumer_base}-w{i}"),
-                    workers_stop.clone(),
-                ));
-            }
-        }
-        own_consumers.extend((0..per_part).map(|i| format!("{consumer_base}-w{i}")));
-        own_consumers.push(format!("{consumer_base}-claim"));
-        workers.spawn(source::run_claimer(
-            shared.clone(),
-            sub.clone(),
-            format!("{consumer_base}-claim"),
-            workers_stop.clone(),
+        own_consumers.extend(spawn_subscription(
+            sub,
+            shared,
+            instance,
+            stop,
+            &mut workers,
         ));
     }
     workers.spawn(cleanup::run(
@@ -258,36 +306,83 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
                 .iter()
                 .flat_map(|s| s.streams.iter().map(|x| (x.clone(), s.group().to_string())))
                 .collect(),
-            outboxes: outbox_streams(&config),
+            outboxes: outbox_streams(settings),
             own: own_consumers,
         },
-        config.consumer_cleanup.clone(),
-        workers_stop.clone(),
+        settings.consumer_cleanup.clone(),
+        stop.clone(),
     ));
-    let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
-    streams.sort();
-    streams.dedup();
     workers.spawn(source::timers::run(
         shared.clone(),
-        streams,
-        config.alerts.timer_interval,
-        workers_stop.clone(),
+        consumed_streams(&settings.subscriptions),
+        settings.alerts.timer_interval,
+        stop.clone(),
     ));
     workers.spawn(source::run_position_reporter(
         target.clone(),
-        subs.clone(),
+        subs,
         Duration::from_secs(5),
-        workers_stop.clone(),
+        stop.clone(),
     ));
+    workers
+}
 
-    engine_handle.running(reloader);
+/// One subscription's workers and claimer; returns the consumer names they
+/// use.
+fn spawn_subscription(
+    sub: &Arc<Subscription>,
+    shared: &Arc<Shared>,
+    instance: &str,
+    stop: &CancellationToken,
+    workers: &mut JoinSet<()>,
+) -> Vec<String> {
+    for stream in &sub.streams {
+        metrics::consuming(&sub.name, stream, sub.group());
+    }
+    let consumer_base = sub.consumer.as_deref().unwrap_or(instance);
+    // One XREADGROUP covers one hash slot on Cluster: each worker reads
+    // one set of streams, and every set gets its share of `concurrency`.
+    let parts = shared.target.read_groups(&sub.streams);
+    let per_part = sub.concurrency.div_ceil(parts.len());
+    for part in parts {
+        let part_sub = if part.len() == sub.streams.len() {
+            sub.clone()
+        } else {
+            Arc::new(sub.with_streams(part))
+        };
+        for i in 0..per_part {
+            workers.spawn(source::run_worker(
+                shared.clone(),
+                part_sub.clone(),
+                format!("{consumer_base}-w{i}"),
+                stop.clone(),
+            ));
+        }
+    }
+    let claimer = format!("{consumer_base}-claim");
+    workers.spawn(source::run_claimer(
+        shared.clone(),
+        sub.clone(),
+        claimer.clone(),
+        stop.clone(),
+    ));
+    let mut names: Vec<String> = (0..per_part)
+        .map(|i| format!("{consumer_base}-w{i}"))
+        .collect();
+    names.push(claimer);
+    names
+}
 
-    shutdown.cancelled().await;
-    engine_handle.stopping();
-    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+/// Finishes in-flight batches, then lets the sinks deliver what was
+/// committed, both by `deadline`; then stops the tail tasks.
+async fn drain_in_order(
+    deadline: tokio::time::Instant,
+    workers: &mut JoinSet<()>,
+    sinks: &Supervisor,
+    mut tail: Tail,
+) {
     tracing::info!("shutting down: finishing in-flight batches");
-    workers_stop.cancel();
-    if tokio::time::timeout_at(deadline, drain(&mut workers))
+    if tokio::time::timeout_at(deadline, drain(workers))
         .await
         .is_err()
     {
@@ -304,10 +399,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             "shutdown timeout reached before sinks finished; undelivered alerts stay queued in the outbox"
         );
     }
-    tail.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), drain(&mut tail_tasks)).await;
+    tail.stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain(&mut tail.tasks)).await;
     tracing::info!("tripline stopped");
-    Ok(())
 }
 
 async fn reload_on_sighup(reloader: Arc<Reloader>, stop: CancellationToken) {

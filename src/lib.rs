@@ -3,7 +3,8 @@
 //! # Layout
 //! Read top-down, the modules follow one message through the engine:
 //!
-//! - [`config`]: the YAML file, its defaults and `validate()`.
+//! - [`config`]: the YAML file and its defaults, resolved into the validated
+//!   [`config::Settings`] (every problem reported at once, at file:line).
 //! - [`redis_conn`]: connections to one Redis or a Redis Cluster (reply
 //!   timeouts, reconnect backoff, health).
 //! - [`group_reader`]: the one consumer-group reader of subscriptions and
@@ -22,9 +23,8 @@
 //! - [`outbox`]: the alert hand-off, committed in one script run with the
 //!   XACK, the dead letters and the alert-state writes.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
-//! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
+//! - [`http`]: /metrics, /healthz, /readyz, /-/reload, `/api/silences` and the seed's
 //!   `POST /telemetry-data` gateway.
-//! - [`http_silences`]: `/api/silences`, the HTTP side of silences.
 //! - [`process`]: one entry through decode, rules and the alert book.
 //! - [`ruletest`]: `*.test.yaml` rule tests on a virtual clock (`tripline test`).
 //! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
@@ -33,6 +33,7 @@
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
+//! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
 //! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate`,
@@ -41,12 +42,12 @@
 pub mod alert;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod decode;
 pub mod escape;
 pub mod group_reader;
 pub mod http;
-pub mod http_silences;
 pub mod instance;
 pub mod metrics;
 pub mod metrics_process;

@@ -103,140 +103,161 @@ impl Metrics {
             redis_state_lost: Family::default(),
             registry: Registry::default(),
         };
+        m.register_pipeline(&mut registry);
+        m.register_delivery(&mut registry);
+        m.register_operations(&mut registry);
+        Metrics { registry, ..m }
+    }
+
+    /// Messages, rule evaluations and the alerts they raise.
+    fn register_pipeline(&self, registry: &mut Registry) {
         registry.register(
             "messages",
             "Stream entries by stream, group and outcome (processed, dropped, dead_lettered, error)",
-            m.messages.clone(),
+            self.messages.clone(),
         );
         registry.register(
             "rule_evaluations",
             "Rule evaluations by rule and decision (alert, resolve, log, drop, pass, error)",
-            m.rule_evaluations.clone(),
+            self.rule_evaluations.clone(),
         );
         registry.register(
             "rule_errors",
             "Rule evaluations that threw or exceeded a limit",
-            m.rule_errors.clone(),
+            self.rule_errors.clone(),
         );
         registry.register(
             "rule_evaluation_seconds",
             "Time spent in one rule for one message",
-            m.rule_eval_seconds.clone(),
+            self.rule_eval_seconds.clone(),
         );
         registry.register(
             "alerts",
             "Alert notifications by rule, severity and status",
-            m.alerts.clone(),
-        );
-        registry.register(
-            "sink_deliveries",
-            "Alerts delivered by sink",
-            m.sink_deliveries.clone(),
-        );
-        registry.register(
-            "sink_failures",
-            "Failed delivery attempts by sink",
-            m.sink_failures.clone(),
-        );
-        registry.register(
-            "sink_retries",
-            "Delivery retries by sink",
-            m.sink_retries.clone(),
-        );
-        registry.register(
-            "sink_dead_letters",
-            "Alerts a sink gave up on after its attempts",
-            m.sink_dead.clone(),
-        );
-        registry.register("reloads", "Reloads by kind and result", m.reloads.clone());
-        registry.register(
-            "last_reload_success_timestamp_seconds",
-            "Unix time of the last successful reload, by kind",
-            m.last_reload.clone(),
-        );
-        registry.register(
-            "config_in_sync",
-            "1 when what runs matches the files on disk; 0 while a reload failed, by kind",
-            m.config_in_sync.clone(),
-        );
-        registry.register(
-            "consumer_pending",
-            "Entries delivered to the group and not yet acknowledged",
-            m.consumer_pending.clone(),
-        );
-        registry.register(
-            "consumer_lag",
-            "Entries in the stream not yet delivered to the group",
-            m.consumer_lag.clone(),
-        );
-        registry.register(
-            "redis_up",
-            "1 while Redis answers, 0 while it is unreachable",
-            m.redis_up.clone(),
+            self.alerts.clone(),
         );
         registry.register(
             "retired_alerts_unsent",
             "Resolved notifications for alerts of removed rules that could not be written to the outbox",
-            m.retired_unsent.clone(),
-        );
-        registry.register(
-            "sink_silenced",
-            "Notifications not sent because a silence matched, by sink",
-            m.sink_silenced.clone(),
+            self.retired_unsent.clone(),
         );
         registry.register(
             "alerts_silenced",
             "Notifications withheld because a silence muted the alert's firing, by rule",
-            m.alerts_silenced.clone(),
-        );
-        registry.register(
-            "sink_lag",
-            "Outbox entries a sink has not acknowledged yet (undelivered plus in retry), by sink",
-            m.sink_lag.clone(),
-        );
-        registry.register(
-            "sink_program_exits",
-            "Exits of an exec sink's program (it is restarted on the next delivery), by sink",
-            m.sink_program_exits.clone(),
-        );
-        registry.register(
-            "consumers_removed",
-            "Consumers deleted from a group (idle longer than consumer_cleanup.max_idle, nothing pending), by stream and group",
-            m.consumers_removed.clone(),
+            self.alerts_silenced.clone(),
         );
         registry.register(
             "alert_state_redecisions",
             "Lifecycle decisions taken again because another writer changed the alert state first (reason: stale = the partition's generation moved, conflict = an alert relied on changed), by stream",
-            m.state_redecisions.clone(),
+            self.state_redecisions.clone(),
+        );
+        registry.register(
+            "gateway_requests",
+            "POST /telemetry-data requests by result (accepted, malformed, invalid, too_large, unauthorized, unavailable)",
+            self.gateway_requests.clone(),
+        );
+    }
+
+    /// The sinks: deliveries, failures, retries, lag.
+    fn register_delivery(&self, registry: &mut Registry) {
+        registry.register(
+            "sink_deliveries",
+            "Alerts delivered by sink",
+            self.sink_deliveries.clone(),
+        );
+        registry.register(
+            "sink_failures",
+            "Failed delivery attempts by sink",
+            self.sink_failures.clone(),
+        );
+        registry.register(
+            "sink_retries",
+            "Delivery retries by sink",
+            self.sink_retries.clone(),
+        );
+        registry.register(
+            "sink_dead_letters",
+            "Alerts a sink gave up on after its attempts",
+            self.sink_dead.clone(),
+        );
+        registry.register(
+            "sink_silenced",
+            "Notifications not sent because a silence matched, by sink",
+            self.sink_silenced.clone(),
+        );
+        registry.register(
+            "sink_lag",
+            "Outbox entries a sink has not acknowledged yet (undelivered plus in retry), by sink",
+            self.sink_lag.clone(),
+        );
+        registry.register(
+            "sink_program_exits",
+            "Exits of an exec sink's program (it is restarted on the next delivery), by sink",
+            self.sink_program_exits.clone(),
+        );
+    }
+
+    /// Reloads, consumer groups, Redis health and the build.
+    fn register_operations(&self, registry: &mut Registry) {
+        registry.register(
+            "reloads",
+            "Reloads by kind and result",
+            self.reloads.clone(),
+        );
+        registry.register(
+            "last_reload_success_timestamp_seconds",
+            "Unix time of the last successful reload, by kind",
+            self.last_reload.clone(),
+        );
+        registry.register(
+            "config_in_sync",
+            "1 when what runs matches the files on disk; 0 while a reload failed, by kind",
+            self.config_in_sync.clone(),
+        );
+        registry.register(
+            "consumer_pending",
+            "Entries delivered to the group and not yet acknowledged",
+            self.consumer_pending.clone(),
+        );
+        registry.register(
+            "consumer_lag",
+            "Entries in the stream not yet delivered to the group",
+            self.consumer_lag.clone(),
+        );
+        registry.register(
+            "redis_up",
+            "1 while Redis answers, 0 while it is unreachable",
+            self.redis_up.clone(),
+        );
+        registry.register(
+            "consumers_removed",
+            "Consumers deleted from a group (idle longer than consumer_cleanup.max_idle, nothing pending), by stream and group",
+            self.consumers_removed.clone(),
         );
         registry.register(
             "redis_persistence",
             "1 on how Redis keeps its data across a restart (mode: aof, rdb, none, unknown when CONFIG is refused; a Cluster counts as its weakest node), checked on every connect",
-            m.redis_persistence.clone(),
+            self.redis_persistence.clone(),
         );
         registry.register(
             "redis_state_lost",
             "Times Redis was found to have lost tripline's data (alert state, outbox, groups) of a hash tag: restarted without persistence, flushed or evicted, by tag",
-            m.redis_state_lost.clone(),
+            self.redis_state_lost.clone(),
         );
         let build = prometheus_client::metrics::info::Info::new(vec![(
             "version",
             env!("CARGO_PKG_VERSION").to_string(),
         )]);
         registry.register("build", "tripline build information", build);
-        registry.register_collector(Box::new(crate::rules::state::RuleGauges));
-        registry.register(
-            "gateway_requests",
-            "POST /telemetry-data requests by result (accepted, malformed, invalid, too_large, unauthorized, unavailable)",
-            m.gateway_requests.clone(),
-        );
-        Metrics { registry, ..m }
     }
 
-    /// The OpenMetrics exposition of everything (what Prometheus asks for).
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics exposition of everything (what Prometheus asks for);
+    /// `extra` holds what other modules collect themselves (the rules'
+    /// gauges), so this one depends on none of them.
+    pub fn encode(&self, extra: &Registry) -> String {
         let mut out = String::new();
         encode_registry(&mut out, crate::metrics_process::registry())
+            .and_then(|()| encode_registry(&mut out, extra))
             .and_then(|()| encode(&mut out, &self.registry))
             .expect("writing to a String cannot fail");
         out
@@ -245,10 +266,11 @@ impl Metrics {
     /// The Prometheus text format 0.0.4, for clients that do not ask for
     /// OpenMetrics: promtool, curl, older scrapers. Its counters carry the
     /// `_total` suffix in HELP/TYPE too and `info` becomes a gauge.
-    pub fn encode_prometheus_text(&self) -> String {
+    pub fn encode_prometheus_text(&self, extra: &Registry) -> String {
         use prometheus_client::encoding::prometheus_text;
         let mut out = String::new();
         prometheus_text::encode(&mut out, crate::metrics_process::registry())
+            .and_then(|()| prometheus_text::encode(&mut out, extra))
             .and_then(|()| prometheus_text::encode(&mut out, &self.registry))
             .expect("writing to a String cannot fail");
         out
@@ -264,6 +286,18 @@ pub struct RuleMetrics {
 }
 
 const DECISIONS: [&str; 6] = ["alert", "log", "drop", "pass", "error", "resolve"];
+
+/// What one rule decided about one message, as counted; in the order of
+/// [`DECISIONS`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Decision {
+    Alert,
+    Log,
+    Drop,
+    Pass,
+    Error,
+    Resolve,
+}
 
 impl RuleMetrics {
     pub fn new(rule: &str) -> RuleMetrics {
@@ -290,17 +324,9 @@ impl RuleMetrics {
         }
     }
 
-    pub fn observe(&self, outcome: &Result<crate::rules::Actions, String>, took: Duration) {
+    pub fn observe(&self, decision: Decision, took: Duration) {
         self.seconds.observe(took.as_secs_f64());
-        let i = match outcome {
-            Err(_) => 4,
-            Ok(a) if !a.alerts.is_empty() || !a.deadmen.is_empty() => 0,
-            Ok(a) if !a.resolves.is_empty() => 5,
-            Ok(a) if a.drop => 2,
-            Ok(a) if !a.logs.is_empty() => 1,
-            Ok(_) => 3,
-        };
-        self.by_decision[i].inc();
+        self.by_decision[decision as usize].inc();
     }
 
     /// A rule threw or hit a sandbox limit on one message.
@@ -326,14 +352,14 @@ pub fn messages(stream: &str, group: &str, outcome: &'static str, n: u64) {
 }
 
 /// A `log(level, text)` from a rule.
-pub fn rule_log(rule: &str, stream: &str, id: &str, level: crate::rules::LogLevel, text: &str) {
-    use crate::rules::LogLevel;
+pub fn rule_log(rule: &str, stream: &str, id: &str, level: tracing::Level, text: &str) {
+    use tracing::Level;
     match level {
-        LogLevel::Trace => tracing::trace!(target: "tripline::rule", rule, stream, id, "{text}"),
-        LogLevel::Debug => tracing::debug!(target: "tripline::rule", rule, stream, id, "{text}"),
-        LogLevel::Info => tracing::info!(target: "tripline::rule", rule, stream, id, "{text}"),
-        LogLevel::Warn => tracing::warn!(target: "tripline::rule", rule, stream, id, "{text}"),
-        LogLevel::Error => tracing::error!(target: "tripline::rule", rule, stream, id, "{text}"),
+        Level::TRACE => tracing::trace!(target: "tripline::rule", rule, stream, id, "{text}"),
+        Level::DEBUG => tracing::debug!(target: "tripline::rule", rule, stream, id, "{text}"),
+        Level::INFO => tracing::info!(target: "tripline::rule", rule, stream, id, "{text}"),
+        Level::WARN => tracing::warn!(target: "tripline::rule", rule, stream, id, "{text}"),
+        Level::ERROR => tracing::error!(target: "tripline::rule", rule, stream, id, "{text}"),
     }
 }
 
@@ -804,7 +830,7 @@ mod tests {
     #[test]
     fn families_carry_the_prefix_and_count() {
         messages("s", "g", "processed", 3);
-        let text = get().encode();
+        let text = get().encode(&Registry::default());
         assert!(
             text.contains(
                 "tripline_messages_total{stream=\"s\",group=\"g\",outcome=\"processed\"} 3"

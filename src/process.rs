@@ -13,7 +13,8 @@ use rhai::{Dynamic, Engine, Map};
 use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, fingerprint};
 use crate::decode;
 use crate::metrics;
-use crate::rules::{LogLevel, Message, RawAlert, RuleSet, raw_alert};
+use crate::rules::api::Deadman;
+use crate::rules::{Actions, LogLevel, Message, RawAlert, Rule, RuleSet, raw_alert};
 
 /// A compiled rule set plus, per subscription, which of its rules apply.
 /// Swapped whole on reload, so a batch sees one consistent version.
@@ -157,84 +158,15 @@ impl Processor {
         let mut rule_errors = 0;
         for r in results {
             let rule = &loaded.set.rules[r.rule];
-            let actions = match r.outcome {
-                Ok(actions) => actions,
+            match r.outcome {
+                Ok(actions) => {
+                    dropped |= actions.drop;
+                    rule_errors += self.collect(rule, actions, input, &mut out);
+                }
                 Err(text) => {
                     rule_errors += 1;
                     out.errors.push((rule.name.clone(), text));
-                    continue;
                 }
-            };
-            if actions.drop {
-                dropped = true;
-                out.dropped_by = Some(rule.name.clone());
-            }
-            for (level, text) in actions.logs {
-                out.logs.push((rule.name.clone(), level, text));
-            }
-            let origin = || Origin {
-                stream: input.stream.to_string(),
-                id: input.id.to_string(),
-                group: input.group.to_string(),
-            };
-            for raw in actions.alerts {
-                let kind = ActionKind::Fire {
-                    for_ms: raw.for_ms,
-                    resolve_after_ms: raw.resolve_after_ms,
-                };
-                let (fp, alert) = build_alert(&rule.name, raw, origin());
-                if rule.shadow {
-                    metrics::alert_shadowed(&alert);
-                    continue;
-                }
-                out.actions.push(Action {
-                    fp,
-                    kind,
-                    alert: Some(alert),
-                    now_ms: input.now_ms,
-                });
-            }
-            if !rule.shadow {
-                out.actions
-                    .extend(actions.resolves.into_iter().map(|(fp, text)| Action {
-                        fp,
-                        kind: ActionKind::Resolve,
-                        alert: text.map(|raw| build_alert(&rule.name, raw, origin()).1),
-                        now_ms: input.now_ms,
-                    }));
-            }
-            for d in actions.deadmen {
-                let kind = ActionKind::Deadman {
-                    after_ms: d.after_ms,
-                };
-                let watched = !rule.shadow
-                    && self
-                        .book
-                        .is_watched(input.stream, d.fp, d.after_ms, input.now_ms);
-                let alert = if watched {
-                    None
-                } else {
-                    match raw_alert("deadman", &d.alert) {
-                        Ok(raw) => Some(build_alert(&rule.name, raw, origin()).1),
-                        Err(text) => {
-                            rule_errors += 1;
-                            out.errors.push((rule.name.clone(), text));
-                            continue;
-                        }
-                    }
-                };
-                if rule.shadow {
-                    if let Some(alert) = &alert {
-                        metrics::alert_shadowed(alert);
-                    }
-                    continue;
-                }
-                out.actions.push(Action {
-                    fp: d.fp,
-                    kind,
-                    alert,
-                    now_ms: input.now_ms,
-                });
             }
         }
         out.verdict = Verdict::Processed {
@@ -242,6 +174,98 @@ impl Processor {
             rule_errors,
         };
         out
+    }
+
+    /// One rule's actions on one message, added to `out`: its logs, its
+    /// alerts and resolves (counted, not sent, for a shadow rule) and its
+    /// deadmen. Returns the errors among them (a deadman alert that does
+    /// not build).
+    fn collect(&self, rule: &Rule, actions: Actions, input: &Input, out: &mut Evaluated) -> usize {
+        if actions.drop {
+            out.dropped_by = Some(rule.name.clone());
+        }
+        for (level, text) in actions.logs {
+            out.logs.push((rule.name.clone(), level, text));
+        }
+        let origin = || Origin {
+            stream: input.stream.to_string(),
+            id: input.id.to_string(),
+            group: input.group.to_string(),
+        };
+        for raw in actions.alerts {
+            let kind = ActionKind::Fire {
+                for_ms: raw.for_ms,
+                resolve_after_ms: raw.resolve_after_ms,
+            };
+            let (fp, alert) = build_alert(&rule.name, raw, origin());
+            if rule.shadow {
+                metrics::alert_shadowed(&alert);
+                continue;
+            }
+            out.actions.push(Action {
+                fp,
+                kind,
+                alert: Some(alert),
+                now_ms: input.now_ms,
+            });
+        }
+        if !rule.shadow {
+            out.actions
+                .extend(actions.resolves.into_iter().map(|(fp, text)| Action {
+                    fp,
+                    kind: ActionKind::Resolve,
+                    alert: text.map(|raw| build_alert(&rule.name, raw, origin()).1),
+                    now_ms: input.now_ms,
+                }));
+        }
+        self.collect_deadmen(rule, actions.deadmen, input, &origin, out)
+    }
+
+    /// A rule's deadman timers: armed with their alert unless the book
+    /// already watches them; returns the alerts that did not build.
+    fn collect_deadmen(
+        &self,
+        rule: &Rule,
+        deadmen: Vec<Deadman>,
+        input: &Input,
+        origin: &dyn Fn() -> Origin,
+        out: &mut Evaluated,
+    ) -> usize {
+        let mut errors = 0;
+        for d in deadmen {
+            let kind = ActionKind::Deadman {
+                after_ms: d.after_ms,
+            };
+            let watched = !rule.shadow
+                && self
+                    .book
+                    .is_watched(input.stream, d.fp, d.after_ms, input.now_ms);
+            let alert = if watched {
+                None
+            } else {
+                match raw_alert("deadman", &d.alert) {
+                    Ok(raw) => Some(build_alert(&rule.name, raw, origin()).1),
+                    Err(text) => {
+                        errors += 1;
+                        out.errors.push((rule.name.clone(), text));
+                        continue;
+                    }
+                }
+            };
+            if rule.shadow {
+                if let Some(alert) = &alert {
+                    metrics::alert_shadowed(alert);
+                }
+                continue;
+            }
+            out.actions.push(Action {
+                fp: d.fp,
+                kind,
+                alert,
+                now_ms: input.now_ms,
+            });
+        }
+        errors
     }
 }
 
@@ -384,21 +408,6 @@ fn context(input: &Input, metadata: Map, uuid: Option<String>, event_ms: u64) ->
         }
     }
     Dynamic::from_map(ctx)
-}
-
-/// Milliseconds since the epoch as RFC 3339 UTC, the form Alertmanager wants.
-pub fn rfc3339(ms: u64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms as i64)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// Wall-clock milliseconds since the epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -29,9 +29,10 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 
 use crate::alert::{Alert, AlertBook};
+use crate::clock::now_ms;
 use crate::config::Subscription;
 use crate::metrics;
-use crate::process::{LoadedRules, now_ms};
+use crate::process::LoadedRules;
 use crate::redis_conn::{Backoff, LazyConn, RedisTarget};
 use crate::rules::RuleSet;
 use crate::rules::state as rule_state;

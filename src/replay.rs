@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::clock::parse_rfc3339;
 use crate::decode::{self, WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -72,13 +73,6 @@ pub enum Body {
 
 /// The fields of one stream entry, in stream order.
 pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
-
-/// RFC 3339 text to milliseconds since the epoch.
-pub fn parse_rfc3339(s: &str) -> Option<u64> {
-    chrono::DateTime::parse_from_rfc3339(s.trim())
-        .ok()
-        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
-}
 
 /// The millisecond part of a stream id (`1700000000000-3` → 1700000000000).
 pub fn id_ms(id: &str) -> Option<u64> {
@@ -338,7 +332,7 @@ impl Record {
         let mut line = Line {
             stream: self.stream.as_deref(),
             id: self.id.as_deref(),
-            timestamp: self.timestamp_ms.map(crate::process::rfc3339),
+            timestamp: self.timestamp_ms.map(crate::clock::rfc3339),
             uuid: None,
             metadata: None,
             payload: None,

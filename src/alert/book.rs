@@ -28,9 +28,9 @@ use serde::{Deserialize, Serialize};
 
 use super::silence::{self, Silences};
 use super::{Alert, Severity, Status};
+use crate::clock::rfc3339;
 use crate::metrics;
 use crate::outbox::hash_tag;
-use crate::process::rfc3339;
 
 /// Lifecycle policy shared by every alert.
 #[derive(Debug, Clone, Copy)]

@@ -225,7 +225,7 @@ pub async fn refresh_loop(target: RedisTarget, every: Duration, shutdown: Cancel
         every,
         shutdown,
         "reading silences",
-        async |c| list(c, crate::process::now_ms()).await,
+        async |c| list(c, crate::clock::now_ms()).await,
         |l| current().store(Arc::new(Silences::new(l))),
     )
     .await;

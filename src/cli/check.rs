@@ -7,12 +7,12 @@
 use std::path::Path;
 
 use crate::app;
-use crate::config::Config;
+use crate::config::Settings;
 use crate::escape::escape;
 use crate::rules::lint;
 
 pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Settings::load(config_path)?;
     let prepared = app::prepare(&config)?;
     let findings = lint::lint_set(&prepared.rules.set);
     for f in &findings {

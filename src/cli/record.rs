@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use crate::config::Config;
+use crate::clock::parse_rfc3339;
+use crate::config::Settings;
 use crate::group_reader::reply::{StreamEntry, parse_entries};
-use crate::replay::{Record, parse_rfc3339};
+use crate::replay::Record;
 
 /// Entries fetched per XRANGE call.
 const PAGE: usize = 1000;
@@ -134,15 +135,14 @@ fn order(id: &str) -> (u64, u64) {
 }
 
 pub fn record(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
+    let config = Settings::load(config_path)?;
+    let endpoint = &config.redis.endpoint;
     let mut con = config
         .redis
-        .target()
-        .map_err(anyhow::Error::msg)?
+        .target
         .connect_blocking()
         .with_context(|| format!("cannot connect to Redis at {endpoint}"))?;
-    let now = crate::process::now_ms();
+    let now = crate::clock::now_ms();
     let (start, end) = (args.from.resolve(now), args.to.resolve(now));
     let mut cursors: Vec<Cursor> = args
         .streams

@@ -16,9 +16,9 @@ use anyhow::Context;
 use arc_swap::ArcSwap;
 
 use crate::alert::{Alert, AlertBook, Status};
-use crate::config::Config;
+use crate::config::Settings;
 use crate::escape::escape;
-use crate::process::{self, Input, LoadedRules, Processor, Verdict};
+use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
 use crate::rules::{RuleSet, build_engine};
 use crate::sinks::{self, Manifest, Sink};
@@ -107,16 +107,14 @@ struct LiveSink {
 }
 
 pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Settings::load(config_path)?;
     let engine = build_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
+    let loaded = Arc::new(LoadedRules::new(set, &config.subscriptions));
     let processor = Processor {
         engine,
-        rules: Arc::new(ArcSwap::from_pointee(LoadedRules::new(
-            set,
-            &config.subscriptions,
-        ))),
-        book: Arc::new(AlertBook::new(config.alerts.policy())),
+        rules: Arc::new(ArcSwap::new(loaded.clone())),
+        book: Arc::new(AlertBook::new(config.alerts.policy)),
     };
     let sinks = if args.sinks {
         build_sinks(&config)?
@@ -135,135 +133,185 @@ pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
         Box::new(std::io::BufReader::new(f))
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let mut tally = Tally {
-        delivered: args.sinks.then_some((0, 0)),
-        ..Tally::default()
+    let mut replay = Replay {
+        config: &config,
+        processor: &processor,
+        loaded: &loaded,
+        sinks: &sinks,
+        runtime: &runtime,
+        args: &args,
+        tally: Tally {
+            delivered: args.sinks.then_some((0, 0)),
+            ..Tally::default()
+        },
+        clock: None,
     };
-    let loaded = processor.rules.load();
-    let mut clock: Option<(u64, u64)> = None;
     for (i, line) in input.lines().enumerate() {
         let n = i + 1;
         let line = line.with_context(|| format!("{}: reading line {n}", args.file.display()))?;
-        if line.trim().is_empty() {
-            continue;
+        if !line.trim().is_empty() {
+            replay.line(n, &line, &mut out)?;
         }
-        tally.lines += 1;
-        let rec = match Record::parse(&line) {
+    }
+    writeln!(out, "{}", replay.tally)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One replay in progress: what judges the lines and what was counted.
+struct Replay<'a> {
+    /// Which subscriptions read which stream.
+    config: &'a Settings,
+    /// Decode, rules and alert book, as in `run`.
+    processor: &'a Processor,
+    /// The rule set, loaded once for the whole file.
+    loaded: &'a LoadedRules,
+    /// With `--sinks`: where alerts are really delivered.
+    sinks: &'a [LiveSink],
+    /// Runs the sinks' deliveries.
+    runtime: &'a tokio::runtime::Runtime,
+    /// `--stream` and `--quiet`.
+    args: &'a Args,
+    /// What happened so far, for the summary.
+    tally: Tally,
+    /// Time and sequence of the last message, so lines without either get
+    /// ids that keep increasing.
+    clock: Option<(u64, u64)>,
+}
+
+impl Replay<'_> {
+    /// One non-blank line: parsed, given a time and an id, and judged by
+    /// every subscription reading its stream.
+    fn line(&mut self, n: usize, line: &str, out: &mut impl Write) -> anyhow::Result<()> {
+        let quiet = self.args.quiet;
+        self.tally.lines += 1;
+        let rec = match Record::parse(line) {
             Ok(r) => r,
             Err(e) => {
-                tally.malformed += 1;
-                say(&mut out, args.quiet, format_args!("{n}: MALFORMED {e}"))?;
-                continue;
+                self.tally.malformed += 1;
+                say(out, quiet, format_args!("{n}: MALFORMED {e}"))?;
+                return Ok(());
             }
         };
-        let Some(stream) = rec.stream.clone().or_else(|| args.stream.clone()) else {
-            tally.malformed += 1;
+        let Some(stream) = rec.stream.clone().or_else(|| self.args.stream.clone()) else {
+            self.tally.malformed += 1;
             say(
-                &mut out,
-                args.quiet,
+                out,
+                quiet,
                 format_args!("{n}: MALFORMED no `stream` in the line and no --stream given"),
             )?;
-            continue;
+            return Ok(());
         };
-        tally.messages += 1;
-        let now_ms = rec
-            .timestamp_ms
-            .or_else(|| rec.id.as_deref().and_then(id_ms))
-            .or(clock.map(|(ms, _)| ms))
-            .unwrap_or_else(process::now_ms);
-        let seq = match clock {
-            Some((ms, seq)) if ms == now_ms => seq + 1,
-            _ => 0,
-        };
-        clock = Some((now_ms, seq));
-        let id = rec.id.clone().unwrap_or_else(|| format!("{now_ms}-{seq}"));
+        self.tally.messages += 1;
+        let (now_ms, id) = self.stamp(&rec);
+        let config = self.config;
         let subs: Vec<_> = config
             .subscriptions
             .iter()
             .filter(|s| s.streams.contains(&stream))
             .collect();
         if subs.is_empty() {
-            tally.unrouted += 1;
+            self.tally.unrouted += 1;
             say(
-                &mut out,
-                args.quiet,
+                out,
+                quiet,
                 format_args!("{n}: {stream} {id}: SKIP no subscription reads stream `{stream}`"),
             )?;
-            continue;
+            return Ok(());
         }
         let fields = rec.fields();
         for sub in subs {
-            let at = format!("{n}: {stream} {id} {}:", sub.name);
-            let result = processor.process(
-                &loaded,
-                &Input {
-                    subscription: &sub.name,
-                    group: sub.group(),
-                    stream: &stream,
-                    id: &id,
-                    deliveries: 1,
-                    fields: &fields,
-                    now_ms,
-                },
-            );
-            if let Verdict::Undecodable(reason) = &result.verdict {
-                // Every subscription fails the same way; count the message once.
-                tally.undecodable += 1;
-                say(
-                    &mut out,
-                    args.quiet,
-                    format_args!("{n}: {stream} {id}: UNDECODABLE {reason}"),
-                )?;
+            let input = Input {
+                subscription: &sub.name,
+                group: sub.group(),
+                stream: &stream,
+                id: &id,
+                deliveries: 1,
+                fields: &fields,
+                now_ms,
+            };
+            if !self.judge(n, &input, out)? {
                 break;
             }
-            for (rule, level, text) in &result.logs {
-                tally.logs += 1;
-                say(
-                    &mut out,
-                    args.quiet,
-                    format_args!("{at} LOG {} {rule}: {text}", level.as_str()),
-                )?;
-            }
-            for (rule, error) in &result.errors {
-                tally.rule_errors += 1;
-                say(
-                    &mut out,
-                    args.quiet,
-                    format_args!("{at} ERROR {rule}: {error}"),
-                )?;
-            }
-            for a in &result.notifications {
-                let entry = tally.alerts.entry(a.rule.clone()).or_default();
-                match a.status {
-                    Status::Firing => entry.0 += 1,
-                    Status::Resolved => entry.1 += 1,
-                }
-                say(
-                    &mut out,
-                    args.quiet,
-                    format_args!("{at} ALERT {}", sinks::console::line(a)),
-                )?;
-            }
-            if let Some(rule) = &result.dropped_by {
-                tally.drops += 1;
-                say(&mut out, args.quiet, format_args!("{at} DROP by {rule}"))?;
-            }
-            if !sinks.is_empty() && !result.notifications.is_empty() {
-                out.flush()?;
-                deliver(
-                    &runtime,
-                    &sinks,
-                    &result.notifications,
-                    &mut tally,
-                    &at,
-                    &mut out,
-                )?;
-            }
         }
+        Ok(())
     }
-    writeln!(out, "{tally}")?;
-    out.flush()?;
-    Ok(())
+
+    /// The message's time (its own, its id's, the previous message's, or
+    /// now) and its id (its own, or one made from that time).
+    fn stamp(&mut self, rec: &Record) -> (u64, String) {
+        let now_ms = rec
+            .timestamp_ms
+            .or_else(|| rec.id.as_deref().and_then(id_ms))
+            .or(self.clock.map(|(ms, _)| ms))
+            .unwrap_or_else(crate::clock::now_ms);
+        let seq = match self.clock {
+            Some((ms, seq)) if ms == now_ms => seq + 1,
+            _ => 0,
+        };
+        self.clock = Some((now_ms, seq));
+        let id = rec.id.clone().unwrap_or_else(|| format!("{now_ms}-{seq}"));
+        (now_ms, id)
+    }
+
+    /// One subscription's verdict on one message, printed and counted;
+    /// false when the message is undecodable (every subscription would
+    /// fail the same way, so the rest are skipped).
+    fn judge(&mut self, n: usize, input: &Input, out: &mut impl Write) -> anyhow::Result<bool> {
+        let (quiet, tally) = (self.args.quiet, &mut self.tally);
+        let (stream, id) = (input.stream, input.id);
+        let at = format!("{n}: {stream} {id} {}:", input.subscription);
+        let result = self.processor.process(self.loaded, input);
+        if let Verdict::Undecodable(reason) = &result.verdict {
+            tally.undecodable += 1;
+            say(
+                out,
+                quiet,
+                format_args!("{n}: {stream} {id}: UNDECODABLE {reason}"),
+            )?;
+            return Ok(false);
+        }
+        for (rule, level, text) in &result.logs {
+            tally.logs += 1;
+            say(
+                out,
+                quiet,
+                format_args!("{at} LOG {} {rule}: {text}", level.as_str()),
+            )?;
+        }
+        for (rule, error) in &result.errors {
+            tally.rule_errors += 1;
+            say(out, quiet, format_args!("{at} ERROR {rule}: {error}"))?;
+        }
+        for a in &result.notifications {
+            let entry = tally.alerts.entry(a.rule.clone()).or_default();
+            match a.status {
+                Status::Firing => entry.0 += 1,
+                Status::Resolved => entry.1 += 1,
+            }
+            say(
+                out,
+                quiet,
+                format_args!("{at} ALERT {}", sinks::console::line(a)),
+            )?;
+        }
+        if let Some(rule) = &result.dropped_by {
+            tally.drops += 1;
+            say(out, quiet, format_args!("{at} DROP by {rule}"))?;
+        }
+        if !self.sinks.is_empty() && !result.notifications.is_empty() {
+            out.flush()?;
+            deliver(
+                self.runtime,
+                self.sinks,
+                &result.notifications,
+                tally,
+                &at,
+                out,
+            )?;
+        }
+        Ok(true)
+    }
 }
 
 /// One decision per line: ids, labels, log text and errors come from the
@@ -278,14 +326,14 @@ fn say(out: &mut impl Write, quiet: bool, line: fmt::Arguments) -> std::io::Resu
 
 /// Builds every enabled sink the way `run` would, so a replay with
 /// `--sinks` fails early on a bad manifest.
-fn build_sinks(config: &Config) -> anyhow::Result<Vec<LiveSink>> {
+fn build_sinks(config: &Settings) -> anyhow::Result<Vec<LiveSink>> {
     let manifests = sinks::load_dir(&config.plugins_dir).map_err(|errors| {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("plugins failed to load:\n{}", text.join("\n"))
     })?;
     // Connects lazily: only a `redis_stream` sink writing to tripline's own
     // Redis ever uses it.
-    let redis = config.redis.target().map_err(anyhow::Error::msg)?;
+    let redis = config.redis.target.clone();
     let mut live = Vec::new();
     for manifest in manifests.into_iter().filter(|m| m.enabled) {
         let kind = sinks::kind(&manifest.kind).with_context(|| {

@@ -6,10 +6,10 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::app;
-use crate::config::Config;
+use crate::config::Settings;
 
 pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Settings::load(config_path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::alert::silence::{self, Matcher, Silence};
-use crate::config::Config;
+use crate::clock::{now_ms, rfc3339};
+use crate::config::Settings;
 use crate::escape::escape;
-use crate::process::{now_ms, rfc3339};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum Action {
@@ -54,9 +54,9 @@ fn author(given: Option<String>, user: Option<String>) -> String {
 }
 
 pub fn silence(config_path: Option<&Path>, action: Action) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
-    let target = config.redis.target().map_err(anyhow::Error::msg)?;
+    let config = Settings::load(config_path)?;
+    let endpoint = config.redis.endpoint.clone();
+    let target = config.redis.target;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -19,7 +19,7 @@ use anyhow::Context;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
-use crate::config::{Config, MAX_SHARDS};
+use crate::config::{MAX_SHARDS, Settings};
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 use crate::outbox::hash_tag;
 use crate::redis_conn::{RedisEndpoint, RedisTarget};
@@ -238,9 +238,9 @@ pub fn encode(format: Format, body: &serde_json::Value) -> Vec<(String, Vec<u8>)
 }
 
 pub fn simulate(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
-    let endpoint = config.redis.endpoint().map_err(anyhow::Error::msg)?;
-    let target = config.redis.target().map_err(anyhow::Error::msg)?;
+    let config = Settings::load(config_path)?;
+    let endpoint = config.redis.endpoint.clone();
+    let target = config.redis.target;
     if args.devices == 0 || args.interfaces == 0 {
         anyhow::bail!("--devices and --interfaces must be at least 1");
     }

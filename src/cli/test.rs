@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use arc_swap::ArcSwap;
 
-use crate::config::Config;
+use crate::config::Settings;
 use crate::escape::escape;
 use crate::process::LoadedRules;
 use crate::rules::{RuleSet, build_engine};
@@ -26,7 +26,7 @@ pub struct Args {
 }
 
 pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
-    let config = Config::load(config_path)?;
+    let config = Settings::load(config_path)?;
     let engine = build_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let roots = if args.paths.is_empty() {
@@ -54,7 +54,7 @@ pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let runner = Runner {
         engine,
         rules: Arc::new(ArcSwap::from_pointee(LoadedRules { set, selections })),
-        policy: config.alerts.policy(),
+        policy: config.alerts.policy,
     };
     let mut out = std::io::stdout().lock();
     let (mut passed, mut failed) = (0usize, 0usize);

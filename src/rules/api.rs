@@ -39,6 +39,18 @@ pub enum LogLevel {
     Error,
 }
 
+impl From<LogLevel> for tracing::Level {
+    fn from(level: LogLevel) -> tracing::Level {
+        match level {
+            LogLevel::Trace => tracing::Level::TRACE,
+            LogLevel::Debug => tracing::Level::DEBUG,
+            LogLevel::Info => tracing::Level::INFO,
+            LogLevel::Warn => tracing::Level::WARN,
+            LogLevel::Error => tracing::Level::ERROR,
+        }
+    }
+}
+
 impl LogLevel {
     fn parse(s: &str) -> Option<LogLevel> {
         match s.to_ascii_lowercase().as_str() {

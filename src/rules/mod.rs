@@ -18,7 +18,7 @@ use std::time::Instant;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::Limits;
-use crate::metrics::RuleMetrics;
+use crate::metrics::{Decision, RuleMetrics};
 pub use api::{Actions, LogLevel, RawAlert, raw_alert};
 
 /// Name of the function every rule defines.
@@ -325,7 +325,7 @@ impl RuleSet {
                     Err(text)
                 }
             };
-            rule.metrics.observe(&outcome, started.elapsed());
+            rule.metrics.observe(decision(&outcome), started.elapsed());
             let dropped = matches!(&outcome, Ok(a) if a.drop);
             results.push(RuleResult { rule: i, outcome });
             if dropped {
@@ -613,6 +613,19 @@ fn hash_source(s: &str) -> u64 {
     h.finish()
 }
 
+/// How one rule call is counted: an alert outranks a resolve, which
+/// outranks a drop, then a log; nothing at all is a pass.
+fn decision(outcome: &Result<Actions, String>) -> Decision {
+    match outcome {
+        Err(_) => Decision::Error,
+        Ok(a) if !a.alerts.is_empty() || !a.deadmen.is_empty() => Decision::Alert,
+        Ok(a) if !a.resolves.is_empty() => Decision::Resolve,
+        Ok(a) if a.drop => Decision::Drop,
+        Ok(a) if !a.logs.is_empty() => Decision::Log,
+        Ok(_) => Decision::Pass,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -744,7 +757,7 @@ mod tests {
         assert_eq!(acts(100).resolves.len(), 1);
         assert!(
             crate::metrics::get()
-                .encode()
+                .encode(&state::registry())
                 .contains("tripline_rules_test_value{host=\"r1\"} 100")
         );
     }

@@ -199,6 +199,14 @@ pub fn forget_rules(rules: &[String]) {
     all.retain(|_, f| !f.series.is_empty());
 }
 
+/// A registry holding only [`RuleGauges`], for `/metrics` to encode beside
+/// the engine's own (which know nothing of rules).
+pub fn registry() -> prometheus_client::registry::Registry {
+    let mut registry = prometheus_client::registry::Registry::with_prefix("tripline");
+    registry.register_collector(Box::new(RuleGauges));
+    registry
+}
+
 /// Exposes the rule gauges on `/metrics`, encoded at scrape time.
 #[derive(Debug)]
 pub struct RuleGauges;

@@ -344,7 +344,7 @@ pub struct Timestamp(pub u64);
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
         parse_str(d, "an RFC 3339 time", |s| {
-            crate::replay::parse_rfc3339(s)
+            crate::clock::parse_rfc3339(s)
                 .map(Timestamp)
                 .ok_or_else(|| format!("`{s}` is not an RFC 3339 time (like 2025-01-01T00:00:00Z)"))
         })
@@ -369,7 +369,7 @@ impl<'de> Deserialize<'de> for At {
                     .map(At::After)
                     .map_err(|e| format!("`{s}`: {e} (write offsets like +30s, +5m, +1h30m)"));
             }
-            crate::replay::parse_rfc3339(s).map(At::Exactly).ok_or_else(|| {
+            crate::clock::parse_rfc3339(s).map(At::Exactly).ok_or_else(|| {
                 format!(
                     "`{s}` is neither an offset like +30s nor an RFC 3339 time like 2025-01-01T00:00:30Z"
                 )

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 pub use format::*;
 
-use crate::config::Config;
+use crate::config::Settings;
 use crate::replay::{Fields, json_fields};
 use crate::rules::RuleSet;
 use locate::Seg;
@@ -115,7 +115,7 @@ pub struct PreparedCase {
 
 impl Suite {
     /// Reads and checks one test file against the compiled rules.
-    pub fn load(path: &Path, config: &Config, set: &RuleSet) -> Result<Suite, TestFileError> {
+    pub fn load(path: &Path, config: &Settings, set: &RuleSet) -> Result<Suite, TestFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| TestFileError::Read {
             path: path.to_path_buf(),
             source,
@@ -128,7 +128,7 @@ impl Suite {
     pub fn parse(
         path: &Path,
         text: String,
-        config: &Config,
+        config: &Settings,
         set: &RuleSet,
     ) -> Result<Suite, TestFileError> {
         let file: TestFile = serde_yaml::from_str(&text).map_err(|e| parse_error(path, e))?;
@@ -210,7 +210,12 @@ struct Target {
 }
 
 impl Target {
-    fn of(file: &TestFile, path: &Path, config: &Config, set: &RuleSet) -> Result<Target, Problem> {
+    fn of(
+        file: &TestFile,
+        path: &Path,
+        config: &Settings,
+        set: &RuleSet,
+    ) -> Result<Target, Problem> {
         let (selection, group, subscription) = match (&file.subscription, &file.rules) {
             (Some(_), Some(_)) => {
                 return Err(Problem::at(
@@ -339,14 +344,14 @@ impl Clock {
             Some(At::Exactly(t)) if copy > 0 => {
                 return Err(format!(
                     "`repeat` needs a relative `at` (like +10s), not the absolute time {}",
-                    crate::process::rfc3339(t)
+                    crate::clock::rfc3339(t)
                 ));
             }
             Some(At::Exactly(t)) if t < self.now => {
                 return Err(format!(
                     "time goes backwards: {} is before the previous input at {}",
-                    crate::process::rfc3339(t),
-                    crate::process::rfc3339(self.now)
+                    crate::clock::rfc3339(t),
+                    crate::clock::rfc3339(self.now)
                 ));
             }
             Some(At::Exactly(t)) => t,
@@ -445,7 +450,7 @@ fn parse_error(path: &Path, e: serde_yaml::Error) -> TestFileError {
 }
 
 /// The rule a test file tests by default: `x.rhai` beside `x.test.yaml`.
-fn rule_beside(path: &Path, config: &Config, set: &RuleSet) -> Result<usize, String> {
+fn rule_beside(path: &Path, config: &Settings, set: &RuleSet) -> Result<usize, String> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -530,7 +535,7 @@ mod tests {
         for (file, src) in rules {
             std::fs::write(dir.path().join(file), src).unwrap();
         }
-        let mut config = Config::parse(CONFIG, "t").unwrap();
+        let mut config = Settings::parse(CONFIG, "t").unwrap();
         config.rules_dir = dir.path().to_path_buf();
         let engine = build_engine(&config.limits);
         let set = RuleSet::load(&engine, dir.path()).unwrap();
@@ -542,7 +547,7 @@ mod tests {
                 set,
                 selections: [(Runner::key(0), suite.selection.clone())].into(),
             })),
-            policy: config.alerts.policy(),
+            policy: config.alerts.policy,
         };
         Ok(runner.run(&suite, &Runner::key(0)))
     }

@@ -197,7 +197,7 @@ fn step_context(inputs: &[super::Input]) -> String {
     let first = &inputs[0];
     let mut s = format!(
         "at {}, stream {}, id {}",
-        process::rfc3339(first.now_ms),
+        crate::clock::rfc3339(first.now_ms),
         first.stream,
         first.id
     );
@@ -206,7 +206,7 @@ fn step_context(inputs: &[super::Input]) -> String {
         s.push_str(&format!(
             ", ×{} until {}",
             inputs.len(),
-            process::rfc3339(last.now_ms)
+            crate::clock::rfc3339(last.now_ms)
         ));
     }
     s

@@ -317,7 +317,7 @@ async fn deliver_batch(
     // Which outbox each alert came from, for its dead letter.
     let mut from = Vec::new();
     let silences = crate::alert::silence::active();
-    let now = crate::process::now_ms();
+    let now = crate::clock::now_ms();
     for (i, (outbox, entries)) in batches.iter().enumerate() {
         for e in entries {
             match parse_alert(e) {

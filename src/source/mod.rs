@@ -16,11 +16,12 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Action;
+use crate::clock::now_ms;
 use crate::config::Subscription;
 use crate::group_reader::{Delivered, GroupReader, Member, ensure_group, position};
 use crate::metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
-use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
+use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::redis_conn::{self, Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 
 /// Reply timeout of connections that never block.
@@ -410,7 +411,7 @@ fn judge(
             }
         };
         for (rule, level, text) in &out.logs {
-            metrics::rule_log(rule, stream, &d.id, *level, text);
+            metrics::rule_log(rule, stream, &d.id, (*level).into(), text);
         }
         match out.verdict {
             Verdict::Undecodable(reason) => {

@@ -18,9 +18,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::auth::{bearer_ok, unauthorized};
 use crate::alert::silence::{self, Matcher, Silence};
-use crate::http::{bearer_ok, unauthorized};
-use crate::process::{now_ms, rfc3339};
+use crate::clock::{now_ms, rfc3339};
 use crate::redis_conn::{RedisConn, RedisTarget};
 
 /// Where silences are stored; one connection shared by all requests.

@@ -1,15 +1,23 @@
-//! The configuration file (`tripline.yaml`), its defaults and validation.
+//! The configuration file (`tripline.yaml`) as written, with its defaults;
+//! [`settings`] turns it into the validated [`Settings`] the engine runs with.
 //!
 //! Parsing is strict: an unknown key is an error naming the key and its line,
 //! because a misspelt `batch_sise` silently falling back to a default is the
 //! kind of surprise an operator finds at 3 a.m.
+
+mod locate;
+pub mod settings;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::redis_conn::{RedisEndpoint, RedisTarget};
+use crate::redis_conn::RedisEndpoint;
+pub use settings::{
+    AlertSettings, GatewaySettings, HttpSettings, Problem, RedisSettings, Settings, Source,
+    Subscription,
+};
 
 /// Names the built-in defaults in errors, where a file name would be.
 const BUILT_IN: &str = "<built-in defaults>";
@@ -31,8 +39,24 @@ pub enum ConfigError {
         path: String,
         source: serde_yaml::Error,
     },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
+    /// Every problem validation found, each with its place.
+    #[error("{}", render(origin, problems))]
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
+}
+
+/// One problem on its own line; several under a count, so the first line
+/// of the error says how many there are to fix.
+fn render(origin: &str, problems: &[Problem]) -> String {
+    match problems {
+        [one] => one.to_string(),
+        many => {
+            let lines: Vec<String> = many.iter().map(ToString::to_string).collect();
+            format!("{origin}: {} problems\n{}", many.len(), lines.join("\n"))
+        }
+    }
 }
 
 /// Top-level configuration.
@@ -66,7 +90,7 @@ pub struct Config {
     /// The consumer groups this instance joins; absent means the seed's
     /// (see [`seed_subscriptions`]), so a config that only moves Redis
     /// still runs the shipped rules.
-    pub subscriptions: Vec<Subscription>,
+    pub subscriptions: Vec<SubscriptionConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -151,17 +175,6 @@ pub struct AlertPolicy {
     pub timer_interval: Duration,
 }
 
-impl AlertPolicy {
-    pub fn policy(&self) -> crate::alert::Policy {
-        crate::alert::Policy {
-            repeat_ms: self.repeat_interval.as_millis() as u64,
-            resolve_after_ms: self.resolve_timeout.as_millis() as u64,
-            flap_max_changes: self.flap_max_changes,
-            flap_window_ms: self.flap_window.as_millis() as u64,
-        }
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
@@ -217,7 +230,7 @@ pub struct GatewayConfig {
 /// One consumer group over one or more streams, with its own rules.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Subscription {
+pub struct SubscriptionConfig {
     /// Name used in logs and metrics.
     pub name: String,
     /// Consumer group; defaults to the subscription name.
@@ -374,8 +387,8 @@ impl Default for Config {
 /// message reaches both) and one on the transceiver readings. The seed's
 /// collectors write `transceiver_telemetry`; `transceiver-telemetry` is read
 /// too, for publishers that followed tripline's earlier default.
-pub fn seed_subscriptions() -> Vec<Subscription> {
-    let sub = |name: &str, streams: &[&str], rules: &str| Subscription {
+pub fn seed_subscriptions() -> Vec<SubscriptionConfig> {
+    let sub = |name: &str, streams: &[&str], rules: &str| SubscriptionConfig {
         name: name.into(),
         group: Some(name.into()),
         streams: streams.iter().map(|s| s.to_string()).collect(),
@@ -438,34 +451,15 @@ impl RedisConfig {
         }
     }
 
-    /// A target built from [`RedisConfig::endpoint`], trusting
-    /// `tls_ca_file` when set.
-    pub fn target(&self) -> Result<RedisTarget, String> {
-        let target =
-            RedisTarget::new(&self.endpoint()?, self.connect_timeout).map_err(|e| e.to_string())?;
-        match self.tls_ca()? {
-            Some(pem) => target.with_tls_ca(pem).map_err(|e| {
-                format!(
-                    "`redis.tls_ca_file` {}: {e}",
-                    self.tls_ca_file
-                        .as_deref()
-                        .unwrap_or(Path::new(""))
-                        .display()
-                )
-            }),
-            None => Ok(target),
-        }
-    }
-
     /// The contents of `tls_ca_file`, checked to be usable: readable, PEM
     /// with at least one certificate, and for a `rediss://` server (on any
     /// other address it would silently do nothing).
-    fn tls_ca(&self) -> Result<Option<Vec<u8>>, String> {
+    fn tls_ca(&self, endpoint: &RedisEndpoint) -> Result<Option<Vec<u8>>, String> {
         let Some(path) = &self.tls_ca_file else {
             return Ok(None);
         };
         let at = format!("`redis.tls_ca_file` {}", path.display());
-        match self.endpoint()? {
+        match endpoint {
             RedisEndpoint::Single(url) if url.starts_with("rediss://") => {}
             RedisEndpoint::Single(_) => {
                 return Err(format!(
@@ -523,41 +517,6 @@ impl Default for Limits {
     }
 }
 
-/// The longest `limits.max_eval_time` accepted: each rule call holds its
-/// message, and the batch, this long.
-const MAX_EVAL_TIME_CEILING: Duration = Duration::from_secs(10);
-
-impl Limits {
-    /// Rhai reads 0 as "no limit" for sizes and depths: a 0 here is a typo
-    /// or a wish to turn the sandbox off, and both get an error.
-    fn validate(&self) -> Result<(), String> {
-        for (key, value) in [
-            ("max_operations", self.max_operations),
-            ("max_call_levels", self.max_call_levels as u64),
-            ("max_string_size", self.max_string_size as u64),
-            ("max_array_size", self.max_array_size as u64),
-            ("max_map_size", self.max_map_size as u64),
-        ] {
-            if value == 0 {
-                return Err(format!(
-                    "`limits.{key}` must be positive (0 would turn the limit off)"
-                ));
-            }
-        }
-        if self.max_eval_time.is_zero() {
-            return Err("`limits.max_eval_time` must be positive, e.g. `50ms`".into());
-        }
-        if self.max_eval_time > MAX_EVAL_TIME_CEILING {
-            return Err(format!(
-                "`limits.max_eval_time` {} is above {}: one rule call holds its whole batch that long",
-                humantime::format_duration(self.max_eval_time),
-                humantime::format_duration(MAX_EVAL_TIME_CEILING)
-            ));
-        }
-        Ok(())
-    }
-}
-
 impl Default for AlertPolicy {
     fn default() -> Self {
         AlertPolicy {
@@ -598,125 +557,21 @@ impl Default for GatewayConfig {
     }
 }
 
-impl HttpConfig {
-    /// Checks the listen address and the gateway settings; reads the token's
-    /// environment variable, so a missing secret is caught at start-up.
-    fn validate(&self) -> Result<(), String> {
-        let (host, port) = self
-            .listen
-            .rsplit_once(':')
-            .ok_or_else(|| format!("`http.listen` `{}` is not host:port", self.listen))?;
-        if host.is_empty() || port.parse::<u16>().is_err() {
-            return Err(format!(
-                "`http.listen` `{}` is not host:port (e.g. 127.0.0.1:9464)",
-                self.listen
-            ));
-        }
-        self.admin_token()?;
-        if self.header_read_timeout.is_zero() {
-            return Err("`http.header_read_timeout` must be positive".into());
-        }
-        if self.idle_timeout.is_zero() {
-            return Err("`http.idle_timeout` must be positive".into());
-        }
-        if self.max_connections == 0 {
-            return Err("`http.max_connections` must be at least 1".into());
-        }
-        let g = &self.gateway;
-        if !g.enabled {
-            return Ok(());
-        }
-        if g.stream.trim().is_empty() {
-            return Err("`http.gateway.stream` is empty".into());
-        }
-        if !(1..=MAX_SHARDS).contains(&g.shards) {
-            return Err(format!("`http.gateway.shards` must be 1..={MAX_SHARDS}"));
-        }
-        if g.max_body_bytes == 0 {
-            return Err("`http.gateway.max_body_bytes` must be positive".into());
-        }
-        g.token()?;
-        Ok(())
-    }
-}
-
-impl HttpConfig {
-    /// The bearer token of the admin endpoints; `None` when they are open.
-    pub fn admin_token(&self) -> Result<Option<String>, String> {
-        resolve_token(
-            "http.admin_token",
-            &self.admin_token,
-            "http.admin_token_env",
-            &self.admin_token_env,
-        )
-    }
-}
-
-impl GatewayConfig {
-    /// The bearer token requests must carry, from `token` or the variable
-    /// named by `token_env`; `None` when authentication is off.
-    pub fn token(&self) -> Result<Option<String>, String> {
-        resolve_token(
-            "http.gateway.token",
-            &self.token,
-            "http.gateway.token_env",
-            &self.token_env,
-        )
-    }
-}
-
-/// A secret given inline or through an environment variable (so it need not
-/// be in the file); the keys name themselves in errors.
-fn resolve_token(
-    key: &str,
-    token: &Option<String>,
-    env_key: &str,
-    env: &Option<String>,
-) -> Result<Option<String>, String> {
-    match (token, env) {
-        (Some(_), Some(_)) => Err(format!("`{key}` and `{env_key}` are exclusive")),
-        (Some(t), None) if t.trim().is_empty() => Err(format!(
-            "`{key}` is empty; remove it to turn authentication off"
-        )),
-        (Some(t), None) => Ok(Some(t.clone())),
-        (None, Some(var)) => match std::env::var(var) {
-            Ok(t) if !t.trim().is_empty() => Ok(Some(t)),
-            Ok(_) => Err(format!(
-                "`{env_key}`: environment variable `{var}` is empty"
-            )),
-            Err(_) => Err(format!(
-                "`{env_key}`: environment variable `{var}` is not set"
-            )),
-        },
-        (None, None) => Ok(None),
-    }
-}
-
-impl Subscription {
-    pub fn group(&self) -> &str {
-        self.group.as_deref().unwrap_or(&self.name)
-    }
-
-    pub fn concurrency(&self) -> usize {
-        self.concurrency.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-    }
-}
-
-impl Config {
+impl Settings {
     /// Loads `path`, or `./tripline.yaml` when it exists, or the built-in
     /// defaults (the seed's setup, the same as the shipped `tripline.yaml`);
     /// then applies `REDIS_ADDR` and `TRIPLINE_HTTP_LISTEN` and validates.
     /// Relative paths are made relative to the file's directory.
-    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+    pub fn load(path: Option<&Path>) -> Result<Settings, ConfigError> {
         let implicit = Path::new("tripline.yaml");
         let chosen = match path {
             Some(p) => Some(p.to_path_buf()),
             None if implicit.exists() => Some(implicit.to_path_buf()),
             None => None,
+        };
+        let mut source = Source {
+            origin: BUILT_IN.into(),
+            ..Source::default()
         };
         let mut config = match &chosen {
             Some(p) => {
@@ -724,7 +579,9 @@ impl Config {
                     path: p.clone(),
                     source,
                 })?;
-                let mut c = Config::parse(&text, &p.display().to_string())?;
+                source.origin = p.display().to_string();
+                let mut c = Config::parse(&text, &source.origin)?;
+                source.text = Some(text);
                 let base = p.parent().unwrap_or(Path::new("."));
                 c.rules_dir = base.join(&c.rules_dir);
                 c.plugins_dir = base.join(&c.plugins_dir);
@@ -738,20 +595,29 @@ impl Config {
         {
             config.redis.url = Some(addr.trim().to_string());
             config.redis.cluster.clear();
+            source.redis_from_env = true;
         }
         if let Ok(listen) = std::env::var(HTTP_LISTEN_ENV)
             && !listen.trim().is_empty()
         {
             config.http.listen = listen.trim().to_string();
+            source.listen_from_env = true;
         }
-        config.validate(
-            &chosen
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| BUILT_IN.into()),
-        )?;
-        Ok(config)
+        config.resolve(&source)
     }
 
+    /// Parses and validates YAML text as it stands (no environment, paths
+    /// as written); `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Settings, ConfigError> {
+        Config::parse(text, origin)?.resolve(&Source {
+            origin: origin.into(),
+            text: Some(text.into()),
+            ..Source::default()
+        })
+    }
+}
+
+impl Config {
     /// Parses YAML text; `origin` names it in errors. A file with no
     /// settings at all (empty, or only comments) is the built-in defaults.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -762,89 +628,6 @@ impl Config {
             path: origin.to_string(),
             source,
         })
-    }
-
-    /// Checks what types cannot: names unique, numbers in range, URL usable.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |message: String| ConfigError::Invalid {
-            path: origin.to_string(),
-            message,
-        };
-        let endpoint = self.redis.endpoint().map_err(invalid)?;
-        self.redis.tls_ca().map_err(invalid)?;
-        if self.subscriptions.is_empty() {
-            return Err(invalid(
-                "`subscriptions` is empty: nothing to consume (leave the key out for the seed's subscriptions)".into(),
-            ));
-        }
-        let mut names = std::collections::HashSet::new();
-        let mut groups = std::collections::HashSet::new();
-        for s in &self.subscriptions {
-            let at = format!("subscription `{}`", s.name);
-            if s.name.trim().is_empty() {
-                return Err(invalid("a subscription has an empty `name`".into()));
-            }
-            if !names.insert(s.name.clone()) {
-                return Err(invalid(format!("{at}: duplicate subscription name")));
-            }
-            if s.streams.is_empty() || s.streams.iter().any(|x| x.trim().is_empty()) {
-                return Err(invalid(format!("{at}: `streams` must list stream names")));
-            }
-            for stream in &s.streams {
-                if endpoint.is_cluster() && crate::outbox::hash_tag(stream).contains(['{', '}']) {
-                    return Err(invalid(format!(
-                        "{at}: stream `{stream}` has braces but no hash tag; on Redis Cluster its outbox and dead-letter stream could not share its slot (name it `name:{{tag}}`, or without braces)"
-                    )));
-                }
-                if !groups.insert((s.group().to_string(), stream.clone())) {
-                    return Err(invalid(format!(
-                        "{at}: group `{}` on stream `{stream}` is already used by another subscription",
-                        s.group()
-                    )));
-                }
-            }
-            if s.batch_size == 0 || s.batch_size > 10_000 {
-                return Err(invalid(format!("{at}: `batch_size` must be 1..=10000")));
-            }
-            if s.concurrency == Some(0) {
-                return Err(invalid(format!("{at}: `concurrency` must be at least 1")));
-            }
-            if s.max_deliveries == 0 {
-                return Err(invalid(format!(
-                    "{at}: `max_deliveries` must be at least 1"
-                )));
-            }
-            if s.block.is_zero() {
-                return Err(invalid(format!(
-                    "{at}: `block` must be positive (0 would block forever)"
-                )));
-            }
-            if s.claim_interval.is_zero() {
-                return Err(invalid(format!("{at}: `claim_interval` must be positive")));
-            }
-            for g in &s.rules {
-                globset::Glob::new(g)
-                    .map_err(|e| invalid(format!("{at}: bad rule glob `{g}`: {e}")))?;
-            }
-        }
-        if !self.consumer_cleanup.max_idle.is_zero() && self.consumer_cleanup.interval.is_zero() {
-            return Err(invalid(
-                "`consumer_cleanup.interval` must be positive (or set `max_idle: 0s` to turn cleanup off)".into(),
-            ));
-        }
-        if self.alerts.timer_interval.is_zero() {
-            return Err(invalid("`alerts.timer_interval` must be positive".into()));
-        }
-        if self.alerts.flap_max_changes > 0 && self.alerts.flap_window.is_zero() {
-            return Err(invalid(
-                "`alerts.flap_window` must be positive when `flap_max_changes` is set".into(),
-            ));
-        }
-        self.limits.validate().map_err(invalid)?;
-        if self.http.enabled {
-            self.http.validate().map_err(invalid)?;
-        }
-        Ok(())
     }
 }
 
@@ -857,20 +640,25 @@ mod tests {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tripline.yaml")).unwrap()
     }
 
+    fn built_in() -> Source {
+        Source {
+            origin: BUILT_IN.into(),
+            ..Source::default()
+        }
+    }
+
     #[test]
     fn shipped_config_parses_and_validates() {
-        let c = Config::parse(&shipped(), "shipped").unwrap();
-        c.validate("shipped").unwrap();
+        let c = Settings::parse(&shipped(), "shipped").unwrap();
         assert!(c.subscriptions.len() >= 3);
     }
 
     #[test]
     fn built_in_defaults_are_the_seed_setup() {
-        let c = Config::default();
-        c.validate(BUILT_IN).unwrap();
+        let c = Config::default().resolve(&built_in()).unwrap();
         assert_eq!(c.rules_dir, Path::new("rules"));
         assert_eq!(c.plugins_dir, Path::new("plugins"));
-        assert_eq!(c.http.listen, "127.0.0.1:9464");
+        assert_eq!(c.http.unwrap().listen, "127.0.0.1:9464");
         assert_eq!(c.shutdown_timeout, Duration::from_secs(10));
         let subs: Vec<(&str, &str, Vec<&str>, Vec<&str>)> = c
             .subscriptions
@@ -919,8 +707,7 @@ mod tests {
 
     #[test]
     fn config_without_subscriptions_gets_the_seeds() {
-        let c = Config::parse("redis: {url: \"10.0.0.1:6379\"}\n", "t").unwrap();
-        c.validate("t").unwrap();
+        let c = Settings::parse("redis: {url: \"10.0.0.1:6379\"}\n", "t").unwrap();
         let names: Vec<&str> = c.subscriptions.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(
             names,
@@ -931,8 +718,7 @@ mod tests {
             ]
         );
         for empty in ["{}", "", "# only a comment\n"] {
-            let c = Config::parse(empty, "t").unwrap();
-            c.validate("t").unwrap();
+            let c = Settings::parse(empty, "t").unwrap();
             assert_eq!(c.subscriptions.len(), 3, "{empty:?}");
         }
     }
@@ -974,9 +760,8 @@ mod tests {
 
     fn endpoint(yaml: &str) -> Result<RedisEndpoint, String> {
         let text = format!("redis:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
-        let c = Config::parse(&text, "t").map_err(|e| e.to_string())?;
-        c.validate("t").map_err(|e| e.to_string())?;
-        c.redis.endpoint()
+        let c = Settings::parse(&text, "t").map_err(|e| e.to_string())?;
+        Ok(c.redis.endpoint)
     }
 
     #[test]
@@ -1007,8 +792,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         let not_pem = dir.path().join("key.txt");
+        let truncated = dir.path().join("truncated.pem");
+        std::fs::write(&ca, TEST_CA).unwrap();
         std::fs::write(
-            &ca,
+            &truncated,
             "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
         )
         .unwrap();
@@ -1018,7 +805,12 @@ mod tests {
                 Config::parse("subscriptions:\n  - {name: a, streams: [s]}\n", "t").unwrap();
             c.redis.url = Some(url.into());
             c.redis.tls_ca_file = Some(file.to_path_buf());
-            c.validate("t").map_err(|e| e.to_string())
+            c.resolve(&Source {
+                origin: "t".into(),
+                ..Source::default()
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         };
         check("rediss://127.0.0.1:6380/", &ca).unwrap();
         let err = check("redis://127.0.0.1:6379/", &ca).unwrap_err();
@@ -1027,12 +819,31 @@ mod tests {
         assert!(err.contains("holds no PEM certificate"), "{err}");
         let err = check("rediss://127.0.0.1:6380/", &dir.path().join("gone.pem")).unwrap_err();
         assert!(err.contains("gone.pem: cannot read"), "{err}");
+        // Parsed when the settings are built, so `tripline check` sees it.
+        let err = check("rediss://127.0.0.1:6380/", &truncated).unwrap_err();
+        assert!(err.contains("truncated.pem: Unable to parse"), "{err}");
     }
+
+    /// A self-signed CA certificate (its key thrown away): TLS settings are
+    /// built while loading, so the file must hold a real certificate.
+    const TEST_CA: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBjjCCATOgAwIBAgIUehfk8M9WYty/Eqn0mHpz7ZE13yIwCgYIKoZIzj0EAwIw\n\
+GzEZMBcGA1UEAwwQdHJpcGxpbmUgdGVzdCBDQTAgFw0yNjExMjgwOTE3MjZaGA8y\n\
+MTI2MTEwNDA5MTcyNlowGzEZMBcGA1UEAwwQdHJpcGxpbmUgdGVzdCBDQTBZMBMG\n\
+ByqGSM49AgEGCCqGSM49AwEHA0IABFL17Tk12nEII8KBmHrG3ejaQudaE7beFFKQ\n\
+ckgMBHTUkdVh7Cl8uj0Ye8D8+KylHnQmhFkd1I/Meo7Y8SgsnfKjUzBRMB0GA1Ud\n\
+DgQWBBQD47rz02nTbCpqZ7br3b/sp6T5ezAfBgNVHSMEGDAWgBQD47rz02nTbCpq\n\
+Z7br3b/sp6T5ezAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49BAMCA0kAMEYCIQDJ\n\
+FvlOkIEg2URBnLb0F4Q624z9GHLsLKP/FL7k71PZFwIhAN0joX5qjhMOgaS65Lqa\n\
+dbIwh2dEIpUCT/uBN9T9hoLj\n\
+-----END CERTIFICATE-----\n";
 
     fn validate_http(yaml: &str) -> Result<(), String> {
         let text = format!("http:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
-        let c = Config::parse(&text, "t").map_err(|e| e.to_string())?;
-        c.validate("t").map_err(|e| e.to_string())
+        Settings::parse(&text, "t")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     #[test]
@@ -1094,8 +905,7 @@ mod tests {
     fn sharded_topics_expand() {
         let text =
             "subscriptions:\n  - name: a\n    streams: [plain, {topic: t, shards: 3}, 2024]\n";
-        let c = Config::parse(text, "t").unwrap();
-        c.validate("t").unwrap();
+        let c = Settings::parse(text, "t").unwrap();
         assert_eq!(
             c.subscriptions[0].streams,
             ["plain", "t:{0}", "t:{1}", "t:{2}", "2024"]
@@ -1115,17 +925,16 @@ mod tests {
     #[test]
     fn cluster_rejects_streams_without_a_usable_tag() {
         let text = "redis: {url: \"redis+cluster://h:1\"}\nsubscriptions:\n  - {name: a, streams: [\"a{}b\"]}\n";
-        let err = Config::parse(text, "t").unwrap().validate("t").unwrap_err();
+        let err = Settings::parse(text, "t").unwrap_err();
         assert!(err.to_string().contains("no hash tag"), "{err}");
         let text = "subscriptions:\n  - {name: a, streams: [\"a{}b\"]}\n";
-        Config::parse(text, "t").unwrap().validate("t").unwrap();
+        Settings::parse(text, "t").unwrap();
     }
 
     fn validate_limits(yaml: &str) -> Result<(), String> {
         let text = format!("limits:\n{yaml}subscriptions:\n  - {{name: a, streams: [s]}}\n");
-        Config::parse(&text, "t")
-            .map_err(|e| e.to_string())?
-            .validate("t")
+        Settings::parse(&text, "t")
+            .map(|_| ())
             .map_err(|e| e.to_string())
     }
 
@@ -1155,8 +964,7 @@ mod tests {
     #[test]
     fn duplicate_group_on_stream_is_rejected() {
         let text = "subscriptions:\n  - {name: a, group: g, streams: [s]}\n  - {name: b, group: g, streams: [s]}\n";
-        let c = Config::parse(text, "t").unwrap();
-        let err = c.validate("t").unwrap_err().to_string();
+        let err = Settings::parse(text, "t").unwrap_err().to_string();
         assert!(err.contains("already used"), "{err}");
     }
 }
