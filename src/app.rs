@@ -11,15 +11,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
 use crate::config::{Config, Subscription};
+use crate::http;
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
 use crate::reload::Reloader;
-use crate::rules::{RuleError, RuleSet, build_engine};
+use crate::rules::{RuleEngine, RuleError, RuleSet, build_engine};
+use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
 use crate::source::{self, Shared, lease};
-use crate::{http, metrics};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -42,14 +43,15 @@ pub enum AppError {
 
 /// Everything `check` validates and `run` needs before touching Redis.
 pub struct Prepared {
-    pub engine: Arc<rhai::Engine>,
+    pub engine: Arc<RuleEngine>,
     pub rules: LoadedRules,
     pub plugins: Vec<Manifest>,
 }
 
-/// Compiles rules and plugins exactly as the running engine does.
-pub fn prepare(config: &Config) -> Result<Prepared, AppError> {
-    let engine = build_engine(&config.limits);
+/// Compiles rules and plugins exactly as the running engine does, the
+/// engine bound to `runtime`.
+pub fn prepare(config: &Config, runtime: &Runtime) -> Result<Prepared, AppError> {
+    let engine = build_engine(&config.limits, runtime);
     let set = RuleSet::load(&engine, &config.rules_dir)?;
     let rules = LoadedRules::new(set, &config.subscriptions);
     for sub in &config.subscriptions {
@@ -85,7 +87,8 @@ pub fn outbox_streams(config: &Config) -> Vec<String> {
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppError> {
     let endpoint = config.redis.endpoint().map_err(AppError::RedisAddr)?;
     let target = config.redis.target().map_err(AppError::RedisAddr)?;
-    let prepared = prepare(&config)?;
+    let runtime = Runtime::new();
+    let prepared = prepare(&config, &runtime)?;
     tracing::info!(
         rules = prepared.rules.set.rules.len(),
         sinks = prepared.plugins.iter().filter(|m| m.enabled).count(),
@@ -93,7 +96,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         "tripline starting"
     );
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
-    let book = Arc::new(AlertBook::new(config.alerts.policy()));
+    let book = Arc::new(AlertBook::new(config.alerts.policy(), &runtime));
     let processor = Processor {
         engine: prepared.engine.clone(),
         rules: live_rules.clone(),
@@ -111,7 +114,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     tail_tasks.spawn(redis_conn::watch_health(
         target.clone(),
         Duration::from_secs(1),
-        redis_conn::StateMarkers::new(&consumed),
+        redis_conn::StateMarkers::new(&consumed, &runtime.metrics),
+        runtime.metrics.clone(),
         tail.clone(),
     ));
     // HTTP serves from here on: /readyz says why we are not ready yet.
@@ -130,6 +134,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
                 &config.http.gateway,
                 token,
                 target.clone(),
+                runtime.metrics.clone(),
             ))
         } else {
             None
@@ -142,6 +147,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
                 gateway,
                 crate::http_silences::SilenceApi::new(target.clone(), admin_token.clone()),
                 admin_token,
+                runtime.metrics.clone(),
             ),
             http::ConnectionLimits::of(&config.http),
             tail.clone(),
@@ -169,6 +175,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     tail_tasks.spawn(crate::alert::silence::refresh_loop(
         target.clone(),
         Duration::from_secs(2),
+        runtime.silences.clone(),
         tail.clone(),
     ));
     // Sinks start (and their groups exist) before any worker can write an
@@ -177,6 +184,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         outbox_streams(&config),
         instance.clone(),
         target.clone(),
+        runtime.clone(),
         CancellationToken::new(),
     ));
     tokio::select! {
@@ -198,9 +206,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         outbox_prefix: config.outbox.prefix.clone(),
         outbox_max_len: config.outbox.max_len,
         lock: Default::default(),
+        runtime: runtime.clone(),
     });
-    metrics::config_loaded("rules");
-    metrics::config_loaded("plugins");
+    runtime.metrics.config_loaded("rules");
+    runtime.metrics.config_loaded("plugins");
     tail_tasks.spawn(reload_on_sighup(reloader.clone(), tail.clone()));
     tail_tasks.spawn(crate::reload::watch::watch(reloader.clone(), tail.clone()));
 
@@ -209,6 +218,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         target: target.clone(),
         outbox_prefix: config.outbox.prefix.clone(),
         outbox_max_len: config.outbox.max_len,
+        runtime: runtime.clone(),
     });
     let workers_stop = shutdown.child_token();
     let mut workers = JoinSet::new();
@@ -216,7 +226,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let mut own_consumers = vec![instance.clone()];
     for sub in &subs {
         for stream in &sub.streams {
-            metrics::consuming(&sub.name, stream, sub.group());
+            runtime.metrics.consuming(&sub.name, stream, sub.group());
         }
         let consumer_base = sub.consumer.clone().unwrap_or_else(|| instance.clone());
         // One XREADGROUP covers one hash slot on Cluster: each worker reads
@@ -261,6 +271,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
             own: own_consumers,
         },
         config.consumer_cleanup.clone(),
+        runtime.metrics.clone(),
         workers_stop.clone(),
     ));
     let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
@@ -276,6 +287,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         target.clone(),
         subs.clone(),
         Duration::from_secs(5),
+        runtime.metrics.clone(),
         workers_stop.clone(),
     ));
 

@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{GatewayConfig, HttpConfig};
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 use crate::http_silences::SilenceApi;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::redis_conn::{RedisConn, RedisTarget};
 use crate::reload::Reloader;
 use crate::shard::stream_for;
@@ -67,6 +67,8 @@ pub struct State {
     /// Bearer token `POST /-/reload` requires (`http.admin_token`); none
     /// means open.
     admin_token: Option<Arc<str>>,
+    /// What `/metrics` encodes, and whether Redis answers for `/readyz`.
+    metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -75,12 +77,14 @@ impl State {
         gateway: Option<Gateway>,
         silences: SilenceApi,
         admin_token: Option<String>,
+        metrics: Arc<Metrics>,
     ) -> State {
         State {
             engine,
             gateway: gateway.map(Arc::new),
             silences: Arc::new(silences),
             admin_token: admin_token.map(Arc::from),
+            metrics,
         }
     }
 }
@@ -402,7 +406,7 @@ async fn reload(AxState(state): AxState<State>, headers: HeaderMap) -> Response 
 
 /// OpenMetrics when the client asks for it (Prometheus does), else the
 /// classic text format, which promtool and older scrapers parse.
-async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
+async fn metrics_text(AxState(state): AxState<State>, headers: HeaderMap) -> impl IntoResponse {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -410,7 +414,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
     if wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            metrics::get().encode(),
+            state.metrics.encode(),
         )
     } else {
         (
@@ -418,7 +422,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
-            metrics::get().encode_prometheus_text(),
+            state.metrics.encode_prometheus_text(),
         )
     }
 }
@@ -451,7 +455,7 @@ fn wants_openmetrics(accept: &str) -> bool {
 
 async fn ready(AxState(state): AxState<State>) -> impl IntoResponse {
     let mut reasons = Vec::new();
-    if !metrics::redis_is_up() {
+    if !state.metrics.redis_is_up() {
         reasons.push("Redis is unreachable");
     }
     if state.engine.stopping.load(Ordering::SeqCst) {
@@ -486,11 +490,18 @@ pub struct Gateway {
     /// use and dropped after a connection error so the next request
     /// reconnects. The lock is held only to open or clone it.
     conn: tokio::sync::Mutex<Option<RedisConn>>,
+    /// Where requests are counted by result.
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     /// `token` is the resolved [`GatewayConfig::token`].
-    pub fn new(config: &GatewayConfig, token: Option<String>, target: RedisTarget) -> Gateway {
+    pub fn new(
+        config: &GatewayConfig,
+        token: Option<String>,
+        target: RedisTarget,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
         Gateway {
             stream: config.stream.clone(),
             shards: config.shards,
@@ -498,6 +509,7 @@ impl Gateway {
             max_body_bytes: config.max_body_bytes,
             target,
             conn: tokio::sync::Mutex::new(None),
+            metrics,
         }
     }
 
@@ -567,32 +579,38 @@ async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if !gateway.authorized(&headers) {
-        metrics::gateway_rejected("unauthorized", "missing or wrong bearer token");
+        gateway
+            .metrics
+            .gateway_rejected("unauthorized", "missing or wrong bearer token");
         return unauthorized();
     }
     let body = match body {
         Ok(b) => b,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let limit = gateway.max_body_bytes;
-            metrics::gateway_rejected("too_large", &format!("body over {limit} bytes"));
+            gateway
+                .metrics
+                .gateway_rejected("too_large", &format!("body over {limit} bytes"));
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("Body larger than {limit} bytes"),
             );
         }
         Err(rejection) => {
-            metrics::gateway_rejected("malformed", &rejection.body_text());
+            gateway
+                .metrics
+                .gateway_rejected("malformed", &rejection.body_text());
             return error(StatusCode::BAD_REQUEST, MALFORMED);
         }
     };
     let reading = match validate(&body) {
         Ok(r) => r,
         Err(Rejection::Malformed(why)) => {
-            metrics::gateway_rejected("malformed", &why);
+            gateway.metrics.gateway_rejected("malformed", &why);
             return error(StatusCode::BAD_REQUEST, MALFORMED);
         }
         Err(Rejection::Invalid(why)) => {
-            metrics::gateway_rejected("invalid", &why);
+            gateway.metrics.gateway_rejected("invalid", &why);
             return error(StatusCode::BAD_REQUEST, INCOMPLETE);
         }
     };
@@ -601,11 +619,11 @@ async fn telemetry(
     let stream = stream_for(&gateway.stream, gateway.shards, device);
     match gateway.publish(&stream, &payload).await {
         Ok(id) => {
-            metrics::gateway_accepted(&stream, &id);
+            gateway.metrics.gateway_accepted(&stream, &id);
             (StatusCode::OK, Json(json!({ "stream": stream, "id": id }))).into_response()
         }
         Err(e) => {
-            metrics::gateway_publish_failed(&stream, &e);
+            gateway.metrics.gateway_publish_failed(&stream, &e);
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Could not publish the reading; try again later",

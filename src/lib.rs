@@ -30,6 +30,8 @@
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
+//! - [`runtime`]: the context one engine's parts share (metrics, silences,
+//!   rule state), handed in rather than process-wide.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
@@ -53,6 +55,7 @@ pub mod reload;
 pub mod replay;
 pub mod rules;
 pub mod ruletest;
+pub mod runtime;
 pub mod shard;
 pub mod sinks;
 pub mod source;

@@ -207,26 +207,39 @@ pub async fn list(conn: &mut RedisConn, now_ms: u64) -> Result<Vec<Silence>, Red
     Ok(live)
 }
 
-fn current() -> &'static ArcSwap<Silences> {
-    static CURRENT: std::sync::OnceLock<ArcSwap<Silences>> = std::sync::OnceLock::new();
-    CURRENT.get_or_init(|| ArcSwap::from_pointee(Silences::default()))
+/// The silences in force in one engine: empty until the first refresh, and
+/// in tools that never start one. The lifecycle and the sinks read it, and
+/// [`refresh_loop`] keeps it in step with Redis.
+#[derive(Debug, Default)]
+pub struct ActiveSilences(ArcSwap<Silences>);
+
+impl ActiveSilences {
+    /// The silences in force now, unchanged for as long as the caller
+    /// holds them.
+    pub fn active(&self) -> Arc<Silences> {
+        self.0.load_full()
+    }
+
+    /// Replaces the whole set, as read from Redis.
+    pub fn set(&self, list: Vec<Silence>) {
+        self.0.store(Arc::new(Silences::new(list)));
+    }
 }
 
-/// The silences in force in this process (empty until the first refresh,
-/// and in tools that never start one).
-pub fn active() -> Arc<Silences> {
-    current().load_full()
-}
-
-/// Keeps [`active`] in step with Redis until shutdown.
-pub async fn refresh_loop(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
+/// Keeps `into` in step with Redis until shutdown.
+pub async fn refresh_loop(
+    target: RedisTarget,
+    every: Duration,
+    into: Arc<ActiveSilences>,
+    shutdown: CancellationToken,
+) {
     crate::redis_conn::every(
         LazyConn::new(target, Duration::from_secs(5)),
         every,
         shutdown,
         "reading silences",
         async |c| list(c, crate::process::now_ms()).await,
-        |l| current().store(Arc::new(Silences::new(l))),
+        |l| into.set(l),
     )
     .await;
 }

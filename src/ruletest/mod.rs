@@ -520,6 +520,7 @@ mod tests {
     use super::*;
     use crate::process::LoadedRules;
     use crate::rules::build_engine;
+    use crate::runtime::Runtime;
 
     const CONFIG: &str = "subscriptions:\n  - {name: errs, group: g-errs, streams: [errors], rules: [\"e*.rhai\"]}\n";
 
@@ -532,12 +533,12 @@ mod tests {
         }
         let mut config = Config::parse(CONFIG, "t").unwrap();
         config.rules_dir = dir.path().to_path_buf();
-        let engine = build_engine(&config.limits);
+        let engine = build_engine(&config.limits, &Runtime::new());
         let set = RuleSet::load(&engine, dir.path()).unwrap();
         let suite = Suite::parse(&dir.path().join(name), text.to_string(), &config, &set)
             .map_err(|e| e.to_string())?;
         let runner = Runner {
-            engine,
+            limits: config.limits.clone(),
             rules: Arc::new(ArcSwap::from_pointee(LoadedRules {
                 set,
                 selections: [(Runner::key(0), suite.selection.clone())].into(),

@@ -18,12 +18,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
 use crate::alert::Alert;
-use crate::metrics;
+use crate::metrics::{self, Metrics};
 use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{
     Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, note_error, parse_groups,
     parse_pending, parse_read_reply, pause,
 };
+use crate::runtime::Runtime;
 use crate::source::lease;
 
 /// How long one XREADGROUP on the outbox blocks.
@@ -69,12 +70,14 @@ pub async fn ensure_groups(
 /// ([`RedisTarget::read_groups`]): one lane on a single server, one per
 /// outbox hash tag on Cluster. Lanes deliver independently (a sink may see
 /// concurrent `deliver` calls on Cluster); the sink closes once all ended.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
     outboxes: Vec<String>,
     consumer: String,
     target: RedisTarget,
+    runtime: Runtime,
     shutdown: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
@@ -108,6 +111,7 @@ pub async fn run(
         manifest.name.clone(),
         group.clone(),
         outboxes.clone(),
+        runtime.metrics.clone(),
         lag_stop.clone(),
     ));
     let mut lanes = tokio::task::JoinSet::new();
@@ -119,6 +123,7 @@ pub async fn run(
             group.clone(),
             consumer.clone(),
             target.clone(),
+            runtime.clone(),
             shutdown.clone(),
         ));
     }
@@ -128,11 +133,12 @@ pub async fn run(
     }
     lag_stop.cancel();
     let _ = lag_task.await;
-    metrics::sink_lag_clear(&manifest.name);
+    runtime.metrics.sink_lag_clear(&manifest.name);
 }
 
 /// Reads, delivers and acknowledges the alerts of `outboxes` until
 /// `shutdown`, then until they hold nothing new for us (the flush on exit).
+#[allow(clippy::too_many_arguments)]
 async fn lane(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
@@ -140,6 +146,7 @@ async fn lane(
     group: String,
     consumer: String,
     target: RedisTarget,
+    runtime: Runtime,
     shutdown: CancellationToken,
 ) {
     let mut read = LazyConn::new(target.clone(), BLOCK + Duration::from_secs(2));
@@ -172,6 +179,7 @@ async fn lane(
             &mut read,
             &mut write,
             &mut draining,
+            &runtime,
             &shutdown,
         )
         .await;
@@ -207,6 +215,7 @@ async fn report_lag(
     sink: String,
     group: String,
     outboxes: Vec<String>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, Duration::from_secs(5));
@@ -242,7 +251,7 @@ async fn report_lag(
             }
         }
         if complete {
-            metrics::sink_lag(&sink, total);
+            metrics.sink_lag(&sink, total);
         }
         tokio::select! {
             _ = tokio::time::sleep(LAG_EVERY) => {}
@@ -344,6 +353,7 @@ async fn step(
     read: &mut LazyConn,
     write: &mut LazyConn,
     draining: &mut HashMap<String, String>,
+    runtime: &Runtime,
     shutdown: &CancellationToken,
 ) -> Result<usize, RedisError> {
     let is_draining = !draining.is_empty();
@@ -403,7 +413,7 @@ async fn step(
     batches.retain(|(_, e)| !e.is_empty());
     let seen = batches.iter().map(|(_, e)| e.len()).sum();
     if seen > 0 {
-        deliver_batch(sink, manifest, group, batches, write, shutdown).await?;
+        deliver_batch(sink, manifest, group, batches, write, runtime, shutdown).await?;
     }
     Ok(seen)
 }
@@ -428,18 +438,20 @@ async fn deliver_batch(
     group: &str,
     batches: Vec<(String, Vec<StreamEntry>)>,
     write: &mut LazyConn,
+    runtime: &Runtime,
     shutdown: &CancellationToken,
 ) -> Result<(), RedisError> {
     let mut alerts = Vec::new();
     // Which outbox each alert came from, for its dead letter.
     let mut from = Vec::new();
-    let silences = crate::alert::silence::active();
+    let silences = runtime.silences.active();
+    let m = &runtime.metrics;
     let now = crate::process::now_ms();
     for (i, (outbox, entries)) in batches.iter().enumerate() {
         for e in entries {
             match parse_alert(e) {
                 Ok(a) if manifest.route.matches(&a) => match silences.muting(&a, now) {
-                    Some(silence) => metrics::sink_silenced(&manifest.name, &a, silence),
+                    Some(silence) => m.sink_silenced(&manifest.name, &a, silence),
                     None => {
                         alerts.push(a);
                         from.push(i);
@@ -468,14 +480,14 @@ async fn deliver_batch(
         };
         match result {
             Ok(()) => {
-                metrics::sink_delivered(&manifest.name, alerts.len() as u64);
+                m.sink_delivered(&manifest.name, alerts.len() as u64);
                 break;
             }
             Err(e) if e.is_permanent() || attempt >= manifest.max_attempts => {
                 if e.is_permanent() {
-                    metrics::sink_rejected(&manifest.name, alerts.len() as u64, &e.to_string());
+                    m.sink_rejected(&manifest.name, alerts.len() as u64, &e.to_string());
                 } else {
-                    metrics::sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
+                    m.sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
                 }
                 let mut pipe = redis::pipe();
                 pipe.atomic();
@@ -497,7 +509,7 @@ async fn deliver_batch(
                 return Ok(());
             }
             Err(e) => {
-                metrics::sink_failed(&manifest.name, attempt, &e.to_string());
+                m.sink_failed(&manifest.name, attempt, &e.to_string());
                 if !pause(&mut backoff, shutdown).await {
                     // Shutting down: leave the batch pending for next start.
                     return Ok(());

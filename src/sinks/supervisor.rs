@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BuildContext, Manifest, Sink, dispatch, kind};
 use crate::redis_conn::RedisTarget;
+use crate::runtime::Runtime;
 
 struct Running {
     source_hash: u64,
@@ -36,6 +37,8 @@ pub struct Supervisor {
     /// Consumer name of this instance in every sink group.
     consumer: String,
     target: RedisTarget,
+    /// Where the sinks count deliveries and find the silences in force.
+    runtime: Runtime,
     /// Cancelled at process shutdown; every dispatcher's stop is its child.
     shutdown: CancellationToken,
 }
@@ -45,6 +48,7 @@ impl Supervisor {
         outboxes: Vec<String>,
         consumer: String,
         target: RedisTarget,
+        runtime: Runtime,
         shutdown: CancellationToken,
     ) -> Supervisor {
         Supervisor {
@@ -52,6 +56,7 @@ impl Supervisor {
             outboxes,
             consumer,
             target,
+            runtime,
             shutdown,
         }
     }
@@ -98,6 +103,7 @@ impl Supervisor {
                 redis: self.target.clone(),
                 timeout: m.timeout,
                 base_dir: m.dir(),
+                metrics: self.runtime.metrics.clone(),
             };
             let sink: Arc<dyn Sink> = match kind.build(&m.settings, &cx) {
                 Ok(s) => Arc::from(s),
@@ -106,7 +112,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            crate::metrics::sink_started(&name, &m.kind);
+            self.runtime.metrics.sink_started(&name, &m.kind);
             let source_hash = m.source_hash;
             let stop = self.shutdown.child_token();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -116,6 +122,7 @@ impl Supervisor {
                 self.outboxes.clone(),
                 self.consumer.clone(),
                 self.target.clone(),
+                self.runtime.clone(),
                 stop.clone(),
                 ready_tx,
             ));

@@ -8,13 +8,14 @@
 //! consumer that gets an entry between a separate check and the delete
 //! would take that entry's pending record with it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerCleanup;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::redis_conn::{LazyConn, RedisTarget, note_error, parse_groups};
 use crate::sinks::dispatch::SINK_GROUP_PREFIX;
 
@@ -55,6 +56,7 @@ pub async fn run(
     target: RedisTarget,
     scope: Scope,
     policy: ConsumerCleanup,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     if policy.max_idle.is_zero() {
@@ -67,7 +69,7 @@ pub async fn run(
             _ = tokio::time::sleep(policy.interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        if let Err(e) = sweep(&mut conn, &script, &scope, policy.max_idle).await {
+        if let Err(e) = sweep(&mut conn, &script, &scope, policy.max_idle, &metrics).await {
             note_error("removing idle consumers", &e);
             conn.reset();
         }
@@ -79,6 +81,7 @@ async fn sweep(
     script: &redis::Script,
     scope: &Scope,
     max_idle: Duration,
+    metrics: &Metrics,
 ) -> Result<(), RedisError> {
     let mut groups = scope.subscriptions.clone();
     for outbox in &scope.outboxes {
@@ -108,7 +111,7 @@ async fn sweep(
             .invoke_async(conn.get().await?)
             .await?;
         for consumer in removed {
-            metrics::consumer_removed(&stream, &group, &consumer);
+            metrics.consumer_removed(&stream, &group, &consumer);
         }
     }
     Ok(())

@@ -21,12 +21,14 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::Action;
 use crate::config::Subscription;
 use crate::metrics;
+use crate::metrics::Metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     self, Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
     parse_entries, parse_groups, parse_pending, pause,
 };
+use crate::runtime::Runtime;
 use crate::stream_reader::{Batches, ReadConn};
 
 /// Reply timeout of connections that never block.
@@ -40,6 +42,8 @@ pub struct Shared {
     pub outbox_prefix: String,
     /// Approximate cap of each outbox stream.
     pub outbox_max_len: u64,
+    /// Metrics, silences and rule state of this engine.
+    pub runtime: Runtime,
 }
 
 impl Shared {
@@ -373,14 +377,15 @@ async fn settle(
     };
     drop(rules);
     let group = sub.group();
-    metrics::messages(stream, group, "processed", judged.processed);
-    metrics::messages(stream, group, "dropped", judged.dropped);
-    metrics::messages(stream, group, "error", judged.errored);
+    let m = &shared.runtime.metrics;
+    m.messages(stream, group, "processed", judged.processed);
+    m.messages(stream, group, "dropped", judged.dropped);
+    m.messages(stream, group, "error", judged.errored);
     for d in &judged.dead {
-        metrics::dead_lettered(stream, group, &d.id, &d.reason);
+        m.dead_lettered(stream, group, &d.id, &d.reason);
     }
     for a in &notified {
-        metrics::alert_notified(a);
+        m.alert_notified(a);
     }
     Ok(true)
 }
@@ -437,11 +442,11 @@ pub(crate) async fn commit_decisions(
             Ok(Committed::Stale) => {
                 book.rollback(tag, decision.undo);
                 book.unsync(tag);
-                metrics::state_redecided(stream, "stale");
+                shared.runtime.metrics.state_redecided(stream, "stale");
             }
             Ok(Committed::Conflict(fields)) => {
                 book.rollback(tag, decision.undo);
-                metrics::state_redecided(stream, "conflict");
+                shared.runtime.metrics.state_redecided(stream, "conflict");
                 let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
                 tokio::time::sleep(pause).await;
                 let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
@@ -650,6 +655,7 @@ pub async fn run_position_reporter(
     target: RedisTarget,
     subs: Vec<Arc<Subscription>>,
     every: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, WRITE_TIMEOUT);
@@ -670,7 +676,7 @@ pub async fn run_position_reporter(
                     Ok(v) => {
                         for (group, pending, lag) in parse_groups(v) {
                             if group == sub.group() {
-                                metrics::consumer_position(stream, &group, pending, lag);
+                                metrics.consumer_position(stream, &group, pending, lag);
                             }
                         }
                     }
