@@ -60,3 +60,5 @@ pub mod shard;
 pub mod sinks;
 pub mod source;
 pub mod stream_reader;
+#[cfg(test)]
+mod test_redis;

@@ -522,3 +522,124 @@ async fn deliver_batch(
     let _: Value = pipe.query_async(write.get().await?).await?;
     Ok(())
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::alert::silence::{Matcher, Silence};
+    use crate::alert::{Origin, Severity, Status};
+    use crate::sinks::{BuildContext, kind, manifest};
+    use crate::test_redis::TestRedis;
+
+    pub(crate) fn alert(host: &str) -> Alert {
+        Alert {
+            fingerprint: format!("fp-{host}"),
+            rule: "errors".into(),
+            name: "Errors".into(),
+            severity: Severity::Major,
+            status: Status::Firing,
+            labels: [("host".to_string(), host.to_string())].into(),
+            annotations: Default::default(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Origin::default(),
+        }
+    }
+
+    /// A `file` sink appending to `out.jsonl` in `dir`, built as the
+    /// supervisor builds one.
+    fn file_sink(dir: &Path, runtime: &Runtime, target: &RedisTarget) -> (Manifest, Box<dyn Sink>) {
+        let m = manifest::parse(
+            &dir.join("file.yaml"),
+            "name: file\nkind: file\npath: out.jsonl\n",
+        )
+        .unwrap();
+        let cx = BuildContext {
+            sink: m.name.clone(),
+            redis: target.clone(),
+            timeout: m.timeout,
+            base_dir: m.dir(),
+            metrics: runtime.metrics.clone(),
+        };
+        let sink = kind(&m.kind).unwrap().build(&m.settings, &cx).unwrap();
+        (m, sink)
+    }
+
+    #[tokio::test]
+    async fn delivery_skips_silenced_alerts_acknowledges_all_and_counts_into_its_runtime() {
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Runtime::new();
+        let target = redis.target();
+        let (manifest, sink) = file_sink(dir.path(), &runtime, &target);
+        let silence = Silence::new(
+            vec![Matcher::parse("host=r1").unwrap()],
+            crate::process::now_ms(),
+            Duration::from_secs(600),
+            "test".into(),
+            String::new(),
+        )
+        .unwrap();
+        runtime.silences.set(vec![silence]);
+        let outbox = "tripline:outbox:{errors}".to_string();
+        let group = group_name(&manifest.name);
+        let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
+        ensure_groups(
+            write.get().await.unwrap(),
+            &manifest.name,
+            std::slice::from_ref(&outbox),
+            "0",
+        )
+        .await
+        .unwrap();
+        let mut con = redis.conn();
+        for host in ["r1", "r2"] {
+            let _: String = redis::cmd("XADD")
+                .arg(&outbox)
+                .arg("*")
+                .arg(ALERT_FIELD)
+                .arg(serde_json::to_string(&alert(host)).unwrap())
+                .query(&mut con)
+                .unwrap();
+        }
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&group)
+            .arg("c1")
+            .arg("STREAMS")
+            .arg(&outbox)
+            .arg(">")
+            .query(&mut con)
+            .unwrap();
+        let batches = crate::redis_conn::parse_read_reply(reply);
+        deliver_batch(
+            &*sink,
+            &manifest,
+            &group,
+            batches,
+            &mut write,
+            &runtime,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let written = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        assert_eq!(written.lines().count(), 1, "{written}");
+        assert!(written.contains("\"host\":\"r2\""), "{written}");
+        let pending: (u64, Value, Value, Value) = redis::cmd("XPENDING")
+            .arg(&outbox)
+            .arg(&group)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(pending.0, 0, "the silenced alert is acknowledged too");
+        let text = runtime.metrics.encode();
+        for line in [
+            "tripline_sink_deliveries_total{sink=\"file\"} 1",
+            "tripline_sink_silenced_total{sink=\"file\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+}

@@ -691,3 +691,108 @@ pub async fn run_position_reporter(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::alert::AlertBook;
+    use crate::config::Config;
+    use crate::outbox::outbox_key;
+    use crate::rules::{RuleSet, build_engine};
+    use crate::test_redis::TestRedis;
+
+    const CONFIG: &str =
+        "subscriptions:\n  - {name: errs, group: g, streams: [errors], start_id: \"0\"}\n";
+    const RULE: &str = "fn on_message(m, c) { if m.errors > 10 { alert(#{ name: \"Errors\", labels: #{ host: m.host } }); } }";
+
+    /// The engine's shared part for one rule on `redis`, in a runtime of
+    /// its own (and the rules directory it was loaded from).
+    fn shared_on(redis: &TestRedis) -> (tempfile::TempDir, Arc<Shared>, Arc<Subscription>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("errors.rhai"), RULE).unwrap();
+        let mut config = Config::parse(CONFIG, "t").unwrap();
+        config.rules_dir = dir.path().to_path_buf();
+        let runtime = Runtime::new();
+        let engine = build_engine(&config.limits, &runtime);
+        let set = RuleSet::load(&engine, dir.path()).unwrap();
+        let shared = Shared {
+            processor: Processor {
+                engine,
+                rules: Arc::new(ArcSwap::from_pointee(LoadedRules::new(
+                    set,
+                    &config.subscriptions,
+                ))),
+                book: Arc::new(AlertBook::new(config.alerts.policy(), &runtime)),
+            },
+            target: redis.target(),
+            outbox_prefix: config.outbox.prefix.clone(),
+            outbox_max_len: config.outbox.max_len,
+            runtime,
+        };
+        let sub = Arc::new(config.subscriptions[0].clone());
+        (dir, Arc::new(shared), sub)
+    }
+
+    #[tokio::test]
+    async fn a_worker_step_judges_commits_and_counts_into_its_runtime() {
+        let redis = TestRedis::start();
+        let (_rules, shared, sub) = shared_on(&redis);
+        let mut con = redis.conn();
+        let entries: [&[(&str, &str)]; 3] = [
+            &[("host", "r1"), ("errors", "50")],
+            &[("host", "r2"), ("errors", "1")],
+            &[("payload", "{oops")],
+        ];
+        for fields in entries {
+            let _: String = redis::cmd("XADD")
+                .arg("errors")
+                .arg("*")
+                .arg(fields)
+                .query(&mut con)
+                .unwrap();
+        }
+        let mut read = ReadConn::new(&shared.target, Duration::from_secs(5));
+        let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
+        let mut state = WorkerState {
+            groups_ready: false,
+            draining: initial_drain(&sub),
+            ahead: None,
+        };
+        // The first step creates the group and drains our (empty) pending
+        // list; the second reads the three entries and commits them.
+        for _ in 0..2 {
+            worker_step(&shared, &sub, "c1", &mut read, &mut write, &mut state)
+                .await
+                .unwrap();
+        }
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg("errors")
+            .arg("g")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(pending.0, 0, "all three acknowledged");
+        let outbox: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(outbox_key(&shared.outbox_prefix, "errors"))
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(outbox.len(), 1, "{outbox:?}");
+        assert!(outbox[0].1[0].1.contains("\"host\":\"r1\""), "{outbox:?}");
+        let dead: u64 = redis::cmd("XLEN")
+            .arg("errors:dead")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(dead, 1);
+        let text = shared.runtime.metrics.encode();
+        for line in [
+            "tripline_messages_total{stream=\"errors\",group=\"g\",outcome=\"processed\"} 2",
+            "tripline_messages_total{stream=\"errors\",group=\"g\",outcome=\"dead_lettered\"} 1",
+            "tripline_alerts_total{rule=\"errors\",severity=\"warning\",status=\"firing\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+}
