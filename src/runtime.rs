@@ -26,6 +26,8 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Everything empty: no metric counted, no silence in force, no
+    /// sample. The rule gauges are exported by this runtime's metrics.
     pub fn new() -> Runtime {
         let rules = Arc::new(RuleState::default());
         Runtime {

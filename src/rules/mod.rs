@@ -89,6 +89,8 @@ pub struct RuleEngine {
 }
 
 impl RuleEngine {
+    /// The metrics of the runtime the engine was built with: the processor
+    /// counts shadow rules' alerts there, next to the rules' own handles.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
