@@ -246,8 +246,9 @@ pub async fn refresh_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Origin, Severity, Status};
+    use super::super::{Action, ActionKind, AlertBook, Origin, Policy, Severity, Status};
     use super::*;
+    use crate::runtime::Runtime;
 
     fn alert(host: &str) -> Alert {
         Alert {
@@ -297,6 +298,61 @@ mod tests {
                 String::new()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_runtimes_silences_withhold_a_firing_until_they_end() {
+        let policy = Policy {
+            repeat_ms: 3_600_000,
+            resolve_after_ms: 0,
+            flap_max_changes: 0,
+            flap_window_ms: 600_000,
+        };
+        let fire = |now_ms| Action {
+            fp: 1,
+            kind: ActionKind::Fire {
+                for_ms: 0,
+                resolve_after_ms: None,
+            },
+            alert: Some(alert("core-1")),
+            now_ms,
+        };
+        let runtime = Runtime::new();
+        let book = AlertBook::new(policy, &runtime);
+        let s = Silence::new(
+            vec![Matcher::parse("hostname=core-1").unwrap()],
+            0,
+            Duration::from_secs(60),
+            "me".into(),
+            "maintenance".into(),
+        )
+        .unwrap();
+        runtime.silences.set(vec![s]);
+        assert!(
+            book.decide("s", &[fire(1000)], true)
+                .notifications
+                .is_empty()
+        );
+        let text = runtime.metrics.encode();
+        assert!(
+            text.contains("tripline_alerts_silenced_total{rule=\"packet_errors/alert\"} 1"),
+            "{text}"
+        );
+        let released = book.due(61_000).notifications;
+        assert_eq!(
+            released.iter().map(|a| a.status).collect::<Vec<_>>(),
+            [Status::Firing],
+            "the silence ended: the withheld firing is sent"
+        );
+        let elsewhere = AlertBook::new(policy, &Runtime::new());
+        assert_eq!(
+            elsewhere
+                .decide("s", &[fire(1000)], true)
+                .notifications
+                .len(),
+            1,
+            "another runtime has no silence"
         );
     }
 }
