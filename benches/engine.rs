@@ -927,7 +927,8 @@ fn judge(a: &JudgeArgs) {
     let project = Project::new(a.work.rules, 2);
     let config =
         tripline::config::Settings::load(Some(&project.path("tripline.yaml"))).expect("config");
-    let engine = tripline::rules::build_engine(&config.limits);
+    let runtime = tripline::runtime::Runtime::new();
+    let engine = tripline::rules::build_engine(&config.limits, &runtime);
     let set = tripline::rules::RuleSet::load(&engine, &config.rules_dir).expect("rules");
     let processor = Processor {
         engine,
@@ -935,7 +936,10 @@ fn judge(a: &JudgeArgs) {
             set,
             &config.subscriptions,
         ))),
-        book: Arc::new(tripline::alert::AlertBook::new(config.alerts.policy)),
+        book: Arc::new(tripline::alert::AlertBook::new(
+            config.alerts.policy,
+            &runtime,
+        )),
     };
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
     let entries: Vec<(String, Fields)> = (0..a.work.messages)

@@ -13,16 +13,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
 use crate::config::{Settings, Subscription};
+use crate::http;
 use crate::instance::{cleanup, lease};
 use crate::outbox::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
 use crate::reload::Reloader;
-use crate::rules::{RuleError, RuleSet, build_engine};
+use crate::rules::{RuleEngine, RuleError, RuleSet, build_engine};
+use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
 use crate::source::{self, Shared};
-use crate::{http, metrics};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,14 +41,15 @@ pub enum AppError {
 
 /// Everything `check` validates and `run` needs before touching Redis.
 pub struct Prepared {
-    pub engine: Arc<rhai::Engine>,
+    pub engine: Arc<RuleEngine>,
     pub rules: LoadedRules,
     pub plugins: Vec<Manifest>,
 }
 
-/// Compiles rules and plugins exactly as the running engine does.
-pub fn prepare(config: &Settings) -> Result<Prepared, AppError> {
-    let engine = build_engine(&config.limits);
+/// Compiles rules and plugins exactly as the running engine does, the
+/// engine bound to `runtime`.
+pub fn prepare(config: &Settings, runtime: &Runtime) -> Result<Prepared, AppError> {
+    let engine = build_engine(&config.limits, runtime);
     let set = RuleSet::load(&engine, &config.rules_dir)?;
     let rules = LoadedRules::new(set, &config.subscriptions);
     for sub in &config.subscriptions {
@@ -81,7 +83,8 @@ pub fn outbox_streams(config: &Settings) -> Vec<String> {
 }
 
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), AppError> {
-    let prepared = prepare(&settings)?;
+    let runtime = Runtime::new();
+    let prepared = prepare(&settings, &runtime)?;
     tracing::info!(
         rules = prepared.rules.set.rules.len(),
         sinks = prepared.plugins.iter().filter(|m| m.enabled).count(),
@@ -93,10 +96,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tail.tasks.spawn(redis_conn::watch_health(
         target.clone(),
         Duration::from_secs(1),
-        redis_conn::StateMarkers::new(&consumed_streams(&settings.subscriptions)),
+        redis_conn::StateMarkers::new(&consumed_streams(&settings.subscriptions), &runtime.metrics),
+        runtime.metrics.clone(),
         tail.stop.clone(),
     ));
-    let engine_handle = start_http(&settings, &mut tail).await?;
+    let engine_handle = start_http(&settings, &runtime, &mut tail).await?;
     let Some(instance) = take_instance(&settings, &mut tail, &shutdown).await else {
         return Ok(());
     };
@@ -105,15 +109,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     tail.tasks.spawn(crate::alert::silence::refresh_loop(
         target.clone(),
         Duration::from_secs(2),
+        runtime.silences.clone(),
         tail.stop.clone(),
     ));
-    let Some(sinks) = start_sinks(&settings, &instance, prepared.plugins, &shutdown).await else {
+    let Some(sinks) =
+        start_sinks(&settings, &runtime, &instance, prepared.plugins, &shutdown).await
+    else {
         return Ok(());
     };
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
-    let book = Arc::new(AlertBook::new(settings.alerts.policy));
+    let book = Arc::new(AlertBook::new(settings.alerts.policy, &runtime));
     let reloader = start_reloads(
         &settings,
+        &runtime,
         &prepared.engine,
         &live_rules,
         &book,
@@ -129,6 +137,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         target: target.clone(),
         outbox_prefix: settings.outbox.prefix.clone(),
         outbox_max_len: settings.outbox.max_len,
+        runtime: runtime.clone(),
     });
     let workers_stop = shutdown.child_token();
     let mut workers = spawn_consumers(&settings, &shared, &instance, &workers_stop);
@@ -164,6 +173,7 @@ fn consumed_streams(subs: &[Subscription]) -> Vec<String> {
 /// engine is not ready yet instead of refusing connections.
 async fn start_http(
     settings: &Settings,
+    runtime: &Runtime,
     tail: &mut Tail,
 ) -> Result<Arc<http::EngineHandle>, AppError> {
     let engine_handle = Arc::new(http::EngineHandle::default());
@@ -180,7 +190,7 @@ async fn start_http(
     let gateway = config
         .gateway
         .as_ref()
-        .map(|g| http::Gateway::new(g, target.clone()));
+        .map(|g| http::Gateway::new(g, target.clone(), runtime.metrics.clone()));
     let silences = http::silences::SilenceApi::new(target.clone(), config.admin_token.clone());
     tracing::info!(listen = %config.listen, "HTTP listening");
     tail.tasks.spawn(http::serve(
@@ -190,6 +200,7 @@ async fn start_http(
             gateway,
             silences,
             config.admin_token.clone(),
+            runtime.metrics.clone(),
         )),
         http::ConnectionLimits::of(config),
         tail.stop.clone(),
@@ -221,6 +232,7 @@ async fn take_instance(
 /// when shutdown came first (the sinks started so far are stopped).
 async fn start_sinks(
     settings: &Settings,
+    runtime: &Runtime,
     instance: &str,
     plugins: Vec<Manifest>,
     shutdown: &CancellationToken,
@@ -229,6 +241,7 @@ async fn start_sinks(
         outbox_streams(settings),
         instance.to_string(),
         settings.redis.target.clone(),
+        runtime.clone(),
         CancellationToken::new(),
     ));
     tokio::select! {
@@ -243,7 +256,8 @@ async fn start_sinks(
 /// The reloader, and the SIGHUP and file-watch triggers that call it.
 fn start_reloads(
     settings: &Settings,
-    engine: &Arc<rhai::Engine>,
+    runtime: &Runtime,
+    engine: &Arc<RuleEngine>,
     rules: &Arc<ArcSwap<LoadedRules>>,
     book: &Arc<AlertBook>,
     sinks: &Arc<Supervisor>,
@@ -261,9 +275,10 @@ fn start_reloads(
         outbox_prefix: settings.outbox.prefix.clone(),
         outbox_max_len: settings.outbox.max_len,
         lock: Default::default(),
+        runtime: runtime.clone(),
     });
-    metrics::config_loaded("rules");
-    metrics::config_loaded("plugins");
+    runtime.metrics.config_loaded("rules");
+    runtime.metrics.config_loaded("plugins");
     tail.tasks
         .spawn(reload_on_sighup(reloader.clone(), tail.stop.clone()));
     tail.tasks.spawn(crate::reload::watch::watch(
@@ -310,6 +325,7 @@ fn spawn_consumers(
             own: own_consumers,
         },
         settings.consumer_cleanup.clone(),
+        shared.runtime.metrics.clone(),
         stop.clone(),
     ));
     workers.spawn(source::timers::run(
@@ -322,6 +338,7 @@ fn spawn_consumers(
         target.clone(),
         subs,
         Duration::from_secs(5),
+        shared.runtime.metrics.clone(),
         stop.clone(),
     ));
     workers
@@ -337,7 +354,10 @@ fn spawn_subscription(
     workers: &mut JoinSet<()>,
 ) -> Vec<String> {
     for stream in &sub.streams {
-        metrics::consuming(&sub.name, stream, sub.group());
+        shared
+            .runtime
+            .metrics
+            .consuming(&sub.name, stream, sub.group());
     }
     let consumer_base = sub.consumer.as_deref().unwrap_or(instance);
     // One XREADGROUP covers one hash slot on Cluster: each worker reads

@@ -32,6 +32,8 @@
 //!   [`reload::watch`] turns saved files into reloads.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
+//! - [`runtime`]: the context one engine's parts share (metrics, silences,
+//!   rule state), handed in rather than process-wide.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
 //! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 //! - [`escape`]: control characters in untrusted text made visible, for
@@ -58,6 +60,9 @@ pub mod reload;
 pub mod replay;
 pub mod rules;
 pub mod ruletest;
+pub mod runtime;
 pub mod shard;
 pub mod sinks;
 pub mod source;
+#[cfg(test)]
+mod test_redis;

@@ -1,14 +1,16 @@
 //! Internal events: each function here writes the log line *and* bumps the
 //! metric for one kind of event, so the two can never disagree.
 //!
-//! The registry is process-global: every subsystem emits into it, and
-//! `/metrics` encodes it. Hot-path handles (per rule) are resolved once at
+//! One [`Metrics`] belongs to one engine: it is built with the runtime
+//! context ([`crate::runtime::Runtime`]) and handed to every subsystem, which
+//! emits into it; `/metrics` encodes it. Nothing is process-wide, so tests
+//! run engines side by side. Hot-path handles (per rule) are resolved once at
 //! compile time, not looked up per message.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::text::{encode, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -26,8 +28,15 @@ fn eval_histogram() -> Histogram {
 }
 
 /// Every metric family tripline exports.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The standard `process_*` metrics, unprefixed, encoded first
+    /// ([`crate::metrics_process`]).
+    process: Registry,
+    /// Whether Redis is in an outage, so it is logged once per outage and
+    /// not per retry.
+    redis_down: AtomicBool,
     messages: Family<Labels, Counter>,
     rule_evaluations: Family<Labels, Counter>,
     rule_errors: Family<Labels, Counter>,
@@ -65,15 +74,10 @@ pub struct Metrics {
     redis_state_lost: Family<Labels, Counter>,
 }
 
-static METRICS: OnceLock<Metrics> = OnceLock::new();
-
-/// The process-wide metrics, created on first use.
-pub fn get() -> &'static Metrics {
-    METRICS.get_or_init(Metrics::new)
-}
-
 impl Metrics {
-    fn new() -> Metrics {
+    /// Every family at zero, plus `collectors` read at scrape time (the
+    /// rules' own gauges).
+    pub fn new(collectors: Vec<Box<dyn Collector>>) -> Metrics {
         let mut registry = Registry::with_prefix("tripline");
         let m = Metrics {
             messages: Family::default(),
@@ -102,10 +106,15 @@ impl Metrics {
             redis_persistence: Family::default(),
             redis_state_lost: Family::default(),
             registry: Registry::default(),
+            process: crate::metrics_process::registry(),
+            redis_down: AtomicBool::new(false),
         };
         m.register_pipeline(&mut registry);
         m.register_delivery(&mut registry);
         m.register_operations(&mut registry);
+        for collector in collectors {
+            registry.register_collector(collector);
+        }
         Metrics { registry, ..m }
     }
 
@@ -251,13 +260,10 @@ impl Metrics {
         registry.register("build", "tripline build information", build);
     }
 
-    /// The OpenMetrics exposition of everything (what Prometheus asks for);
-    /// `extra` holds what other modules collect themselves (the rules'
-    /// gauges), so this one depends on none of them.
-    pub fn encode(&self, extra: &Registry) -> String {
+    /// The OpenMetrics exposition of everything (what Prometheus asks for).
+    pub fn encode(&self) -> String {
         let mut out = String::new();
-        encode_registry(&mut out, crate::metrics_process::registry())
-            .and_then(|()| encode_registry(&mut out, extra))
+        encode_registry(&mut out, &self.process)
             .and_then(|()| encode(&mut out, &self.registry))
             .expect("writing to a String cannot fail");
         out
@@ -266,11 +272,10 @@ impl Metrics {
     /// The Prometheus text format 0.0.4, for clients that do not ask for
     /// OpenMetrics: promtool, curl, older scrapers. Its counters carry the
     /// `_total` suffix in HELP/TYPE too and `info` becomes a gauge.
-    pub fn encode_prometheus_text(&self, extra: &Registry) -> String {
+    pub fn encode_prometheus_text(&self) -> String {
         use prometheus_client::encoding::prometheus_text;
         let mut out = String::new();
-        prometheus_text::encode(&mut out, crate::metrics_process::registry())
-            .and_then(|()| prometheus_text::encode(&mut out, extra))
+        prometheus_text::encode(&mut out, &self.process)
             .and_then(|()| prometheus_text::encode(&mut out, &self.registry))
             .expect("writing to a String cannot fail");
         out
@@ -300,8 +305,7 @@ pub enum Decision {
 }
 
 impl RuleMetrics {
-    pub fn new(rule: &str) -> RuleMetrics {
-        let m = get();
+    pub fn new(m: &Metrics, rule: &str) -> RuleMetrics {
         let counter = |d: &str| {
             m.rule_evaluations
                 .get_or_create(&vec![
@@ -336,19 +340,411 @@ impl RuleMetrics {
     }
 }
 
-/// Entries of one batch with the same outcome.
-pub fn messages(stream: &str, group: &str, outcome: &'static str, n: u64) {
-    if n == 0 {
-        return;
+impl Metrics {
+    /// Entries of one batch with the same outcome.
+    pub fn messages(&self, stream: &str, group: &str, outcome: &'static str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.messages
+            .get_or_create(&vec![
+                ("stream", stream.to_string()),
+                ("group", group.to_string()),
+                ("outcome", outcome.to_string()),
+            ])
+            .inc_by(n);
     }
-    get()
-        .messages
-        .get_or_create(&vec![
-            ("stream", stream.to_string()),
-            ("group", group.to_string()),
-            ("outcome", outcome.to_string()),
-        ])
-        .inc_by(n);
+
+    /// An entry written to `<stream>:dead`.
+    pub fn dead_lettered(&self, stream: &str, group: &str, id: &str, reason: &str) {
+        tracing::warn!(target: "tripline::source", stream, group, id, reason, "entry dead-lettered");
+        self.messages(stream, group, "dead_lettered", 1);
+    }
+
+    /// An alert notification committed to the outbox.
+    pub fn alert_notified(&self, alert: &Alert) {
+        tracing::info!(
+            target: "tripline::alert", rule = %alert.rule,
+            alert = %alert.name,
+            severity = alert.severity.as_str(),
+            status = ?alert.status,
+            fingerprint = %alert.fingerprint,
+            "{}",
+            alert.summary()
+        );
+        self.alerts
+            .get_or_create(&vec![
+                ("rule", alert.rule.clone()),
+                ("severity", alert.severity.as_str().to_string()),
+                (
+                    "status",
+                    match alert.status {
+                        crate::alert::Status::Firing => "firing",
+                        crate::alert::Status::Resolved => "resolved",
+                    }
+                    .to_string(),
+                ),
+            ])
+            .inc();
+    }
+
+    /// An alert from a rule in shadow mode: counted, never sent.
+    pub fn alert_shadowed(&self, alert: &Alert) {
+        tracing::debug!(target: "tripline::alert", rule = %alert.rule, alert = %alert.name, "shadow rule asserted an alert (not sent)");
+        self.alerts
+            .get_or_create(&vec![
+                ("rule", alert.rule.clone()),
+                ("severity", alert.severity.as_str().to_string()),
+                ("status", "shadow".to_string()),
+            ])
+            .inc();
+    }
+
+    /// Redis stopped answering; logged once per outage, not per retry.
+    pub fn redis_unreachable(&self, what: &str, error: &redis::RedisError) {
+        self.redis_up.set(0);
+        if !self.redis_down.swap(true, Ordering::SeqCst) {
+            tracing::error!(
+                target: "tripline::redis", during = what,
+                "Redis unreachable, retrying with backoff: {error}"
+            );
+        }
+    }
+
+    /// Redis answers again.
+    pub fn redis_reachable(&self) {
+        self.redis_up.set(1);
+        if self.redis_down.swap(false, Ordering::SeqCst) {
+            tracing::info!(target: "tripline::redis", "Redis reachable again");
+        }
+    }
+
+    /// The persistence settings of Redis, read on a (re)connect. One line: a
+    /// WARN when some node persists nothing, since its restart silently drops
+    /// the alert state.
+    pub fn redis_persistence(&self, nodes: &[crate::redis_conn::NodePersistence]) {
+        use crate::redis_conn::Persistence;
+        let Some(weakest) = nodes.iter().map(|n| n.mode).min() else {
+            return;
+        };
+        let m = self;
+        for mode in Persistence::ALL {
+            m.redis_persistence
+                .get_or_create(&vec![("mode", mode.as_str().to_string())])
+                .set(i64::from(mode == weakest));
+        }
+        let which: Vec<String> = nodes
+            .iter()
+            .filter(|n| n.mode == weakest)
+            .map(|n| {
+                if n.node.is_empty() {
+                    n.detail.clone()
+                } else {
+                    format!("{}: {}", n.node, n.detail)
+                }
+            })
+            .collect();
+        let which = which.join("; ");
+        match weakest {
+            Persistence::None => tracing::warn!(
+                target: "tripline::redis",
+                "Redis persists nothing ({which}): a Redis restart loses the alert state (firing alerts then never resolve), queued alerts and consumer groups; enable AOF (appendonly yes, appendfsync everysec)"
+            ),
+            Persistence::Unknown => tracing::info!(
+                target: "tripline::redis",
+                "cannot tell whether Redis persists its data ({which}); it must (AOF recommended), or a Redis restart loses the alert state"
+            ),
+            Persistence::Rdb => tracing::info!(
+                target: "tripline::redis",
+                "Redis persists by RDB snapshots only ({which}): a crash loses what changed since the last snapshot; AOF is recommended"
+            ),
+            Persistence::Aof => {
+                tracing::debug!(target: "tripline::redis", "Redis persists with AOF ({which})")
+            }
+        }
+    }
+
+    /// Lost-state detection starts for these hash tags: their counters exist
+    /// (at 0) from now on, so `increase()` sees the first loss.
+    pub fn redis_state_watched(&self, tags: &[String]) {
+        let m = self;
+        for tag in tags {
+            let _created = m
+                .redis_state_lost
+                .get_or_create(&vec![("tag", tag.clone())]);
+        }
+    }
+
+    /// Redis lost the data tripline keeps for these hash tags since the last
+    /// check (their marker keys vanished).
+    pub fn redis_state_lost(&self, tags: &[String]) {
+        tracing::error!(
+            target: "tripline::redis",
+            tags = ?tags,
+            "Redis lost tripline's data (it restarted without persistence, was flushed, or evicted keys): the alert state of these streams (pending and firing alerts: a firing alert is never resolved now), alerts queued for the sinks and the consumer groups are gone; groups are re-created and alerting starts over from the next readings"
+        );
+        let m = self;
+        for tag in tags {
+            m.redis_state_lost
+                .get_or_create(&vec![("tag", tag.clone())])
+                .inc();
+        }
+    }
+
+    pub fn redis_is_up(&self) -> bool {
+        !self.redis_down.load(Ordering::SeqCst) && self.redis_up.get() == 1
+    }
+
+    pub fn sink_delivered(&self, sink: &str, n: u64) {
+        tracing::debug!(target: "tripline::sinks", sink, n, "alerts delivered");
+        self.sink_deliveries
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .inc_by(n);
+    }
+
+    pub fn sink_failed(&self, sink: &str, attempt: u32, error: &str) {
+        tracing::warn!(target: "tripline::sinks", sink, attempt, "delivery failed, will retry: {error}");
+        let m = self;
+        m.sink_failures
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .inc();
+        m.sink_retries
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .inc();
+    }
+
+    pub fn sink_gave_up(&self, sink: &str, n: u64, error: &str) {
+        tracing::error!(
+            target: "tripline::sinks", sink,
+            n,
+            "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
+        );
+        let m = self;
+        let labels = vec![("sink", sink.to_string())];
+        // The last attempt failed too; it is just not retried.
+        m.sink_failures.get_or_create(&labels).inc();
+        m.sink_dead.get_or_create(&labels).inc_by(n);
+    }
+
+    /// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to
+    /// the dead-letter stream at once.
+    pub fn sink_rejected(&self, sink: &str, n: u64, error: &str) {
+        tracing::error!(
+            target: "tripline::sinks", sink,
+            n,
+            "receiver rejected the batch, alerts moved to the sink's dead-letter stream: {error}"
+        );
+        let m = self;
+        let labels = vec![("sink", sink.to_string())];
+        m.sink_failures.get_or_create(&labels).inc();
+        m.sink_dead.get_or_create(&labels).inc_by(n);
+    }
+
+    /// Entries in a sink's outboxes not acknowledged yet, from XINFO GROUPS.
+    pub fn sink_lag(&self, sink: &str, entries: i64) {
+        self.sink_lag
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .set(entries);
+    }
+
+    /// A sink stopped: its lag is no longer measured, so it is not exported.
+    pub fn sink_lag_clear(&self, sink: &str) {
+        self.sink_lag.remove(&vec![("sink", sink.to_string())]);
+    }
+
+    /// An exec sink's program exited; the next delivery starts a new one.
+    pub fn sink_program_exited(&self, sink: &str, pid: u32, status: &str) {
+        tracing::warn!(
+            target: "tripline::sinks", sink,
+            pid,
+            "exec program exited ({status}); it restarts on the next delivery"
+        );
+        self.sink_program_exits
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .inc();
+    }
+
+    /// Pending and lag of one group on one stream, from XINFO GROUPS. Redis
+    /// cannot always tell the lag (after XDEL, say); the series is removed then
+    /// rather than left at a stale or made-up value.
+    pub fn consumer_position(&self, stream: &str, group: &str, pending: i64, lag: Option<i64>) {
+        let labels = vec![("stream", stream.to_string()), ("group", group.to_string())];
+        let m = self;
+        m.consumer_pending.get_or_create(&labels).set(pending);
+        match lag {
+            Some(lag) => {
+                m.consumer_lag.get_or_create(&labels).set(lag);
+            }
+            None => {
+                m.consumer_lag.remove(&labels);
+            }
+        }
+    }
+
+    /// A consumer idle for long with nothing pending was deleted from a group.
+    pub fn consumer_removed(&self, stream: &str, group: &str, consumer: &str) {
+        tracing::info!(
+            target: "tripline::source", stream,
+            group,
+            consumer,
+            "removed an idle consumer with nothing pending"
+        );
+        self.consumers_removed
+            .get_or_create(&vec![
+                ("stream", stream.to_string()),
+                ("group", group.to_string()),
+            ])
+            .inc();
+    }
+
+    /// A lifecycle commit found the alert state changed by another writer
+    /// (`stale`: the partition's generation moved; `conflict`: an alert the
+    /// decisions relied on changed); the decisions are taken again.
+    pub fn state_redecided(&self, stream: &str, reason: &'static str) {
+        tracing::debug!(
+            target: "tripline::alert", stream,
+            reason,
+            "alert state changed under a commit; deciding again"
+        );
+        self.state_redecisions
+            .get_or_create(&vec![
+                ("stream", stream.to_string()),
+                ("reason", reason.to_string()),
+            ])
+            .inc();
+    }
+
+    /// Rules or plugins loaded at startup: in sync, and the reload counters
+    /// exist (at 0) before the first reload.
+    pub fn config_loaded(&self, kind: &str) {
+        let m = self;
+        for result in ["success", "failure"] {
+            // Created at 0 so `increase()` sees the first reload.
+            let _ = m.reloads.get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("result", result.to_string()),
+            ]);
+        }
+        m.config_in_sync
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .set(1);
+        m.last_reload
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .set(unix_now());
+    }
+
+    /// A sink did not send `alert` because a silence mutes it; it is
+    /// acknowledged like a delivered one.
+    /// The lifecycle withheld a notification: a firing a silence mutes, or the
+    /// resolve of an alert whose firing was withheld (`silence` is then empty).
+    pub fn alert_silenced(&self, alert: &Alert, silence: &str) {
+        tracing::debug!(alert = %alert.name, fingerprint = %alert.fingerprint, status = ?alert.status, silence, "notification withheld by a silence");
+        self.alerts_silenced
+            .get_or_create(&vec![("rule", alert.rule.clone())])
+            .inc();
+    }
+
+    pub fn sink_silenced(&self, sink: &str, alert: &Alert, silence: &str) {
+        tracing::debug!(target: "tripline::sinks", sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
+        self.sink_silenced
+            .get_or_create(&vec![("sink", sink.to_string())])
+            .inc();
+    }
+
+    /// A rules or plugins reload finished; `trigger` says what asked for it,
+    /// `detail` is what changed or, on failure, the errors (file:line:col).
+    pub fn reload(&self, kind: &str, trigger: &str, ok: bool, detail: &str) {
+        let m = self;
+        let result = if ok { "success" } else { "failure" };
+        m.config_in_sync
+            .get_or_create(&vec![("kind", kind.to_string())])
+            .set(i64::from(ok));
+        m.reloads
+            .get_or_create(&vec![
+                ("kind", kind.to_string()),
+                ("result", result.to_string()),
+            ])
+            .inc();
+        if ok {
+            m.last_reload
+                .get_or_create(&vec![("kind", kind.to_string())])
+                .set(unix_now());
+            tracing::info!(target: "tripline::reload", kind, trigger, "{kind} reloaded: {detail}");
+        } else {
+            tracing::error!(
+                target: "tripline::reload", kind,
+                trigger,
+                "{kind} reload failed, the last good {kind} keep running: {}",
+                one_line(detail)
+            );
+        }
+    }
+
+    /// The resolves of removed rules' alerts could not be written to the outbox.
+    pub fn retired_alerts_unsent(&self, alerts: &[Alert], error: &str) {
+        let fingerprints: Vec<&str> = alerts.iter().map(|a| a.fingerprint.as_str()).collect();
+        tracing::error!(
+            target: "tripline::reload", n = alerts.len(),
+            ?fingerprints,
+            "cannot write the resolves of removed rules' alerts to the outbox, receivers keep them firing: {error}"
+        );
+        self.retired_unsent.inc_by(alerts.len() as u64);
+    }
+
+    /// A subscription starts consuming `stream`: its message counters exist
+    /// (at 0) from now on, so rates and alerts on them work before the first
+    /// dead-letter or error.
+    pub fn consuming(&self, subscription: &str, stream: &str, group: &str) {
+        tracing::info!(target: "tripline::source", subscription, stream, group, "consuming");
+        let m = self;
+        for outcome in ["processed", "dropped", "dead_lettered", "error"] {
+            let _created = m.messages.get_or_create(&vec![
+                ("stream", stream.to_string()),
+                ("group", group.to_string()),
+                ("outcome", outcome.to_string()),
+            ]);
+        }
+    }
+
+    /// A sink dispatcher started; its counters exist (at 0) from now on.
+    pub fn sink_started(&self, sink: &str, kind: &str) {
+        tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
+        let m = self;
+        let labels = vec![("sink", sink.to_string())];
+        for family in [
+            &m.sink_deliveries,
+            &m.sink_failures,
+            &m.sink_retries,
+            &m.sink_dead,
+        ] {
+            let _created = family.get_or_create(&labels);
+        }
+    }
+
+    fn gateway_request(&self, result: &str) {
+        self.gateway_requests
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
+    }
+
+    /// A reading posted to the gateway was appended to `stream`.
+    pub fn gateway_accepted(&self, stream: &str, id: &str) {
+        tracing::debug!(target: "tripline::http", stream, id, "gateway reading published");
+        self.gateway_request("accepted");
+    }
+
+    /// A request to the gateway was refused; `result` is the metric label
+    /// (malformed, invalid, too_large, unauthorized), `why` the detail.
+    pub fn gateway_rejected(&self, result: &'static str, why: &str) {
+        tracing::info!(target: "tripline::http", result, "gateway request rejected: {why}");
+        self.gateway_request(result);
+    }
+
+    /// A valid reading could not be published; the client got 503.
+    pub fn gateway_publish_failed(&self, stream: &str, error: &redis::RedisError) {
+        tracing::warn!(target: "tripline::http", stream, "gateway could not publish a reading: {error}");
+        self.gateway_request("unavailable");
+    }
 }
 
 /// A `log(level, text)` from a rule.
@@ -363,146 +759,6 @@ pub fn rule_log(rule: &str, stream: &str, id: &str, level: tracing::Level, text:
     }
 }
 
-/// An entry written to `<stream>:dead`.
-pub fn dead_lettered(stream: &str, group: &str, id: &str, reason: &str) {
-    tracing::warn!(target: "tripline::source", stream, group, id, reason, "entry dead-lettered");
-    messages(stream, group, "dead_lettered", 1);
-}
-
-/// An alert notification committed to the outbox.
-pub fn alert_notified(alert: &Alert) {
-    tracing::info!(
-        target: "tripline::alert", rule = %alert.rule,
-        alert = %alert.name,
-        severity = alert.severity.as_str(),
-        status = ?alert.status,
-        fingerprint = %alert.fingerprint,
-        "{}",
-        alert.summary()
-    );
-    get()
-        .alerts
-        .get_or_create(&vec![
-            ("rule", alert.rule.clone()),
-            ("severity", alert.severity.as_str().to_string()),
-            (
-                "status",
-                match alert.status {
-                    crate::alert::Status::Firing => "firing",
-                    crate::alert::Status::Resolved => "resolved",
-                }
-                .to_string(),
-            ),
-        ])
-        .inc();
-}
-
-/// An alert from a rule in shadow mode: counted, never sent.
-pub fn alert_shadowed(alert: &Alert) {
-    tracing::debug!(target: "tripline::alert", rule = %alert.rule, alert = %alert.name, "shadow rule asserted an alert (not sent)");
-    get()
-        .alerts
-        .get_or_create(&vec![
-            ("rule", alert.rule.clone()),
-            ("severity", alert.severity.as_str().to_string()),
-            ("status", "shadow".to_string()),
-        ])
-        .inc();
-}
-
-static REDIS_DOWN: AtomicBool = AtomicBool::new(false);
-
-/// Redis stopped answering; logged once per outage, not per retry.
-pub fn redis_unreachable(what: &str, error: &redis::RedisError) {
-    get().redis_up.set(0);
-    if !REDIS_DOWN.swap(true, Ordering::SeqCst) {
-        tracing::error!(
-            target: "tripline::redis", during = what,
-            "Redis unreachable, retrying with backoff: {error}"
-        );
-    }
-}
-
-/// Redis answers again.
-pub fn redis_reachable() {
-    get().redis_up.set(1);
-    if REDIS_DOWN.swap(false, Ordering::SeqCst) {
-        tracing::info!(target: "tripline::redis", "Redis reachable again");
-    }
-}
-
-/// The persistence settings of Redis, read on a (re)connect. One line: a
-/// WARN when some node persists nothing, since its restart silently drops
-/// the alert state.
-pub fn redis_persistence(nodes: &[crate::redis_conn::NodePersistence]) {
-    use crate::redis_conn::Persistence;
-    let Some(weakest) = nodes.iter().map(|n| n.mode).min() else {
-        return;
-    };
-    let m = get();
-    for mode in Persistence::ALL {
-        m.redis_persistence
-            .get_or_create(&vec![("mode", mode.as_str().to_string())])
-            .set(i64::from(mode == weakest));
-    }
-    let which: Vec<String> = nodes
-        .iter()
-        .filter(|n| n.mode == weakest)
-        .map(|n| {
-            if n.node.is_empty() {
-                n.detail.clone()
-            } else {
-                format!("{}: {}", n.node, n.detail)
-            }
-        })
-        .collect();
-    let which = which.join("; ");
-    match weakest {
-        Persistence::None => tracing::warn!(
-            target: "tripline::redis",
-            "Redis persists nothing ({which}): a Redis restart loses the alert state (firing alerts then never resolve), queued alerts and consumer groups; enable AOF (appendonly yes, appendfsync everysec)"
-        ),
-        Persistence::Unknown => tracing::info!(
-            target: "tripline::redis",
-            "cannot tell whether Redis persists its data ({which}); it must (AOF recommended), or a Redis restart loses the alert state"
-        ),
-        Persistence::Rdb => tracing::info!(
-            target: "tripline::redis",
-            "Redis persists by RDB snapshots only ({which}): a crash loses what changed since the last snapshot; AOF is recommended"
-        ),
-        Persistence::Aof => {
-            tracing::debug!(target: "tripline::redis", "Redis persists with AOF ({which})")
-        }
-    }
-}
-
-/// Lost-state detection starts for these hash tags: their counters exist
-/// (at 0) from now on, so `increase()` sees the first loss.
-pub fn redis_state_watched(tags: &[String]) {
-    let m = get();
-    for tag in tags {
-        let _created = m
-            .redis_state_lost
-            .get_or_create(&vec![("tag", tag.clone())]);
-    }
-}
-
-/// Redis lost the data tripline keeps for these hash tags since the last
-/// check (their marker keys vanished).
-pub fn redis_state_lost(tags: &[String]) {
-    tracing::error!(
-        target: "tripline::redis",
-        tags = ?tags,
-        "Redis lost tripline's data (it restarted without persistence, was flushed, or evicted keys): the alert state of these streams (pending and firing alerts: a firing alert is never resolved now), alerts queued for the sinks and the consumer groups are gone; groups are re-created and alerting starts over from the next readings"
-    );
-    let m = get();
-    for tag in tags {
-        m.redis_state_lost
-            .get_or_create(&vec![("tag", tag.clone())])
-            .inc();
-    }
-}
-
 /// Redis refused the marker commands (an ACL without the `tripline:marker:*`
 /// keys, …): lost state cannot be detected.
 pub fn redis_state_uncheckable(error: &redis::RedisError) {
@@ -510,69 +766,6 @@ pub fn redis_state_uncheckable(error: &redis::RedisError) {
         target: "tripline::redis",
         "cannot detect lost Redis data, the marker keys are refused: {error}"
     );
-}
-
-pub fn redis_is_up() -> bool {
-    !REDIS_DOWN.load(Ordering::SeqCst) && get().redis_up.get() == 1
-}
-
-pub fn sink_delivered(sink: &str, n: u64) {
-    tracing::debug!(target: "tripline::sinks", sink, n, "alerts delivered");
-    get()
-        .sink_deliveries
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc_by(n);
-}
-
-pub fn sink_failed(sink: &str, attempt: u32, error: &str) {
-    tracing::warn!(target: "tripline::sinks", sink, attempt, "delivery failed, will retry: {error}");
-    let m = get();
-    m.sink_failures
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc();
-    m.sink_retries
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc();
-}
-
-pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
-    tracing::error!(
-        target: "tripline::sinks", sink,
-        n,
-        "delivery abandoned after all attempts, alerts moved to the sink's dead-letter stream: {error}"
-    );
-    let m = get();
-    let labels = vec![("sink", sink.to_string())];
-    // The last attempt failed too; it is just not retried.
-    m.sink_failures.get_or_create(&labels).inc();
-    m.sink_dead.get_or_create(&labels).inc_by(n);
-}
-
-/// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to
-/// the dead-letter stream at once.
-pub fn sink_rejected(sink: &str, n: u64, error: &str) {
-    tracing::error!(
-        target: "tripline::sinks", sink,
-        n,
-        "receiver rejected the batch, alerts moved to the sink's dead-letter stream: {error}"
-    );
-    let m = get();
-    let labels = vec![("sink", sink.to_string())];
-    m.sink_failures.get_or_create(&labels).inc();
-    m.sink_dead.get_or_create(&labels).inc_by(n);
-}
-
-/// Entries in a sink's outboxes not acknowledged yet, from XINFO GROUPS.
-pub fn sink_lag(sink: &str, entries: i64) {
-    get()
-        .sink_lag
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .set(entries);
-}
-
-/// A sink stopped: its lag is no longer measured, so it is not exported.
-pub fn sink_lag_clear(sink: &str) {
-    get().sink_lag.remove(&vec![("sink", sink.to_string())]);
 }
 
 /// A sink took over alerts a dead instance had read but not acknowledged.
@@ -584,139 +777,6 @@ pub fn sink_adopted(sink: &str, outbox: &str, from: &str, n: u64) {
         n,
         "took over alerts left pending by a stopped instance"
     );
-}
-
-/// An exec sink's program exited; the next delivery starts a new one.
-pub fn sink_program_exited(sink: &str, pid: u32, status: &str) {
-    tracing::warn!(
-        target: "tripline::sinks", sink,
-        pid,
-        "exec program exited ({status}); it restarts on the next delivery"
-    );
-    get()
-        .sink_program_exits
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc();
-}
-
-/// Pending and lag of one group on one stream, from XINFO GROUPS. Redis
-/// cannot always tell the lag (after XDEL, say); the series is removed then
-/// rather than left at a stale or made-up value.
-pub fn consumer_position(stream: &str, group: &str, pending: i64, lag: Option<i64>) {
-    let labels = vec![("stream", stream.to_string()), ("group", group.to_string())];
-    let m = get();
-    m.consumer_pending.get_or_create(&labels).set(pending);
-    match lag {
-        Some(lag) => {
-            m.consumer_lag.get_or_create(&labels).set(lag);
-        }
-        None => {
-            m.consumer_lag.remove(&labels);
-        }
-    }
-}
-
-/// A consumer idle for long with nothing pending was deleted from a group.
-pub fn consumer_removed(stream: &str, group: &str, consumer: &str) {
-    tracing::info!(
-        target: "tripline::source", stream,
-        group,
-        consumer,
-        "removed an idle consumer with nothing pending"
-    );
-    get()
-        .consumers_removed
-        .get_or_create(&vec![
-            ("stream", stream.to_string()),
-            ("group", group.to_string()),
-        ])
-        .inc();
-}
-
-/// A lifecycle commit found the alert state changed by another writer
-/// (`stale`: the partition's generation moved; `conflict`: an alert the
-/// decisions relied on changed); the decisions are taken again.
-pub fn state_redecided(stream: &str, reason: &'static str) {
-    tracing::debug!(
-        target: "tripline::alert", stream,
-        reason,
-        "alert state changed under a commit; deciding again"
-    );
-    get()
-        .state_redecisions
-        .get_or_create(&vec![
-            ("stream", stream.to_string()),
-            ("reason", reason.to_string()),
-        ])
-        .inc();
-}
-
-/// Rules or plugins loaded at startup: in sync, and the reload counters
-/// exist (at 0) before the first reload.
-pub fn config_loaded(kind: &str) {
-    let m = get();
-    for result in ["success", "failure"] {
-        // Created at 0 so `increase()` sees the first reload.
-        let _ = m.reloads.get_or_create(&vec![
-            ("kind", kind.to_string()),
-            ("result", result.to_string()),
-        ]);
-    }
-    m.config_in_sync
-        .get_or_create(&vec![("kind", kind.to_string())])
-        .set(1);
-    m.last_reload
-        .get_or_create(&vec![("kind", kind.to_string())])
-        .set(unix_now());
-}
-
-/// A sink did not send `alert` because a silence mutes it; it is
-/// acknowledged like a delivered one.
-/// The lifecycle withheld a notification: a firing a silence mutes, or the
-/// resolve of an alert whose firing was withheld (`silence` is then empty).
-pub fn alert_silenced(alert: &Alert, silence: &str) {
-    tracing::debug!(alert = %alert.name, fingerprint = %alert.fingerprint, status = ?alert.status, silence, "notification withheld by a silence");
-    get()
-        .alerts_silenced
-        .get_or_create(&vec![("rule", alert.rule.clone())])
-        .inc();
-}
-
-pub fn sink_silenced(sink: &str, alert: &Alert, silence: &str) {
-    tracing::debug!(target: "tripline::sinks", sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
-    get()
-        .sink_silenced
-        .get_or_create(&vec![("sink", sink.to_string())])
-        .inc();
-}
-
-/// A rules or plugins reload finished; `trigger` says what asked for it,
-/// `detail` is what changed or, on failure, the errors (file:line:col).
-pub fn reload(kind: &str, trigger: &str, ok: bool, detail: &str) {
-    let m = get();
-    let result = if ok { "success" } else { "failure" };
-    m.config_in_sync
-        .get_or_create(&vec![("kind", kind.to_string())])
-        .set(i64::from(ok));
-    m.reloads
-        .get_or_create(&vec![
-            ("kind", kind.to_string()),
-            ("result", result.to_string()),
-        ])
-        .inc();
-    if ok {
-        m.last_reload
-            .get_or_create(&vec![("kind", kind.to_string())])
-            .set(unix_now());
-        tracing::info!(target: "tripline::reload", kind, trigger, "{kind} reloaded: {detail}");
-    } else {
-        tracing::error!(
-            target: "tripline::reload", kind,
-            trigger,
-            "{kind} reload failed, the last good {kind} keep running: {}",
-            one_line(detail)
-        );
-    }
 }
 
 /// Joins the lines of `text` with "; ": a reload reports every compile
@@ -747,73 +807,6 @@ pub fn rule_retired(rule: &str, resolved: usize) {
     );
 }
 
-/// The resolves of removed rules' alerts could not be written to the outbox.
-pub fn retired_alerts_unsent(alerts: &[Alert], error: &str) {
-    let fingerprints: Vec<&str> = alerts.iter().map(|a| a.fingerprint.as_str()).collect();
-    tracing::error!(
-        target: "tripline::reload", n = alerts.len(),
-        ?fingerprints,
-        "cannot write the resolves of removed rules' alerts to the outbox, receivers keep them firing: {error}"
-    );
-    get().retired_unsent.inc_by(alerts.len() as u64);
-}
-
-/// A subscription starts consuming `stream`: its message counters exist
-/// (at 0) from now on, so rates and alerts on them work before the first
-/// dead-letter or error.
-pub fn consuming(subscription: &str, stream: &str, group: &str) {
-    tracing::info!(target: "tripline::source", subscription, stream, group, "consuming");
-    let m = get();
-    for outcome in ["processed", "dropped", "dead_lettered", "error"] {
-        let _created = m.messages.get_or_create(&vec![
-            ("stream", stream.to_string()),
-            ("group", group.to_string()),
-            ("outcome", outcome.to_string()),
-        ]);
-    }
-}
-
-/// A sink dispatcher started; its counters exist (at 0) from now on.
-pub fn sink_started(sink: &str, kind: &str) {
-    tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
-    let m = get();
-    let labels = vec![("sink", sink.to_string())];
-    for family in [
-        &m.sink_deliveries,
-        &m.sink_failures,
-        &m.sink_retries,
-        &m.sink_dead,
-    ] {
-        let _created = family.get_or_create(&labels);
-    }
-}
-
-fn gateway_request(result: &str) {
-    get()
-        .gateway_requests
-        .get_or_create(&vec![("result", result.to_string())])
-        .inc();
-}
-
-/// A reading posted to the gateway was appended to `stream`.
-pub fn gateway_accepted(stream: &str, id: &str) {
-    tracing::debug!(target: "tripline::http", stream, id, "gateway reading published");
-    gateway_request("accepted");
-}
-
-/// A request to the gateway was refused; `result` is the metric label
-/// (malformed, invalid, too_large, unauthorized), `why` the detail.
-pub fn gateway_rejected(result: &'static str, why: &str) {
-    tracing::info!(target: "tripline::http", result, "gateway request rejected: {why}");
-    gateway_request(result);
-}
-
-/// A valid reading could not be published; the client got 503.
-pub fn gateway_publish_failed(stream: &str, error: &redis::RedisError) {
-    tracing::warn!(target: "tripline::http", stream, "gateway could not publish a reading: {error}");
-    gateway_request("unavailable");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -829,8 +822,9 @@ mod tests {
 
     #[test]
     fn families_carry_the_prefix_and_count() {
-        messages("s", "g", "processed", 3);
-        let text = get().encode(&Registry::default());
+        let m = Metrics::new(Vec::new());
+        m.messages("s", "g", "processed", 3);
+        let text = m.encode();
         assert!(
             text.contains(
                 "tripline_messages_total{stream=\"s\",group=\"g\",outcome=\"processed\"} 3"

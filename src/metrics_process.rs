@@ -8,21 +8,16 @@
 //! The names carry no `tripline_` prefix, as in every other exporter, so they
 //! live in a registry of their own that [`crate::metrics`] encodes first.
 
-use std::sync::OnceLock;
-
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-/// The registry holding only [`ProcessCollector`], without a prefix.
-pub fn registry() -> &'static Registry {
-    static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(ProcessCollector));
-        registry
-    })
+/// A registry holding only [`ProcessCollector`], without a prefix.
+pub fn registry() -> Registry {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
 }
 
 #[derive(Debug)]
@@ -224,7 +219,7 @@ mod tests {
     fn this_process_is_measured() {
         let text = {
             let mut out = String::new();
-            prometheus_client::encoding::text::encode(&mut out, registry()).unwrap();
+            prometheus_client::encoding::text::encode(&mut out, &registry()).unwrap();
             out
         };
         for name in [

@@ -8,13 +8,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rhai::{Dynamic, Engine, Map};
+use rhai::{Dynamic, Map};
 
 use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, fingerprint};
 use crate::decode;
-use crate::metrics;
 use crate::rules::api::Deadman;
-use crate::rules::{Actions, LogLevel, Message, RawAlert, Rule, RuleSet, raw_alert};
+use crate::rules::{Actions, LogLevel, Message, RawAlert, Rule, RuleEngine, RuleSet, raw_alert};
 
 /// A compiled rule set plus, per subscription, which of its rules apply.
 /// Swapped whole on reload, so a batch sees one consistent version.
@@ -36,7 +35,7 @@ impl LoadedRules {
 
 /// Everything needed to judge a message.
 pub struct Processor {
-    pub engine: Arc<Engine>,
+    pub engine: Arc<RuleEngine>,
     /// The live rule set; reload stores a new one, readers load it per batch.
     pub rules: Arc<ArcSwap<LoadedRules>>,
     /// Which alerts are firing, shared by every worker of this instance.
@@ -199,7 +198,7 @@ impl Processor {
             };
             let (fp, alert) = build_alert(&rule.name, raw, origin());
             if rule.shadow {
-                metrics::alert_shadowed(&alert);
+                self.engine.metrics().alert_shadowed(&alert);
                 continue;
             }
             out.actions.push(Action {
@@ -254,7 +253,7 @@ impl Processor {
             };
             if rule.shadow {
                 if let Some(alert) = &alert {
-                    metrics::alert_shadowed(alert);
+                    self.engine.metrics().alert_shadowed(alert);
                 }
                 continue;
             }

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
@@ -28,7 +29,7 @@ use redis::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics;
+use crate::metrics::{self, Metrics};
 use crate::outbox::hash_tag;
 
 /// Scheme of a Cluster address: `redis+cluster://host:port,host:port`.
@@ -489,19 +490,20 @@ pub async fn watch_health(
     target: RedisTarget,
     every: Duration,
     mut markers: StateMarkers,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, every);
     loop {
         let reconnect = conn.conn.is_none();
         let checked = match conn.get().await {
-            Ok(c) => check_health(c, reconnect, &mut markers).await,
+            Ok(c) => check_health(c, reconnect, &mut markers, &metrics).await,
             Err(e) => Err(e),
         };
         match checked {
-            Ok(()) => metrics::redis_reachable(),
+            Ok(()) => metrics.redis_reachable(),
             Err(e) => {
-                metrics::redis_unreachable("health check", &e);
+                metrics.redis_unreachable("health check", &e);
                 conn.reset();
             }
         }
@@ -519,15 +521,16 @@ async fn check_health(
     conn: &mut RedisConn,
     reconnect: bool,
     markers: &mut StateMarkers,
+    metrics: &Metrics,
 ) -> Result<(), RedisError> {
     redis::cmd("PING").query_async::<Value>(conn).await?;
     if reconnect {
         let nodes = persistence(conn).await?;
-        metrics::redis_persistence(&nodes);
+        metrics.redis_persistence(&nodes);
     }
     match markers.check(conn).await {
         Ok(lost) if lost.is_empty() => {}
-        Ok(lost) => metrics::redis_state_lost(&lost),
+        Ok(lost) => metrics.redis_state_lost(&lost),
         Err(e) if is_refusal(&e) => {
             if !markers.refused {
                 markers.refused = true;
@@ -728,7 +731,7 @@ pub struct StateMarkers {
 
 impl StateMarkers {
     /// Markers for the hash tags of `streams`.
-    pub fn new(streams: &[String]) -> StateMarkers {
+    pub fn new(streams: &[String], metrics: &Metrics) -> StateMarkers {
         let mut markers: Vec<(String, String, Option<String>)> = streams
             .iter()
             .map(|s| (hash_tag(s).to_string(), crate::outbox::marker_key(s), None))
@@ -736,7 +739,7 @@ impl StateMarkers {
         markers.sort();
         markers.dedup();
         let tags: Vec<String> = markers.iter().map(|m| m.0.clone()).collect();
-        metrics::redis_state_watched(&tags);
+        metrics.redis_state_watched(&tags);
         StateMarkers {
             markers,
             refused: false,

@@ -31,11 +31,11 @@ use serde::Serialize;
 use crate::alert::{Alert, AlertBook};
 use crate::clock::now_ms;
 use crate::config::Subscription;
-use crate::metrics;
+use crate::metrics::{self, Metrics};
 use crate::process::LoadedRules;
 use crate::redis_conn::{Backoff, LazyConn, RedisTarget};
-use crate::rules::RuleSet;
-use crate::rules::state as rule_state;
+use crate::rules::{RuleEngine, RuleSet};
+use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
 use crate::source::timers::commit_unacked;
 
@@ -117,7 +117,7 @@ pub struct LastReload {
 }
 
 pub struct Reloader {
-    pub engine: Arc<rhai::Engine>,
+    pub engine: Arc<RuleEngine>,
     /// The live rule set the workers read.
     pub rules: Arc<ArcSwap<LoadedRules>>,
     pub sinks: Arc<Supervisor>,
@@ -136,6 +136,9 @@ pub struct Reloader {
     /// Serialises reloads (two saves in quick succession apply in order)
     /// and remembers what the last one left behind.
     pub lock: tokio::sync::Mutex<LastReload>,
+    /// Where reloads are counted, and the rule state a removed rule's
+    /// samples and gauges are dropped from.
+    pub runtime: Runtime,
 }
 
 impl Reloader {
@@ -146,8 +149,8 @@ impl Reloader {
         tracing::debug!(trigger, "reloading");
         let rules = (self.reload_rules(&mut last, true).await).expect("forced reloads report");
         let plugins = (self.reload_plugins(&mut last, true).await).expect("forced reloads report");
-        emit("rules", trigger, &rules);
-        emit("plugins", trigger, &plugins);
+        emit(&self.runtime.metrics, "rules", trigger, &rules);
+        emit(&self.runtime.metrics, "plugins", trigger, &plugins);
         ReloadReport { rules, plugins }
     }
 
@@ -158,10 +161,10 @@ impl Reloader {
     pub async fn reload_if_changed(&self, trigger: &str) {
         let mut last = self.lock.lock().await;
         if let Some(rules) = self.reload_rules(&mut last, false).await {
-            emit("rules", trigger, &rules);
+            emit(&self.runtime.metrics, "rules", trigger, &rules);
         }
         if let Some(plugins) = self.reload_plugins(&mut last, false).await {
-            emit("plugins", trigger, &plugins);
+            emit(&self.runtime.metrics, "plugins", trigger, &plugins);
         }
     }
 
@@ -257,7 +260,7 @@ impl Reloader {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         drop(old);
-        rule_state::forget_rules(removed);
+        self.runtime.rules.forget_rules(removed);
         let resolved = self.write_resolved(removed).await;
         for rule in removed {
             metrics::rule_retired(rule, resolved.iter().filter(|a| &a.rule == rule).count());
@@ -285,6 +288,7 @@ impl Reloader {
                     &self.outbox_prefix,
                     self.outbox_max_len,
                     decision,
+                    &self.runtime.metrics,
                 )
                 .await;
                 match result {
@@ -319,7 +323,9 @@ impl Reloader {
             let gate = self.book.gate(&tag);
             let _decided = gate.lock().await;
             let decision = self.book.forget_rules(&tag, removed, now_ms());
-            metrics::retired_alerts_unsent(&decision.notifications, error);
+            self.runtime
+                .metrics
+                .retired_alerts_unsent(&decision.notifications, error);
         }
     }
 }
@@ -334,8 +340,8 @@ fn failure(last_error: &mut Option<String>, error: String, forced: bool) -> Opti
     Some(PartReport::failed(error))
 }
 
-fn emit(kind: &str, trigger: &str, p: &PartReport) {
-    metrics::reload(kind, trigger, p.ok, &detail(p));
+fn emit(metrics: &Metrics, kind: &str, trigger: &str, p: &PartReport) {
+    metrics.reload(kind, trigger, p.ok, &detail(p));
 }
 
 fn detail(p: &PartReport) -> String {

@@ -26,11 +26,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use super::silence::{self, Silences};
+use super::silence::{self, ActiveSilences, Silences};
 use super::{Alert, Severity, Status};
 use crate::clock::rfc3339;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::outbox::hash_tag;
+use crate::runtime::Runtime;
 
 /// Lifecycle policy shared by every alert.
 #[derive(Debug, Clone, Copy)]
@@ -280,6 +281,11 @@ pub struct AlertBook {
     /// one worker's fast commit would certify another's uncommitted change.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     policy: Policy,
+    /// The silences in force: a firing they mute is withheld, and their
+    /// end releases it.
+    silences: Arc<ActiveSilences>,
+    /// Where withheld notifications are counted.
+    metrics: Arc<Metrics>,
 }
 
 pub fn field(fp: u64) -> String {
@@ -334,8 +340,8 @@ fn must_publish(e: &Head, touched: u64, now: u64) -> bool {
 
 /// Whether the silence `muted` names ([`silence::id_hash`], 0 = none) has
 /// ended by `now`: reads the silences only for an alert one withheld.
-fn released(muted: u64, now: u64) -> bool {
-    muted != 0 && !silence::active().in_force(muted, now)
+fn released(silences: &ActiveSilences, muted: u64, now: u64) -> bool {
+    muted != 0 && !silences.active().in_force(muted, now)
 }
 
 /// Whether a firing alert's firing was withheld by a silence that is no
@@ -351,6 +357,8 @@ fn unmuted(e: &Head, silences: &Silences, now: u64) -> bool {
 /// withheld (`was_muted`) is withheld too, so no sink hears of a resolve of
 /// a firing it never got. Anything else passes.
 fn through_silences(
+    silences: &ActiveSilences,
+    metrics: &Metrics,
     next: Option<&mut Entry>,
     was_muted: bool,
     note: Option<Alert>,
@@ -359,21 +367,21 @@ fn through_silences(
     let note = note?;
     match note.status {
         Status::Firing => {
-            let silences = silence::active();
+            let silences = silences.active();
             let muting = silences.muting(&note, now);
             if let Some(e) = next {
                 e.muted = muting.map_or(0, silence::id_hash);
             }
             match muting {
                 Some(id) => {
-                    metrics::alert_silenced(&note, id);
+                    metrics.alert_silenced(&note, id);
                     None
                 }
                 None => Some(note),
             }
         }
         Status::Resolved if was_muted => {
-            metrics::alert_silenced(&note, "");
+            metrics.alert_silenced(&note, "");
             None
         }
         Status::Resolved => Some(note),
@@ -393,11 +401,13 @@ fn seen_is_stale(seen: u64, resolve_after_ms: u64, now: u64) -> bool {
 }
 
 impl AlertBook {
-    pub fn new(policy: Policy) -> Self {
+    pub fn new(policy: Policy, runtime: &Runtime) -> Self {
         AlertBook {
             parts: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             policy,
+            silences: runtime.silences.clone(),
+            metrics: runtime.metrics.clone(),
         }
     }
 
@@ -479,7 +489,14 @@ impl AlertBook {
             let before = cur.entry.as_ref().map(Stored::entry);
             let was_muted = before.as_ref().is_some_and(|e| e.muted != 0);
             let (mut next, note) = self.step(before.clone(), a);
-            let note = through_silences(next.as_mut(), was_muted, note, a.now_ms);
+            let note = through_silences(
+                &self.silences,
+                &self.metrics,
+                next.as_mut(),
+                was_muted,
+                note,
+                a.now_ms,
+            );
             if next == before && note.is_none() {
                 continue;
             }
@@ -538,7 +555,7 @@ impl AlertBook {
                 let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
                 !(escalated
                     || due
-                    || released(e.muted, now)
+                    || released(&self.silences, e.muted, now)
                     || seen_is_stale(e.seen, e.resolve_after_ms, now))
             }
             (ActionKind::Deadman { after_ms }, Some(e)) if e.phase == Phase::Watching => {
@@ -623,7 +640,7 @@ impl AlertBook {
                     // A muted notification does not count as sent: once its
                     // silence ended, the next assertion sends it.
                     let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms
-                        || released(e.muted, now);
+                        || released(&self.silences, e.muted, now);
                     let refresh_seen = seen_is_stale(e.seen, e.resolve_after_ms, now);
                     if !(escalated || due || refresh_seen) {
                         return (Some(e), None);
@@ -760,7 +777,7 @@ impl AlertBook {
     pub fn due_in(&self, tag: &str, now: u64) -> Decision {
         // Runs every timer tick under the lock the workers' `decide` needs:
         // clone only the entries that are due, not the whole partition.
-        let silences = silence::active();
+        let silences = self.silences.active();
         let candidates: Vec<(u64, Stored, u64)> = {
             let parts = self.parts.lock().expect("alert book poisoned");
             let Some(part) = parts.get(tag) else {
@@ -872,7 +889,14 @@ impl AlertBook {
                 }
             };
             let (mut next, note) = (next, note);
-            let note = through_silences(next.as_mut(), stored.head.muted != 0, note, now);
+            let note = through_silences(
+                &self.silences,
+                &self.metrics,
+                next.as_mut(),
+                stored.head.muted != 0,
+                note,
+                now,
+            );
             d.undo.push(Transition {
                 fp,
                 previous: cur.clone(),
@@ -1090,7 +1114,7 @@ mod tests {
 
     #[test]
     fn fires_once_then_repeats_after_interval() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
         assert!(notes(&book, fire(0, 59 * MIN)).is_empty());
         assert_eq!(notes(&book, fire(0, 60 * MIN)), [Status::Firing]);
@@ -1098,7 +1122,7 @@ mod tests {
 
     #[test]
     fn for_holds_until_elapsed_and_never_fires_if_cleared_first() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         assert!(notes(&book, fire(5 * MIN, 0)).is_empty());
         assert!(notes(&book, fire(5 * MIN, 4 * MIN)).is_empty());
         assert!(notes(&book, act(ActionKind::Resolve, 4 * MIN + 1)).is_empty());
@@ -1110,7 +1134,7 @@ mod tests {
 
     #[test]
     fn resolve_only_when_firing() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         assert!(notes(&book, act(ActionKind::Resolve, 0)).is_empty());
         notes(&book, fire(0, 1));
         assert_eq!(
@@ -1122,7 +1146,7 @@ mod tests {
 
     #[test]
     fn severity_change_notifies_at_once() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         notes(&book, fire(0, 0));
         let mut worse = fire(0, 1);
         worse.alert.as_mut().unwrap().severity = Severity::Critical;
@@ -1131,10 +1155,13 @@ mod tests {
 
     #[test]
     fn auto_resolve_after_silence() {
-        let book = AlertBook::new(Policy {
-            resolve_after_ms: 5 * MIN,
-            ..policy()
-        });
+        let book = AlertBook::new(
+            Policy {
+                resolve_after_ms: 5 * MIN,
+                ..policy()
+            },
+            &Runtime::new(),
+        );
         notes(&book, fire(0, 0));
         assert!(book.due(4 * MIN).notifications.is_empty());
         let d = book.due(5 * MIN);
@@ -1144,7 +1171,7 @@ mod tests {
 
     #[test]
     fn deadman_fires_after_silence_and_resolves_when_series_returns() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
         assert!(notes(&book, watch(0)).is_empty());
         assert!(book.due(9 * MIN).notifications.is_empty());
@@ -1155,10 +1182,13 @@ mod tests {
 
     #[test]
     fn flapping_alert_is_held() {
-        let book = AlertBook::new(Policy {
-            flap_max_changes: 4,
-            ..policy()
-        });
+        let book = AlertBook::new(
+            Policy {
+                flap_max_changes: 4,
+                ..policy()
+            },
+            &Runtime::new(),
+        );
         let mut sent = 0;
         for i in 0..10 {
             sent += notes(&book, fire(0, i * 1000)).len();
@@ -1181,7 +1211,7 @@ mod tests {
 
     #[test]
     fn a_pending_alert_fires_by_the_timer_and_is_never_dropped_for_quiet() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         assert!(notes(&book, fire(30_000, 0)).is_empty());
         assert!(book.due(29_999).notifications.is_empty());
         assert_eq!(book.due(30_000).notifications[0].status, Status::Firing);
@@ -1192,7 +1222,7 @@ mod tests {
 
     #[test]
     fn deadman_fires_on_the_last_reading_not_the_coalesced_one() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
         notes(&book, watch(0));
         // Within a tenth of the silence: nothing written, but judged.
@@ -1207,7 +1237,7 @@ mod tests {
 
     #[test]
     fn writes_carry_versions_and_rollback_restores() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let d = book.decide(
             "s",
             &[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)],
@@ -1233,11 +1263,14 @@ mod tests {
     #[test]
     fn the_no_op_shortcut_agrees_with_the_state_machine() {
         for flap_max_changes in [0, 2] {
-            no_op_shortcut_agrees(AlertBook::new(Policy {
-                resolve_after_ms: 5 * MIN,
-                flap_max_changes,
-                ..policy()
-            }));
+            no_op_shortcut_agrees(AlertBook::new(
+                Policy {
+                    resolve_after_ms: 5 * MIN,
+                    flap_max_changes,
+                    ..policy()
+                },
+                &Runtime::new(),
+            ));
         }
     }
 
@@ -1289,7 +1322,7 @@ mod tests {
 
     #[test]
     fn doing_nothing_is_checked_too() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let d = book.decide("s", &[act(ActionKind::Resolve, 0)], true);
         assert!(d.notifications.is_empty());
         assert_eq!(d.writes.len(), 1);
@@ -1302,7 +1335,7 @@ mod tests {
 
     #[test]
     fn without_checks_only_changes_are_written() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let d = book.decide("s", &[act(ActionKind::Resolve, 0)], false);
         assert!(d.writes.is_empty());
         let d = book.decide("s", &[fire(0, 1), act(ActionKind::Resolve, 2)], false);
@@ -1313,7 +1346,7 @@ mod tests {
 
     #[test]
     fn partitions_are_separate_and_sync_follows_own_commits() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
         // The same identity raised from a stream of another hash tag has
         // its own lifecycle.
@@ -1335,7 +1368,7 @@ mod tests {
 
     #[test]
     fn a_deadman_without_its_alert_refreshes_but_never_creates() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         let bare = |now| Action {
             alert: None,
             ..act(ActionKind::Deadman { after_ms: 10 * MIN }, now)
@@ -1359,7 +1392,7 @@ mod tests {
 
     #[test]
     fn forgetting_a_rule_resolves_its_alerts() {
-        let book = AlertBook::new(policy());
+        let book = AlertBook::new(policy(), &Runtime::new());
         notes(&book, fire(0, 0));
         let d = book.forget_rules("s", &["r".to_string()], 10);
         assert_eq!(d.notifications[0].status, Status::Resolved);

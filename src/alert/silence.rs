@@ -207,34 +207,48 @@ pub async fn list(conn: &mut RedisConn, now_ms: u64) -> Result<Vec<Silence>, Red
     Ok(live)
 }
 
-fn current() -> &'static ArcSwap<Silences> {
-    static CURRENT: std::sync::OnceLock<ArcSwap<Silences>> = std::sync::OnceLock::new();
-    CURRENT.get_or_init(|| ArcSwap::from_pointee(Silences::default()))
+/// The silences in force in one engine: empty until the first refresh, and
+/// in tools that never start one. The lifecycle and the sinks read it, and
+/// [`refresh_loop`] keeps it in step with Redis.
+#[derive(Debug, Default)]
+pub struct ActiveSilences(ArcSwap<Silences>);
+
+impl ActiveSilences {
+    /// The silences in force now, unchanged for as long as the caller
+    /// holds them.
+    pub fn active(&self) -> Arc<Silences> {
+        self.0.load_full()
+    }
+
+    /// Replaces the whole set, as read from Redis.
+    pub fn set(&self, list: Vec<Silence>) {
+        self.0.store(Arc::new(Silences::new(list)));
+    }
 }
 
-/// The silences in force in this process (empty until the first refresh,
-/// and in tools that never start one).
-pub fn active() -> Arc<Silences> {
-    current().load_full()
-}
-
-/// Keeps [`active`] in step with Redis until shutdown.
-pub async fn refresh_loop(target: RedisTarget, every: Duration, shutdown: CancellationToken) {
+/// Keeps `into` in step with Redis until shutdown.
+pub async fn refresh_loop(
+    target: RedisTarget,
+    every: Duration,
+    into: Arc<ActiveSilences>,
+    shutdown: CancellationToken,
+) {
     crate::redis_conn::every(
         LazyConn::new(target, Duration::from_secs(5)),
         every,
         shutdown,
         "reading silences",
         async |c| list(c, crate::clock::now_ms()).await,
-        |l| current().store(Arc::new(Silences::new(l))),
+        |l| into.set(l),
     )
     .await;
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Origin, Severity, Status};
+    use super::super::{Action, ActionKind, AlertBook, Origin, Policy, Severity, Status};
     use super::*;
+    use crate::runtime::Runtime;
 
     fn alert(host: &str) -> Alert {
         Alert {
@@ -284,6 +298,61 @@ mod tests {
                 String::new()
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn a_runtimes_silences_withhold_a_firing_until_they_end() {
+        let policy = Policy {
+            repeat_ms: 3_600_000,
+            resolve_after_ms: 0,
+            flap_max_changes: 0,
+            flap_window_ms: 600_000,
+        };
+        let fire = |now_ms| Action {
+            fp: 1,
+            kind: ActionKind::Fire {
+                for_ms: 0,
+                resolve_after_ms: None,
+            },
+            alert: Some(alert("core-1")),
+            now_ms,
+        };
+        let runtime = Runtime::new();
+        let book = AlertBook::new(policy, &runtime);
+        let s = Silence::new(
+            vec![Matcher::parse("hostname=core-1").unwrap()],
+            0,
+            Duration::from_secs(60),
+            "me".into(),
+            "maintenance".into(),
+        )
+        .unwrap();
+        runtime.silences.set(vec![s]);
+        assert!(
+            book.decide("s", &[fire(1000)], true)
+                .notifications
+                .is_empty()
+        );
+        let text = runtime.metrics.encode();
+        assert!(
+            text.contains("tripline_alerts_silenced_total{rule=\"packet_errors/alert\"} 1"),
+            "{text}"
+        );
+        let released = book.due(61_000).notifications;
+        assert_eq!(
+            released.iter().map(|a| a.status).collect::<Vec<_>>(),
+            [Status::Firing],
+            "the silence ended: the withheld firing is sent"
+        );
+        let elsewhere = AlertBook::new(policy, &Runtime::new());
+        assert_eq!(
+            elsewhere
+                .decide("s", &[fire(1000)], true)
+                .notifications
+                .len(),
+            1,
+            "another runtime has no silence"
         );
     }
 }

@@ -10,10 +10,11 @@ use crate::app;
 use crate::config::Settings;
 use crate::escape::escape;
 use crate::rules::lint;
+use crate::runtime::Runtime;
 
 pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
-    let prepared = app::prepare(&config)?;
+    let prepared = app::prepare(&config, &Runtime::new())?;
     let findings = lint::lint_set(&prepared.rules.set);
     for f in &findings {
         eprintln!("error: {}", escape(&f.to_string()));

@@ -21,6 +21,7 @@ use crate::escape::escape;
 use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
 use crate::rules::{RuleSet, build_engine};
+use crate::runtime::Runtime;
 use crate::sinks::{self, Manifest, Sink};
 
 #[derive(Debug, clap::Args)]
@@ -108,16 +109,17 @@ struct LiveSink {
 
 pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
-    let engine = build_engine(&config.limits);
+    let runtime = Runtime::new();
+    let engine = build_engine(&config.limits, &runtime);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let loaded = Arc::new(LoadedRules::new(set, &config.subscriptions));
     let processor = Processor {
         engine,
         rules: Arc::new(ArcSwap::new(loaded.clone())),
-        book: Arc::new(AlertBook::new(config.alerts.policy)),
+        book: Arc::new(AlertBook::new(config.alerts.policy, &runtime)),
     };
     let sinks = if args.sinks {
-        build_sinks(&config)?
+        build_sinks(&config, &runtime)?
     } else {
         Vec::new()
     };
@@ -326,7 +328,7 @@ fn say(out: &mut impl Write, quiet: bool, line: fmt::Arguments) -> std::io::Resu
 
 /// Builds every enabled sink the way `run` would, so a replay with
 /// `--sinks` fails early on a bad manifest.
-fn build_sinks(config: &Settings) -> anyhow::Result<Vec<LiveSink>> {
+fn build_sinks(config: &Settings, runtime: &Runtime) -> anyhow::Result<Vec<LiveSink>> {
     let manifests = sinks::load_dir(&config.plugins_dir).map_err(|errors| {
         let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
         anyhow::anyhow!("plugins failed to load:\n{}", text.join("\n"))
@@ -348,6 +350,7 @@ fn build_sinks(config: &Settings) -> anyhow::Result<Vec<LiveSink>> {
             redis: redis.clone(),
             timeout: manifest.timeout,
             base_dir: manifest.dir(),
+            metrics: runtime.metrics.clone(),
         };
         let sink = kind
             .build(&manifest.settings, &cx)

@@ -14,6 +14,7 @@ use crate::process::LoadedRules;
 use crate::rules::{RuleSet, build_engine};
 use crate::ruletest::run::{CaseResult, Runner};
 use crate::ruletest::{Suite, located};
+use crate::runtime::Runtime;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -27,7 +28,7 @@ pub struct Args {
 
 pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
-    let engine = build_engine(&config.limits);
+    let engine = build_engine(&config.limits, &Runtime::new());
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let roots = if args.paths.is_empty() {
         vec![config.rules_dir.clone()]
@@ -52,7 +53,7 @@ pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
         .filter_map(|(i, s)| Some((Runner::key(i), s.as_ref().ok()?.selection.clone())))
         .collect();
     let runner = Runner {
-        engine,
+        limits: config.limits.clone(),
         rules: Arc::new(ArcSwap::from_pointee(LoadedRules { set, selections })),
         policy: config.alerts.policy,
     };

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::auth::{bearer_ok, unauthorized};
 use crate::config::GatewaySettings;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::redis_conn::{RedisConn, RedisTarget};
 use crate::shard::stream_for;
 
@@ -47,10 +47,12 @@ pub struct Gateway {
     /// use and dropped after a connection error so the next request
     /// reconnects. The lock is held only to open or clone it.
     conn: tokio::sync::Mutex<Option<RedisConn>>,
+    /// Where requests are counted by result.
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
-    pub fn new(config: &GatewaySettings, target: RedisTarget) -> Gateway {
+    pub fn new(config: &GatewaySettings, target: RedisTarget, metrics: Arc<Metrics>) -> Gateway {
         Gateway {
             stream: config.stream.clone(),
             shards: config.shards,
@@ -58,6 +60,7 @@ impl Gateway {
             max_body_bytes: config.max_body_bytes,
             target,
             conn: tokio::sync::Mutex::new(None),
+            metrics,
         }
     }
 
@@ -133,32 +136,38 @@ async fn telemetry(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     if !gateway.authorized(&headers) {
-        metrics::gateway_rejected("unauthorized", "missing or wrong bearer token");
+        gateway
+            .metrics
+            .gateway_rejected("unauthorized", "missing or wrong bearer token");
         return unauthorized();
     }
     let body = match body {
         Ok(b) => b,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let limit = gateway.max_body_bytes;
-            metrics::gateway_rejected("too_large", &format!("body over {limit} bytes"));
+            gateway
+                .metrics
+                .gateway_rejected("too_large", &format!("body over {limit} bytes"));
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 &format!("Body larger than {limit} bytes"),
             );
         }
         Err(rejection) => {
-            metrics::gateway_rejected("malformed", &rejection.body_text());
+            gateway
+                .metrics
+                .gateway_rejected("malformed", &rejection.body_text());
             return error(StatusCode::BAD_REQUEST, MALFORMED);
         }
     };
     let reading = match validate(&body) {
         Ok(r) => r,
         Err(Rejection::Malformed(why)) => {
-            metrics::gateway_rejected("malformed", &why);
+            gateway.metrics.gateway_rejected("malformed", &why);
             return error(StatusCode::BAD_REQUEST, MALFORMED);
         }
         Err(Rejection::Invalid(why)) => {
-            metrics::gateway_rejected("invalid", &why);
+            gateway.metrics.gateway_rejected("invalid", &why);
             return error(StatusCode::BAD_REQUEST, INCOMPLETE);
         }
     };
@@ -167,11 +176,11 @@ async fn telemetry(
     let stream = stream_for(&gateway.stream, gateway.shards, device);
     match gateway.publish(&stream, &payload).await {
         Ok(id) => {
-            metrics::gateway_accepted(&stream, &id);
+            gateway.metrics.gateway_accepted(&stream, &id);
             (StatusCode::OK, Json(json!({ "stream": stream, "id": id }))).into_response()
         }
         Err(e) => {
-            metrics::gateway_publish_failed(&stream, &e);
+            gateway.metrics.gateway_publish_failed(&stream, &e);
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Could not publish the reading; try again later",

@@ -1,22 +1,30 @@
 //! `/metrics`: everything tripline counts, in the format the scraper asks for.
 
+use std::sync::Arc;
+
 use axum::Router;
+use axum::extract::State;
 use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics;
+use crate::metrics::Metrics;
 
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// The `/metrics` route.
-pub fn routes() -> Router {
-    Router::new().route("/metrics", get(metrics_text))
+pub fn routes(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_text))
+        .with_state(metrics)
 }
 
 /// OpenMetrics when the client asks for it (Prometheus does), else the
 /// classic text format, which promtool and older scrapers parse.
-async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
+async fn metrics_text(
+    State(metrics): State<Arc<Metrics>>,
+    headers: HeaderMap,
+) -> impl IntoResponse {
     let accept = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -24,7 +32,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
     if wants_openmetrics(accept) {
         (
             [(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)],
-            metrics::get().encode(&crate::rules::state::registry()),
+            metrics.encode(),
         )
     } else {
         (
@@ -32,7 +40,7 @@ async fn metrics_text(headers: HeaderMap) -> impl IntoResponse {
                 header::CONTENT_TYPE,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             )],
-            metrics::get().encode_prometheus_text(&crate::rules::state::registry()),
+            metrics.encode_prometheus_text(),
         )
     }
 }

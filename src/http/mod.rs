@@ -37,6 +37,8 @@ pub use probes::EngineHandle;
 pub use server::{ConnectionLimits, serve};
 use silences::SilenceApi;
 
+use crate::metrics::Metrics;
+
 /// Shared state of the handlers.
 #[derive(Clone)]
 pub struct State {
@@ -49,6 +51,8 @@ pub struct State {
     /// Bearer token `POST /-/reload` requires (`http.admin_token`); none
     /// means open.
     admin_token: Option<Arc<str>>,
+    /// What `/metrics` encodes, and whether Redis answers for `/readyz`.
+    metrics: Arc<Metrics>,
 }
 
 impl State {
@@ -57,12 +61,14 @@ impl State {
         gateway: Option<Gateway>,
         silences: SilenceApi,
         admin_token: Option<String>,
+        metrics: Arc<Metrics>,
     ) -> State {
         State {
             engine,
             gateway: gateway.map(Arc::new),
             silences: Arc::new(silences),
             admin_token: admin_token.map(Arc::from),
+            metrics,
         }
     }
 }
@@ -72,8 +78,8 @@ pub fn router(state: State) -> Router {
     let mut router = Router::new()
         .route("/-/reload", post(reload))
         .with_state(state.clone())
-        .merge(probes::routes(state.engine.clone()))
-        .merge(metrics::routes())
+        .merge(probes::routes(state.engine.clone(), state.metrics.clone()))
+        .merge(metrics::routes(state.metrics.clone()))
         .merge(state.silences.clone().routes());
     if let Some(gateway) = state.gateway {
         router = router.merge(gateway.routes());

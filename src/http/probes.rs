@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::reload::Reloader;
 
 /// The engine's phase as the HTTP side sees it; written by `app::run`.
@@ -42,16 +42,18 @@ impl EngineHandle {
 }
 
 /// The probe routes, answering from `engine`.
-pub fn routes(engine: Arc<EngineHandle>) -> Router {
+pub fn routes(engine: Arc<EngineHandle>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(engine)
+        .with_state((engine, metrics))
 }
 
-async fn ready(State(engine): State<Arc<EngineHandle>>) -> impl IntoResponse {
+async fn ready(
+    State((engine, metrics)): State<(Arc<EngineHandle>, Arc<Metrics>)>,
+) -> impl IntoResponse {
     let mut reasons = Vec::new();
-    if !metrics::redis_is_up() {
+    if !metrics.redis_is_up() {
         reasons.push("Redis is unreachable");
     }
     if engine.stopping.load(Ordering::SeqCst) {

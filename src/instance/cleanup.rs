@@ -8,6 +8,7 @@
 //! consumer that gets an entry between a separate check and the delete
 //! would take that entry's pending record with it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::RedisError;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerCleanup;
 use crate::group_reader::groups as groups_of;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::redis_conn::{LazyConn, RedisTarget, note_error};
 use crate::sinks::dispatch::SINK_GROUP_PREFIX;
 
@@ -56,6 +57,7 @@ pub async fn run(
     target: RedisTarget,
     scope: Scope,
     policy: ConsumerCleanup,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     if policy.max_idle.is_zero() {
@@ -68,7 +70,7 @@ pub async fn run(
             _ = tokio::time::sleep(policy.interval) => {}
             _ = shutdown.cancelled() => return,
         }
-        if let Err(e) = sweep(&mut conn, &script, &scope, policy.max_idle).await {
+        if let Err(e) = sweep(&mut conn, &script, &scope, policy.max_idle, &metrics).await {
             note_error("removing idle consumers", &e);
             conn.reset();
         }
@@ -80,6 +82,7 @@ async fn sweep(
     script: &redis::Script,
     scope: &Scope,
     max_idle: Duration,
+    metrics: &Metrics,
 ) -> Result<(), RedisError> {
     let mut groups = scope.subscriptions.clone();
     for outbox in &scope.outboxes {
@@ -101,7 +104,7 @@ async fn sweep(
             .invoke_async(conn.get().await?)
             .await?;
         for consumer in removed {
-            metrics::consumer_removed(&stream, &group, &consumer);
+            metrics.consumer_removed(&stream, &group, &consumer);
         }
     }
     Ok(())

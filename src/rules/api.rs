@@ -9,9 +9,11 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
 
-use super::state;
+use super::state::RuleState;
 use crate::alert::{Fingerprint, Severity};
 
 /// An alert as a rule asserted it, before identity and lifecycle.
@@ -401,20 +403,28 @@ fn require(ctx: &NativeCallContext, msg: &Map, fields: &[Dynamic]) -> Res<()> {
     }
 }
 
-fn export(ctx: &NativeCallContext, name: &str, value: &Dynamic, labels: Map) -> Res<()> {
+fn export(
+    state: &RuleState,
+    ctx: &NativeCallContext,
+    name: &str,
+    value: &Dynamic,
+    labels: Map,
+) -> Res<()> {
     let v = number(ctx, "metric", value)?;
     let labels: Vec<(String, String)> = labels
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    running(|rule, _| state::set_gauge(rule, name, v, labels))
+    running(|rule, _| state.set_gauge(rule, name, v, labels))
         .or_else(|e| fail(ctx, format!("metric(): {e}")))
 }
 
 const NO_SLEEP: &str = "rules cannot sleep (sandbox): a rule call holds its message's batch; use for_duration or deadman to wait";
 
-/// Registers the rule API on an engine that is about to be frozen.
-pub fn register(engine: &mut Engine) {
+/// Registers the rule API on an engine that is about to be frozen. The
+/// stateful helpers (`rate`, `delta`, `metric`) keep their series in
+/// `state`, this engine's own.
+pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
     // `&mut`: a map held in a variable (`alert(a)`) is read in place
     // instead of copied for the call; neither function changes it.
     engine.register_fn(
@@ -486,30 +496,34 @@ pub fn register(engine: &mut Engine) {
             Ok(())
         },
     );
+    let s = state.clone();
     engine.register_fn(
         "rate",
-        |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
+        move |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
             let v = number(&ctx, "rate", &value)?;
-            Ok(running(|rule, now| state::rate(rule, key, v, now)))
+            Ok(running(|rule, now| s.rate(rule, key, v, now)))
         },
     );
+    let s = state.clone();
     engine.register_fn(
         "delta",
-        |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
+        move |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
             let v = number(&ctx, "delta", &value)?;
-            Ok(running(|rule, now| state::delta(rule, key, v, now)))
+            Ok(running(|rule, now| s.delta(rule, key, v, now)))
         },
     );
+    let s = state.clone();
     engine.register_fn(
         "metric",
-        |ctx: NativeCallContext, name: &str, value: Dynamic, labels: Map| -> Res<()> {
-            export(&ctx, name, &value, labels)
+        move |ctx: NativeCallContext, name: &str, value: Dynamic, labels: Map| -> Res<()> {
+            export(&s, &ctx, name, &value, labels)
         },
     );
+    let s = state.clone();
     engine.register_fn(
         "metric",
-        |ctx: NativeCallContext, name: &str, value: Dynamic| -> Res<()> {
-            export(&ctx, name, &value, Map::new())
+        move |ctx: NativeCallContext, name: &str, value: Dynamic| -> Res<()> {
+            export(&s, &ctx, name, &value, Map::new())
         },
     );
     engine.register_fn(

@@ -110,9 +110,10 @@ fn check_entry(func: &str, key: &str, value: Option<Dynamic>) -> Result<(), Stri
 mod tests {
     use super::*;
     use crate::config::Limits;
+    use crate::runtime::Runtime;
 
     fn lint(source: &str) -> Vec<String> {
-        let engine = super::super::build_engine(&Limits::default());
+        let engine = super::super::build_engine(&Limits::default(), &Runtime::new());
         let rule = super::super::compile_rule(
             &engine,
             std::path::Path::new("rules/r.rhai"),
@@ -165,7 +166,7 @@ mod tests {
         assert_eq!(lint_set(&set), []);
     }
 
-    fn build() -> std::sync::Arc<rhai::Engine> {
-        super::super::build_engine(&Limits::default())
+    fn build() -> std::sync::Arc<super::super::RuleEngine> {
+        super::super::build_engine(&Limits::default(), &Runtime::new())
     }
 }

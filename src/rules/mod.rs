@@ -1,7 +1,8 @@
 //! Rules: `rules/**/*.rhai`, one file per rule, run in path order.
 //!
 //! The `Engine` is built once, given the API and the sandbox limits, and then
-//! only shared (`Arc<Engine>`), never mutated. A [`RuleSet`] is compiled whole
+//! only shared (`Arc<RuleEngine>`), never mutated. Its stateful helpers keep
+//! their series in the [`state::RuleState`] of the runtime it was built with. A [`RuleSet`] is compiled whole
 //! from the directory: if any file fails, the caller keeps its previous set.
 
 pub mod api;
@@ -18,7 +19,8 @@ use std::time::Instant;
 use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::Limits;
-use crate::metrics::{Decision, RuleMetrics};
+use crate::metrics::{Decision, Metrics, RuleMetrics};
+use crate::runtime::Runtime;
 pub use api::{Actions, LogLevel, RawAlert, raw_alert};
 
 /// Name of the function every rule defines.
@@ -78,10 +80,35 @@ const DISABLED_KEYWORDS: [(&str, &str); 2] = [
     ),
 ];
 
+/// The frozen engine, with the metrics its compiled rules count into.
+pub struct RuleEngine {
+    engine: Engine,
+    /// Where the per-rule handles ([`RuleMetrics`]) of every rule compiled
+    /// with this engine are resolved, and shadowed alerts are counted.
+    metrics: Arc<Metrics>,
+}
+
+impl RuleEngine {
+    /// The metrics of the runtime the engine was built with: the processor
+    /// counts shadow rules' alerts there, next to the rules' own handles.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl std::ops::Deref for RuleEngine {
+    type Target = Engine;
+
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
 /// Builds the one engine every rule runs in: sandboxed (the standard packages
 /// of `Engine::new` have no file, network or process access; `import` and
-/// `eval` are disabled), limited, and carrying the rule API.
-pub fn build_engine(limits: &Limits) -> Arc<Engine> {
+/// `eval` are disabled), limited, and carrying the rule API bound to
+/// `runtime`'s rule state and metrics.
+pub fn build_engine(limits: &Limits, runtime: &Runtime) -> Arc<RuleEngine> {
     let mut engine = Engine::new();
     // `Engine::new` installs a resolver that loads any `import`ed script from
     // disk. `import` does not even compile here; with no resolver, nothing
@@ -103,8 +130,11 @@ pub fn build_engine(limits: &Limits) -> Arc<Engine> {
     // holds its 256 entries (hostnames fill it at once) each new string
     // scans it to evict one. Allocating the string is cheaper.
     engine.set_max_strings_interned(0);
-    api::register(&mut engine);
-    Arc::new(engine)
+    api::register(&mut engine, &runtime.rules);
+    Arc::new(RuleEngine {
+        engine,
+        metrics: runtime.metrics.clone(),
+    })
 }
 
 /// One compiled rule file.
@@ -215,7 +245,7 @@ pub struct RuleResult {
 
 impl RuleSet {
     /// Compiles every `*.rhai` under `dir`; all errors are reported together.
-    pub fn load(engine: &Engine, dir: &Path) -> Result<RuleSet, RuleError> {
+    pub fn load(engine: &RuleEngine, dir: &Path) -> Result<RuleSet, RuleError> {
         if !dir.is_dir() {
             return Err(RuleError::MissingDir(dir.to_path_buf()));
         }
@@ -469,7 +499,7 @@ fn guarded(
 }
 
 fn compile_rule(
-    engine: &Engine,
+    engine: &RuleEngine,
     path: &Path,
     rel: &str,
     source: &str,
@@ -541,7 +571,7 @@ fn compile_rule(
     let reads_context = reads_context(&ast, source);
     Ok(Rule {
         shadow,
-        metrics: RuleMetrics::new(&name),
+        metrics: RuleMetrics::new(&engine.metrics, &name),
         name,
         rel_path: rel.to_string(),
         path: path.to_path_buf(),
@@ -629,6 +659,16 @@ fn decision(outcome: &Result<Actions, String>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// One runtime per test: the engines a test builds share its rule
+        /// state and metrics, as the engines of one process do.
+        static RUNTIME: Runtime = Runtime::new();
+    }
+
+    fn build_engine(limits: &Limits) -> Arc<RuleEngine> {
+        RUNTIME.with(|rt| super::build_engine(limits, rt))
+    }
 
     fn set_of(files: &[(&str, &str)]) -> (tempfile::TempDir, Result<RuleSet, RuleError>) {
         let dir = tempfile::tempdir().unwrap();
@@ -756,8 +796,8 @@ mod tests {
         );
         assert_eq!(acts(100).resolves.len(), 1);
         assert!(
-            crate::metrics::get()
-                .encode(&state::registry())
+            RUNTIME
+                .with(|rt| rt.metrics.encode())
                 .contains("tripline_rules_test_value{host=\"r1\"} 100")
         );
     }

@@ -1,6 +1,10 @@
 //! Per-series state the rule helpers keep between messages: the last sample
 //! of each counter (`rate`, `delta`) and the gauges rules export (`metric`).
 //!
+//! One [`RuleState`] belongs to one engine: the rule API's functions capture
+//! it when the engine is built, and `/metrics` reads its gauges. A `tripline
+//! test` case builds its own, so cases never see each other's samples.
+//!
 //! Keyed by rule name + the rule's own key, so it survives a reload of the
 //! rule and is dropped when the rule is deleted. It is per instance: with
 //! several instances in one group each sees a subset of a series' samples,
@@ -10,7 +14,7 @@
 //! Redis instead (see `alert::book`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
@@ -36,9 +40,22 @@ struct Sample {
 /// such keys and still randomly seeded against crafted collisions.
 type Samples = HashMap<String, Sample, ahash::RandomState>;
 
-fn shards() -> &'static [Mutex<Samples>; SHARDS] {
-    static S: OnceLock<[Mutex<Samples>; SHARDS]> = OnceLock::new();
-    S.get_or_init(|| std::array::from_fn(|_| Mutex::new(Samples::default())))
+/// The samples and gauges of one engine's rules.
+#[derive(Debug)]
+pub struct RuleState {
+    /// Last sample per series, sharded so parallel workers rarely contend.
+    samples: [Mutex<Samples>; SHARDS],
+    /// Gauges the rules set with `metric()`, by name.
+    gauges: Mutex<Gauges>,
+}
+
+impl Default for RuleState {
+    fn default() -> RuleState {
+        RuleState {
+            samples: std::array::from_fn(|_| Mutex::new(Samples::default())),
+            gauges: Mutex::new(Gauges::new()),
+        }
+    }
 }
 
 thread_local! {
@@ -55,75 +72,71 @@ fn shard_of(key: &str) -> usize {
     h as usize % SHARDS
 }
 
-/// Change of a monotonic counter since the previous sample of `key`:
-/// returns (increase, seconds elapsed), or `None` for the first sample and
-/// for samples older than the previous one. A counter that went down was
-/// reset (a reboot): the increase is then the new value itself, never
-/// negative.
-fn advance(rule: &str, key: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> {
-    FULL_KEY.with(|full| {
-        let mut full = full.borrow_mut();
-        full.clear();
-        full.push_str(rule);
-        full.push('\u{0}');
-        full.push_str(key);
-        advance_full(&full, value, at_ms)
-    })
-}
-
-fn advance_full(full: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> {
-    let mut shard = shards()[shard_of(full)]
-        .lock()
-        .expect("sample shard poisoned");
-    let now = Sample { value, at_ms };
-    // Called per message: the key is copied into the map only for a new series.
-    let Some(slot) = shard.get_mut(full) else {
-        shard.insert(full.to_string(), now);
-        return None;
-    };
-    if at_ms < slot.at_ms {
-        return None;
-    }
-    let prev = std::mem::replace(slot, now);
-    let increase = if value >= prev.value {
-        value - prev.value
-    } else {
-        value
-    };
-    Some((increase, (at_ms - prev.at_ms) as f64 / 1000.0))
-}
-
 /// Samples closer together than this count as this far apart: a rate over
 /// a few milliseconds is noise (700 errors 1 ms apart are not 700,000/s),
 /// and two samples in the same millisecond must not read as "no change".
 const MIN_RATE_WINDOW_S: f64 = 1.0;
 
-/// Per-second rate; 0.0 on the first sample and for out-of-order samples.
-pub fn rate(rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
-    advance(rule, key, value, at_ms).map_or(0.0, |(inc, secs)| inc / secs.max(MIN_RATE_WINDOW_S))
-}
+impl RuleState {
+    /// Change of a monotonic counter since the previous sample of `key`:
+    /// returns (increase, seconds elapsed), or `None` for the first sample and
+    /// for samples older than the previous one. A counter that went down was
+    /// reset (a reboot): the increase is then the new value itself, never
+    /// negative.
+    fn advance(&self, rule: &str, key: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> {
+        FULL_KEY.with(|full| {
+            let mut full = full.borrow_mut();
+            full.clear();
+            full.push_str(rule);
+            full.push('\u{0}');
+            full.push_str(key);
+            self.advance_full(&full, value, at_ms)
+        })
+    }
 
-/// Increase since the previous sample; 0.0 on the first.
-pub fn delta(rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
-    advance(rule, key, value, at_ms).map_or(0.0, |(inc, _)| inc)
-}
-
-/// Forgets samples not updated since `now_ms - SAMPLE_TTL_MS`.
-pub fn evict_stale(now_ms: u64) {
-    for shard in shards() {
-        shard
+    fn advance_full(&self, full: &str, value: f64, at_ms: u64) -> Option<(f64, f64)> {
+        let mut shard = self.samples[shard_of(full)]
             .lock()
-            .expect("sample shard poisoned")
-            .retain(|_, s| now_ms.saturating_sub(s.at_ms) < SAMPLE_TTL_MS);
+            .expect("sample shard poisoned");
+        let now = Sample { value, at_ms };
+        // Called per message: the key is copied into the map only for a new series.
+        let Some(slot) = shard.get_mut(full) else {
+            shard.insert(full.to_string(), now);
+            return None;
+        };
+        if at_ms < slot.at_ms {
+            return None;
+        }
+        let prev = std::mem::replace(slot, now);
+        let increase = if value >= prev.value {
+            value - prev.value
+        } else {
+            value
+        };
+        Some((increase, (at_ms - prev.at_ms) as f64 / 1000.0))
     }
-}
 
-/// Forgets every sample and gauge: each `tripline test` case starts clean.
-pub fn clear() {
-    for shard in shards() {
-        shard.lock().expect("sample shard poisoned").clear();
+    /// Per-second rate; 0.0 on the first sample and for out-of-order samples.
+    pub fn rate(&self, rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
+        self.advance(rule, key, value, at_ms)
+            .map_or(0.0, |(inc, secs)| inc / secs.max(MIN_RATE_WINDOW_S))
     }
-    gauges().lock().expect("gauges poisoned").clear();
+
+    /// Increase since the previous sample; 0.0 on the first.
+    pub fn delta(&self, rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
+        self.advance(rule, key, value, at_ms)
+            .map_or(0.0, |(inc, _)| inc)
+    }
+
+    /// Forgets samples not updated since `now_ms - SAMPLE_TTL_MS`.
+    pub fn evict_stale(&self, now_ms: u64) {
+        for shard in &self.samples {
+            shard
+                .lock()
+                .expect("sample shard poisoned")
+                .retain(|_, s| now_ms.saturating_sub(s.at_ms) < SAMPLE_TTL_MS);
+        }
+    }
 }
 
 type Gauges = BTreeMap<String, GaugeFamily>;
@@ -132,11 +145,6 @@ type Gauges = BTreeMap<String, GaugeFamily>;
 struct GaugeFamily {
     /// Rules that set this gauge; a deleted rule's series are dropped.
     series: BTreeMap<Vec<(String, String)>, (f64, String)>,
-}
-
-fn gauges() -> &'static Mutex<Gauges> {
-    static G: OnceLock<Mutex<Gauges>> = OnceLock::new();
-    G.get_or_init(|| Mutex::new(BTreeMap::new()))
 }
 
 /// Why `metric()` refused a value.
@@ -158,62 +166,58 @@ fn valid_name(n: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Sets gauge `tripline_<name>{labels}` to `value`.
-pub fn set_gauge(
-    rule: &str,
-    name: &str,
-    value: f64,
-    labels: Vec<(String, String)>,
-) -> Result<(), GaugeError> {
-    if !valid_name(name) {
-        return Err(GaugeError::Name(name.to_string()));
+impl RuleState {
+    /// Sets gauge `tripline_<name>{labels}` to `value`.
+    pub fn set_gauge(
+        &self,
+        rule: &str,
+        name: &str,
+        value: f64,
+        labels: Vec<(String, String)>,
+    ) -> Result<(), GaugeError> {
+        if !valid_name(name) {
+            return Err(GaugeError::Name(name.to_string()));
+        }
+        if let Some((bad, _)) = labels
+            .iter()
+            .find(|(k, _)| !valid_name(k) || k.starts_with("__"))
+        {
+            return Err(GaugeError::Label(bad.clone()));
+        }
+        let mut all = self.gauges.lock().expect("gauges poisoned");
+        let family = all.entry(name.to_string()).or_default();
+        if family.series.len() >= MAX_SERIES_PER_METRIC && !family.series.contains_key(&labels) {
+            return Err(GaugeError::TooMany(name.to_string()));
+        }
+        family.series.insert(labels, (value, rule.to_string()));
+        Ok(())
     }
-    if let Some((bad, _)) = labels
-        .iter()
-        .find(|(k, _)| !valid_name(k) || k.starts_with("__"))
-    {
-        return Err(GaugeError::Label(bad.clone()));
+
+    /// Drops the samples and gauges of deleted rules.
+    pub fn forget_rules(&self, rules: &[String]) {
+        let prefixes: Vec<String> = rules.iter().map(|r| format!("{r}\u{0}")).collect();
+        for shard in &self.samples {
+            shard
+                .lock()
+                .expect("sample shard poisoned")
+                .retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
+        }
+        let mut all = self.gauges.lock().expect("gauges poisoned");
+        for family in all.values_mut() {
+            family.series.retain(|_, (_, rule)| !rules.contains(rule));
+        }
+        all.retain(|_, f| !f.series.is_empty());
     }
-    let mut all = gauges().lock().expect("gauges poisoned");
-    let family = all.entry(name.to_string()).or_default();
-    if family.series.len() >= MAX_SERIES_PER_METRIC && !family.series.contains_key(&labels) {
-        return Err(GaugeError::TooMany(name.to_string()));
-    }
-    family.series.insert(labels, (value, rule.to_string()));
-    Ok(())
 }
 
-/// Drops the samples and gauges of deleted rules.
-pub fn forget_rules(rules: &[String]) {
-    let prefixes: Vec<String> = rules.iter().map(|r| format!("{r}\u{0}")).collect();
-    for shard in shards() {
-        shard
-            .lock()
-            .expect("sample shard poisoned")
-            .retain(|k, _| !prefixes.iter().any(|p| k.starts_with(p)));
-    }
-    let mut all = gauges().lock().expect("gauges poisoned");
-    for family in all.values_mut() {
-        family.series.retain(|_, (_, rule)| !rules.contains(rule));
-    }
-    all.retain(|_, f| !f.series.is_empty());
-}
-
-/// A registry holding only [`RuleGauges`], for `/metrics` to encode beside
-/// the engine's own (which know nothing of rules).
-pub fn registry() -> prometheus_client::registry::Registry {
-    let mut registry = prometheus_client::registry::Registry::with_prefix("tripline");
-    registry.register_collector(Box::new(RuleGauges));
-    registry
-}
-
-/// Exposes the rule gauges on `/metrics`, encoded at scrape time.
+/// Exposes the rule gauges of one [`RuleState`] on `/metrics`, encoded at
+/// scrape time.
 #[derive(Debug)]
-pub struct RuleGauges;
+pub struct RuleGauges(pub Arc<RuleState>);
 
 impl Collector for RuleGauges {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let all = gauges().lock().expect("gauges poisoned");
+        let all = self.0.gauges.lock().expect("gauges poisoned");
         for (name, family) in all.iter() {
             let mut metric = encoder.encode_descriptor(
                 name,
@@ -235,49 +239,64 @@ mod tests {
 
     #[test]
     fn rate_handles_first_sample_reset_and_disorder() {
+        let s = RuleState::default();
         let r = "state-test-rate";
-        assert_eq!(rate(r, "k", 100.0, 0), 0.0);
-        assert_eq!(rate(r, "k", 200.0, 10_000), 10.0);
+        assert_eq!(s.rate(r, "k", 100.0, 0), 0.0);
+        assert_eq!(s.rate(r, "k", 200.0, 10_000), 10.0);
         // Reboot: counter back to 50 → increase 50 over 10 s, not -150.
-        assert_eq!(rate(r, "k", 50.0, 20_000), 5.0);
+        assert_eq!(s.rate(r, "k", 50.0, 20_000), 5.0);
         // Older than the last sample: ignored.
-        assert_eq!(rate(r, "k", 40.0, 15_000), 0.0);
-        assert_eq!(rate(r, "k", 70.0, 30_000), 2.0);
+        assert_eq!(s.rate(r, "k", 40.0, 15_000), 0.0);
+        assert_eq!(s.rate(r, "k", 70.0, 30_000), 2.0);
         // Milliseconds apart, or the same millisecond: over at least 1 s.
-        assert_eq!(rate(r, "k", 770.0, 30_001), 700.0);
-        assert_eq!(rate(r, "k", 780.0, 30_001), 10.0);
+        assert_eq!(s.rate(r, "k", 770.0, 30_001), 700.0);
+        assert_eq!(s.rate(r, "k", 780.0, 30_001), 10.0);
     }
 
     #[test]
     fn delta_is_per_key_and_per_rule() {
-        assert_eq!(delta("state-test-d1", "a", 5.0, 0), 0.0);
-        assert_eq!(delta("state-test-d1", "a", 8.0, 1), 3.0);
-        assert_eq!(delta("state-test-d2", "a", 100.0, 2), 0.0);
-        assert_eq!(delta("state-test-d1", "b", 1.0, 3), 0.0);
+        let s = RuleState::default();
+        assert_eq!(s.delta("state-test-d1", "a", 5.0, 0), 0.0);
+        assert_eq!(s.delta("state-test-d1", "a", 8.0, 1), 3.0);
+        assert_eq!(s.delta("state-test-d2", "a", 100.0, 2), 0.0);
+        assert_eq!(s.delta("state-test-d1", "b", 1.0, 3), 0.0);
     }
 
     #[test]
     fn forgetting_a_rule_drops_its_state() {
-        rate("state-test-gone", "k", 1.0, 0);
-        set_gauge("state-test-gone", "state_test_g", 1.0, vec![]).unwrap();
-        forget_rules(&["state-test-gone".to_string()]);
+        let s = RuleState::default();
+        s.rate("state-test-gone", "k", 1.0, 0);
+        s.set_gauge("state-test-gone", "state_test_g", 1.0, vec![])
+            .unwrap();
+        s.forget_rules(&["state-test-gone".to_string()]);
         assert_eq!(
-            rate("state-test-gone", "k", 5.0, 1000),
+            s.rate("state-test-gone", "k", 5.0, 1000),
             0.0,
             "first sample again"
         );
-        assert!(!gauges().lock().unwrap().contains_key("state_test_g"));
+        assert!(!s.gauges.lock().unwrap().contains_key("state_test_g"));
     }
 
     #[test]
     fn gauge_names_are_validated() {
+        let s = RuleState::default();
         assert!(matches!(
-            set_gauge("r", "bad-name", 1.0, vec![]),
+            s.set_gauge("r", "bad-name", 1.0, vec![]),
             Err(GaugeError::Name(_))
         ));
         assert!(matches!(
-            set_gauge("r", "ok", 1.0, vec![("__x".into(), "v".into())]),
+            s.set_gauge("r", "ok", 1.0, vec![("__x".into(), "v".into())]),
             Err(GaugeError::Label(_))
         ));
+    }
+
+    #[test]
+    fn engines_share_no_samples_or_gauges() {
+        let (a, b) = (RuleState::default(), RuleState::default());
+        a.delta("r", "k", 5.0, 0);
+        a.set_gauge("r", "g", 1.0, vec![]).unwrap();
+        assert_eq!(b.delta("r", "k", 8.0, 1), 0.0, "first sample in b");
+        assert!(b.gauges.lock().unwrap().is_empty());
+        assert_eq!(a.delta("r", "k", 8.0, 1), 3.0);
     }
 }

@@ -3,8 +3,9 @@
 //! A test file names the rules under test, feeds them messages on a virtual
 //! clock and states what must come out. Every message goes through
 //! [`crate::process::Processor::process`], the code production runs, with a
-//! fresh alert book per test, so dedup, repeat intervals and
-//! resolve-only-if-firing behave exactly as they do live. The format is
+//! runtime of its own per test (alert book, the rule helpers' samples and
+//! gauges), so dedup, repeat intervals and resolve-only-if-firing behave
+//! exactly as they do live and no test sees what another left behind. The format is
 //! documented for users in `docs/rules-testing.md`; this module parses it
 //! strictly (an unknown key is an error naming the key and its line) and
 //! [`run`] executes it.
@@ -525,6 +526,7 @@ mod tests {
     use super::*;
     use crate::process::LoadedRules;
     use crate::rules::build_engine;
+    use crate::runtime::Runtime;
 
     const CONFIG: &str = "subscriptions:\n  - {name: errs, group: g-errs, streams: [errors], rules: [\"e*.rhai\"]}\n";
 
@@ -537,12 +539,12 @@ mod tests {
         }
         let mut config = Settings::parse(CONFIG, "t").unwrap();
         config.rules_dir = dir.path().to_path_buf();
-        let engine = build_engine(&config.limits);
+        let engine = build_engine(&config.limits, &Runtime::new());
         let set = RuleSet::load(&engine, dir.path()).unwrap();
         let suite = Suite::parse(&dir.path().join(name), text.to_string(), &config, &set)
             .map_err(|e| e.to_string())?;
         let runner = Runner {
-            engine,
+            limits: config.limits.clone(),
             rules: Arc::new(ArcSwap::from_pointee(LoadedRules {
                 set,
                 selections: [(Runner::key(0), suite.selection.clone())].into(),
@@ -615,6 +617,22 @@ tests:
     steps: [{payload: {v: 1}, expect: {alerts: [], firing: []}}]
   - name: fires again in a fresh test
     steps: [{payload: {v: 9}, expect: {alerts: [{name: X, severity: warning}]}}]
+";
+        let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
+        assert_eq!(failures(&r), Vec::<String>::new());
+    }
+
+    #[test]
+    fn each_test_starts_with_no_rule_samples() {
+        let rule = "fn on_message(m, c) { if delta(\"k\", m.n) > 5 { alert(#{name: \"Jump\"}); } }";
+        let text = "\
+tests:
+  - name: jumps
+    steps:
+      - {payload: {n: 0}, expect: {alerts: []}}
+      - {payload: {n: 10}, expect: {alerts: [{name: Jump}]}}
+  - name: the first sample of a fresh test has no delta
+    steps: [{payload: {n: 100}, expect: {alerts: []}}]
 ";
         let r = run(&[("e.rhai", rule)], "e.test.yaml", text).unwrap();
         assert_eq!(failures(&r), Vec::<String>::new());

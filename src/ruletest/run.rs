@@ -1,5 +1,6 @@
-//! Runs a [`Suite`]: every test on its own virtual clock with a fresh alert
-//! book, every message through [`Processor::process`], then the checks.
+//! Runs a [`Suite`]: every test on its own virtual clock with a runtime of
+//! its own (alert book, rule samples and gauges, silences, metrics), every
+//! message through [`Processor::process`], then the checks.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,14 +10,17 @@ use arc_swap::ArcSwap;
 use super::matching::{LogLine, RuleFailure, compare};
 use super::{CaseExpect, PreparedCase, StepExpect, Suite, Undecodable};
 use crate::alert::{Alert, AlertBook, Policy, Status};
+use crate::config::Limits;
 use crate::escape::escape;
 use crate::process::{self, LoadedRules, Processor, Verdict};
+use crate::rules::build_engine;
+use crate::runtime::Runtime;
 
-/// What every test run shares: the engine and the compiled rules, with one
-/// selection per suite (keyed by [`Runner::key`]).
+/// What every test run shares: the compiled rules, with one selection per
+/// suite (keyed by [`Runner::key`]).
 pub struct Runner {
-    /// The frozen engine every rule runs in, built from the config's limits.
-    pub engine: Arc<rhai::Engine>,
+    /// The config's sandbox limits, for the engine each test builds.
+    pub limits: Limits,
     /// The compiled rules, with one selection per suite.
     pub rules: Arc<ArcSwap<LoadedRules>>,
     /// The config's alert lifecycle policy (repeat interval, auto-resolve,
@@ -52,16 +56,15 @@ impl Runner {
         format!("tripline-test:{index}")
     }
 
-    /// A processor with no alert firing: each test starts from a clean slate,
-    /// whatever ran before it.
-    /// A processor with no alert state, and the rule helpers' samples and
-    /// gauges cleared, so each test starts from nothing.
+    /// A processor on a runtime of its own (no alert state, no rule
+    /// samples or gauges), so each test starts from nothing whatever ran
+    /// before it. The compiled rules run in any engine built alike.
     fn fresh_processor(&self) -> Processor {
-        crate::rules::state::clear();
+        let runtime = Runtime::new();
         Processor {
-            engine: self.engine.clone(),
+            engine: build_engine(&self.limits, &runtime),
             rules: self.rules.clone(),
-            book: Arc::new(AlertBook::new(self.policy)),
+            book: Arc::new(AlertBook::new(self.policy, &runtime)),
         }
     }
 

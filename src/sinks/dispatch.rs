@@ -19,9 +19,10 @@ use super::{Manifest, Sink};
 use crate::alert::Alert;
 use crate::group_reader::{GroupReader, Member, StreamEntry, ensure_group, position};
 use crate::instance::lease;
-use crate::metrics;
+use crate::metrics::{self, Metrics};
 use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
+use crate::runtime::Runtime;
 
 /// How long one XREADGROUP on the outbox blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -66,12 +67,14 @@ pub async fn ensure_groups(
 /// ([`RedisTarget::read_groups`]): one lane on a single server, one per
 /// outbox hash tag on Cluster. Lanes deliver independently (a sink may see
 /// concurrent `deliver` calls on Cluster); the sink closes once all ended.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
     outboxes: Vec<String>,
     consumer: String,
     target: RedisTarget,
+    runtime: Runtime,
     shutdown: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
@@ -105,6 +108,7 @@ pub async fn run(
         manifest.name.clone(),
         group.clone(),
         outboxes.clone(),
+        runtime.metrics.clone(),
         lag_stop.clone(),
     ));
     let mut lanes = tokio::task::JoinSet::new();
@@ -118,6 +122,7 @@ pub async fn run(
             manifest: manifest.clone(),
             reader: GroupReader::new(&target, member, lane_outboxes, manifest.batch_size, BLOCK),
             write: LazyConn::new(target.clone(), Duration::from_secs(5)),
+            runtime: runtime.clone(),
         };
         lanes.spawn(lane.run(shutdown.clone()));
     }
@@ -127,7 +132,7 @@ pub async fn run(
     }
     lag_stop.cancel();
     let _ = lag_task.await;
-    metrics::sink_lag_clear(&manifest.name);
+    runtime.metrics.sink_lag_clear(&manifest.name);
 }
 
 /// Reads, delivers and acknowledges the alerts of one set of outboxes.
@@ -141,6 +146,8 @@ struct Lane {
     /// For acknowledgements, dead letters and adoptions, which must not wait
     /// behind a blocking read.
     write: LazyConn,
+    /// The silences that mute deliveries and the metrics they count into.
+    runtime: Runtime,
 }
 
 impl Lane {
@@ -245,6 +252,7 @@ impl Lane {
                 &self.reader.member().group,
                 batches,
                 &mut self.write,
+                &self.runtime,
                 shutdown,
             )
             .await?;
@@ -260,6 +268,7 @@ async fn report_lag(
     sink: String,
     group: String,
     outboxes: Vec<String>,
+    metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, Duration::from_secs(5));
@@ -283,7 +292,7 @@ async fn report_lag(
             }
         }
         if complete {
-            metrics::sink_lag(&sink, total);
+            metrics.sink_lag(&sink, total);
         }
         tokio::select! {
             _ = tokio::time::sleep(LAG_EVERY) => {}
@@ -311,18 +320,20 @@ async fn deliver_batch(
     group: &str,
     batches: Vec<(String, Vec<StreamEntry>)>,
     write: &mut LazyConn,
+    runtime: &Runtime,
     shutdown: &CancellationToken,
 ) -> Result<(), RedisError> {
     let mut alerts = Vec::new();
     // Which outbox each alert came from, for its dead letter.
     let mut from = Vec::new();
-    let silences = crate::alert::silence::active();
+    let silences = runtime.silences.active();
+    let m = &runtime.metrics;
     let now = crate::clock::now_ms();
     for (i, (outbox, entries)) in batches.iter().enumerate() {
         for e in entries {
             match parse_alert(e) {
                 Ok(a) if manifest.route.matches(&a) => match silences.muting(&a, now) {
-                    Some(silence) => metrics::sink_silenced(&manifest.name, &a, silence),
+                    Some(silence) => m.sink_silenced(&manifest.name, &a, silence),
                     None => {
                         alerts.push(a);
                         from.push(i);
@@ -351,14 +362,14 @@ async fn deliver_batch(
         };
         match result {
             Ok(()) => {
-                metrics::sink_delivered(&manifest.name, alerts.len() as u64);
+                m.sink_delivered(&manifest.name, alerts.len() as u64);
                 break;
             }
             Err(e) if e.is_permanent() || attempt >= manifest.max_attempts => {
                 if e.is_permanent() {
-                    metrics::sink_rejected(&manifest.name, alerts.len() as u64, &e.to_string());
+                    m.sink_rejected(&manifest.name, alerts.len() as u64, &e.to_string());
                 } else {
-                    metrics::sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
+                    m.sink_gave_up(&manifest.name, alerts.len() as u64, &e.to_string());
                 }
                 let mut pipe = redis::pipe();
                 pipe.atomic();
@@ -380,7 +391,7 @@ async fn deliver_batch(
                 return Ok(());
             }
             Err(e) => {
-                metrics::sink_failed(&manifest.name, attempt, &e.to_string());
+                m.sink_failed(&manifest.name, attempt, &e.to_string());
                 if !pause(&mut backoff, shutdown).await {
                     // Shutting down: leave the batch pending for next start.
                     return Ok(());
@@ -392,4 +403,125 @@ async fn deliver_batch(
     ack(&mut pipe);
     let _: Value = pipe.query_async(write.get().await?).await?;
     Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::alert::silence::{Matcher, Silence};
+    use crate::alert::{Origin, Severity, Status};
+    use crate::sinks::{BuildContext, kind, manifest};
+    use crate::test_redis::TestRedis;
+
+    pub(crate) fn alert(host: &str) -> Alert {
+        Alert {
+            fingerprint: format!("fp-{host}"),
+            rule: "errors".into(),
+            name: "Errors".into(),
+            severity: Severity::Major,
+            status: Status::Firing,
+            labels: [("host".to_string(), host.to_string())].into(),
+            annotations: Default::default(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Origin::default(),
+        }
+    }
+
+    /// A `file` sink appending to `out.jsonl` in `dir`, built as the
+    /// supervisor builds one.
+    fn file_sink(dir: &Path, runtime: &Runtime, target: &RedisTarget) -> (Manifest, Box<dyn Sink>) {
+        let m = manifest::parse(
+            &dir.join("file.yaml"),
+            "name: file\nkind: file\npath: out.jsonl\n",
+        )
+        .unwrap();
+        let cx = BuildContext {
+            sink: m.name.clone(),
+            redis: target.clone(),
+            timeout: m.timeout,
+            base_dir: m.dir(),
+            metrics: runtime.metrics.clone(),
+        };
+        let sink = kind(&m.kind).unwrap().build(&m.settings, &cx).unwrap();
+        (m, sink)
+    }
+
+    #[tokio::test]
+    async fn delivery_skips_silenced_alerts_acknowledges_all_and_counts_into_its_runtime() {
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Runtime::new();
+        let target = redis.target();
+        let (manifest, sink) = file_sink(dir.path(), &runtime, &target);
+        let silence = Silence::new(
+            vec![Matcher::parse("host=r1").unwrap()],
+            crate::clock::now_ms(),
+            Duration::from_secs(600),
+            "test".into(),
+            String::new(),
+        )
+        .unwrap();
+        runtime.silences.set(vec![silence]);
+        let outbox = "tripline:outbox:{errors}".to_string();
+        let group = group_name(&manifest.name);
+        let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
+        ensure_groups(
+            write.get().await.unwrap(),
+            &manifest.name,
+            std::slice::from_ref(&outbox),
+            "0",
+        )
+        .await
+        .unwrap();
+        let mut con = redis.conn();
+        for host in ["r1", "r2"] {
+            let _: String = redis::cmd("XADD")
+                .arg(&outbox)
+                .arg("*")
+                .arg(ALERT_FIELD)
+                .arg(serde_json::to_string(&alert(host)).unwrap())
+                .query(&mut con)
+                .unwrap();
+        }
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&group)
+            .arg("c1")
+            .arg("STREAMS")
+            .arg(&outbox)
+            .arg(">")
+            .query(&mut con)
+            .unwrap();
+        let batches = crate::group_reader::reply::parse_read_reply(reply);
+        deliver_batch(
+            &*sink,
+            &manifest,
+            &group,
+            batches,
+            &mut write,
+            &runtime,
+            &CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let written = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+        assert_eq!(written.lines().count(), 1, "{written}");
+        assert!(written.contains("\"host\":\"r2\""), "{written}");
+        let pending: (u64, Value, Value, Value) = redis::cmd("XPENDING")
+            .arg(&outbox)
+            .arg(&group)
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(pending.0, 0, "the silenced alert is acknowledged too");
+        let text = runtime.metrics.encode();
+        for line in [
+            "tripline_sink_deliveries_total{sink=\"file\"} 1",
+            "tripline_sink_silenced_total{sink=\"file\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
 }

@@ -18,6 +18,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 
 use super::{BuildContext, DeliverFuture, Sink, SinkError, SinkSettings};
 use crate::alert::Alert;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::redis_conn::Backoff;
 
 /// How long a stopping program may take to exit after its stdin closed.
@@ -81,6 +82,7 @@ impl SinkSettings for ExecSettings {
             dir: cx.base_dir.clone(),
             settings: self,
             sink: cx.sink.clone(),
+            metrics: cx.metrics.clone(),
             state: Mutex::new(State {
                 program: None,
                 restarts: Backoff::new(Duration::from_millis(200), Duration::from_secs(30)),
@@ -98,6 +100,8 @@ pub struct ExecSink {
     dir: PathBuf,
     /// The sink's name, for log lines.
     sink: String,
+    /// Where the program's exits are counted.
+    metrics: Arc<Metrics>,
     /// Locked for a whole delivery: the program gets one batch at a time.
     state: Mutex<State>,
 }
@@ -204,7 +208,8 @@ impl ExecSink {
         let mut program = match st.program.take() {
             Some(mut p) => match p.exited() {
                 Some(status) => {
-                    metrics::sink_program_exited(&self.sink, p.pid, &status.to_string());
+                    self.metrics
+                        .sink_program_exited(&self.sink, p.pid, &status.to_string());
                     drop(p);
                     self.start(&mut st).await?
                 }
@@ -230,7 +235,8 @@ impl ExecSink {
                 let status = program.exit_status(EXIT_WAIT).await;
                 let status = match status {
                     Some(s) => {
-                        metrics::sink_program_exited(&self.sink, program.pid, &s.to_string());
+                        self.metrics
+                            .sink_program_exited(&self.sink, program.pid, &s.to_string());
                         format!(" ({s})")
                     }
                     None => String::new(),
@@ -410,6 +416,7 @@ mod tests {
             program: "sh".into(),
             dir: std::env::temp_dir(),
             sink: "t".into(),
+            metrics: Arc::new(Metrics::new(Vec::new())),
             state: Mutex::new(State {
                 program: None,
                 restarts: Backoff::new(Duration::from_millis(10), Duration::from_millis(50)),

@@ -26,9 +26,11 @@ pub mod webhook;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::alert::Alert;
+use crate::metrics::Metrics;
 use crate::redis_conn::RedisTarget;
 
 pub use manifest::{Manifest, PluginError, Route, load_dir};
@@ -94,6 +96,8 @@ pub struct BuildContext {
     /// relative to it, as config paths are to the config file, so a service
     /// started from `/` finds the same files as a shell in the checkout.
     pub base_dir: PathBuf,
+    /// Where a kind counts the events of its own (an exec program's exits).
+    pub metrics: Arc<Metrics>,
 }
 
 /// The settings of one kind: a serde type (unknown fields denied) that knows

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{BuildContext, Manifest, Sink, dispatch, kind};
 use crate::redis_conn::RedisTarget;
+use crate::runtime::Runtime;
 
 struct Running {
     source_hash: u64,
@@ -36,6 +37,8 @@ pub struct Supervisor {
     /// Consumer name of this instance in every sink group.
     consumer: String,
     target: RedisTarget,
+    /// Where the sinks count deliveries and find the silences in force.
+    runtime: Runtime,
     /// Cancelled at process shutdown; every dispatcher's stop is its child.
     shutdown: CancellationToken,
 }
@@ -45,6 +48,7 @@ impl Supervisor {
         outboxes: Vec<String>,
         consumer: String,
         target: RedisTarget,
+        runtime: Runtime,
         shutdown: CancellationToken,
     ) -> Supervisor {
         Supervisor {
@@ -52,6 +56,7 @@ impl Supervisor {
             outboxes,
             consumer,
             target,
+            runtime,
             shutdown,
         }
     }
@@ -98,6 +103,7 @@ impl Supervisor {
                 redis: self.target.clone(),
                 timeout: m.timeout,
                 base_dir: m.dir(),
+                metrics: self.runtime.metrics.clone(),
             };
             let sink: Arc<dyn Sink> = match kind.build(&m.settings, &cx) {
                 Ok(s) => Arc::from(s),
@@ -106,7 +112,7 @@ impl Supervisor {
                     continue;
                 }
             };
-            crate::metrics::sink_started(&name, &m.kind);
+            self.runtime.metrics.sink_started(&name, &m.kind);
             let source_hash = m.source_hash;
             let stop = self.shutdown.child_token();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -116,6 +122,7 @@ impl Supervisor {
                 self.outboxes.clone(),
                 self.consumer.clone(),
                 self.target.clone(),
+                self.runtime.clone(),
                 stop.clone(),
                 ready_tx,
             ));
@@ -148,5 +155,102 @@ impl Supervisor {
         for (_, r) in running.drain() {
             let _ = r.task.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::outbox::ALERT_FIELD;
+    use crate::sinks::dispatch::group_name;
+    use crate::sinks::manifest;
+    use crate::test_redis::TestRedis;
+
+    const OUTBOX: &str = "tripline:outbox:{errors}";
+
+    fn sink_groups(con: &mut redis::Connection) -> Vec<String> {
+        let reply: redis::Value = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(OUTBOX)
+            .query(con)
+            .unwrap();
+        crate::group_reader::reply::parse_groups(reply)
+            .into_iter()
+            .map(|(g, _, _)| g)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn apply_starts_restarts_and_stops_sinks_as_the_manifests_change() {
+        let redis = TestRedis::start();
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = Runtime::new();
+        let supervisor = Supervisor::new(
+            vec![OUTBOX.to_string()],
+            "i1".into(),
+            redis.target(),
+            runtime.clone(),
+            CancellationToken::new(),
+        );
+        let manifest = |text: &str| manifest::parse(&dir.path().join("file.yaml"), text).unwrap();
+        let v1 = "name: file\nkind: file\npath: out.jsonl\n";
+        let v2 = "name: file\nkind: file\npath: out.jsonl\nbatch_size: 5\n";
+        let off = "name: file\nkind: file\npath: out.jsonl\nenabled: false\n";
+        let names = |n: &[&str]| n.iter().map(ToString::to_string).collect::<Vec<_>>();
+
+        let changes = supervisor.apply(vec![manifest(v1)]).await;
+        assert_eq!(changes.added, names(&["file"]), "{changes:?}");
+        let mut con = redis.conn();
+        assert_eq!(
+            sink_groups(&mut con),
+            [group_name("file")],
+            "groups exist on return"
+        );
+        assert!(
+            runtime
+                .metrics
+                .encode()
+                .contains("tripline_sink_deliveries_total{sink=\"file\"} 0")
+        );
+        let alert = crate::sinks::dispatch::tests::alert("r1");
+        let _: String = redis::cmd("XADD")
+            .arg(OUTBOX)
+            .arg("*")
+            .arg(ALERT_FIELD)
+            .arg(serde_json::to_string(&alert).unwrap())
+            .query(&mut con)
+            .unwrap();
+        let out = dir.path().join("out.jsonl");
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(&out).map_or(0, |t| t.lines().count()) < 1 {
+            assert!(
+                std::time::Instant::now() < until,
+                "the started sink delivers"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        assert_eq!(
+            supervisor.apply(vec![manifest(v1)]).await,
+            Changes::default(),
+            "an unchanged manifest keeps its sink running"
+        );
+        let changes = supervisor.apply(vec![manifest(v2)]).await;
+        assert_eq!(changes.changed, names(&["file"]), "{changes:?}");
+        let changes = supervisor.apply(vec![manifest(off)]).await;
+        assert_eq!(
+            changes.removed,
+            names(&["file"]),
+            "disabled counts as removed"
+        );
+        assert_eq!(supervisor.apply(Vec::new()).await, Changes::default());
+        assert_eq!(
+            sink_groups(&mut con),
+            [group_name("file")],
+            "a removed sink keeps its group"
+        );
+        supervisor.stop_all().await;
     }
 }

@@ -20,9 +20,11 @@ use crate::clock::now_ms;
 use crate::config::Subscription;
 use crate::group_reader::{Delivered, GroupReader, Member, ensure_group, position};
 use crate::metrics;
+use crate::metrics::Metrics;
 use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::redis_conn::{self, Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
+use crate::runtime::Runtime;
 
 /// Reply timeout of connections that never block.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,6 +37,8 @@ pub struct Shared {
     pub outbox_prefix: String,
     /// Approximate cap of each outbox stream.
     pub outbox_max_len: u64,
+    /// Metrics, silences and rule state of this engine.
+    pub runtime: Runtime,
 }
 
 impl Shared {
@@ -88,21 +92,8 @@ pub async fn run_worker(
     consumer: String,
     shutdown: CancellationToken,
 ) {
-    let member = member_of(&sub, consumer);
-    tracing::debug!(subscription = %sub.name, consumer = member.consumer, "worker started");
-    let mut worker = Worker {
-        reader: GroupReader::new(
-            &shared.target,
-            member,
-            sub.streams.clone(),
-            sub.batch_size,
-            sub.block,
-        ),
-        write: LazyConn::new(shared.target.clone(), WRITE_TIMEOUT),
-        groups_ready: false,
-        shared,
-        sub,
-    };
+    tracing::debug!(subscription = %sub.name, consumer, "worker started");
+    let mut worker = Worker::new(shared, sub, consumer);
     let mut backoff = backoff();
     while !shutdown.is_cancelled() {
         match worker.step().await {
@@ -149,6 +140,22 @@ struct Worker {
 }
 
 impl Worker {
+    fn new(shared: Arc<Shared>, sub: Arc<Subscription>, consumer: String) -> Worker {
+        Worker {
+            reader: GroupReader::new(
+                &shared.target,
+                member_of(&sub, consumer),
+                sub.streams.clone(),
+                sub.batch_size,
+                sub.block,
+            ),
+            write: LazyConn::new(shared.target.clone(), WRITE_TIMEOUT),
+            groups_ready: false,
+            shared,
+            sub,
+        }
+    }
+
     async fn step(&mut self) -> Result<(), RedisError> {
         if !self.groups_ready {
             let conn = self.write.get().await?;
@@ -261,14 +268,15 @@ async fn settle(
     };
     drop(rules);
     let group = sub.group();
-    metrics::messages(stream, group, "processed", judged.processed);
-    metrics::messages(stream, group, "dropped", judged.dropped);
-    metrics::messages(stream, group, "error", judged.errored);
+    let m = &shared.runtime.metrics;
+    m.messages(stream, group, "processed", judged.processed);
+    m.messages(stream, group, "dropped", judged.dropped);
+    m.messages(stream, group, "error", judged.errored);
     for d in &judged.dead {
-        metrics::dead_lettered(stream, group, &d.id, &d.reason);
+        m.dead_lettered(stream, group, &d.id, &d.reason);
     }
     for a in &notified {
-        metrics::alert_notified(a);
+        m.alert_notified(a);
     }
     Ok(true)
 }
@@ -325,11 +333,11 @@ pub(crate) async fn commit_decisions(
             Ok(Committed::Stale) => {
                 book.rollback(tag, decision.undo);
                 book.unsync(tag);
-                metrics::state_redecided(stream, "stale");
+                shared.runtime.metrics.state_redecided(stream, "stale");
             }
             Ok(Committed::Conflict(fields)) => {
                 book.rollback(tag, decision.undo);
-                metrics::state_redecided(stream, "conflict");
+                shared.runtime.metrics.state_redecided(stream, "conflict");
                 let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
                 tokio::time::sleep(pause).await;
                 let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
@@ -509,6 +517,7 @@ pub async fn run_position_reporter(
     target: RedisTarget,
     subs: Vec<Arc<Subscription>>,
     every: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, WRITE_TIMEOUT);
@@ -521,7 +530,7 @@ pub async fn run_position_reporter(
                 };
                 match found {
                     Ok(Some((pending, lag))) => {
-                        metrics::consumer_position(stream, sub.group(), pending, lag)
+                        metrics.consumer_position(stream, sub.group(), pending, lag)
                     }
                     Ok(None) => {}
                     Err(_) => conn.reset(),
@@ -531,6 +540,103 @@ pub async fn run_position_reporter(
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.cancelled() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::alert::AlertBook;
+    use crate::config::Settings;
+    use crate::outbox::outbox_key;
+    use crate::rules::{RuleSet, build_engine};
+    use crate::test_redis::TestRedis;
+
+    const CONFIG: &str =
+        "subscriptions:\n  - {name: errs, group: g, streams: [errors], start_id: \"0\"}\n";
+    const RULE: &str = "fn on_message(m, c) { if m.errors > 10 { alert(#{ name: \"Errors\", labels: #{ host: m.host } }); } }";
+
+    /// The engine's shared part for one rule on `redis`, in a runtime of
+    /// its own (and the rules directory it was loaded from).
+    fn shared_on(redis: &TestRedis) -> (tempfile::TempDir, Arc<Shared>, Arc<Subscription>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("errors.rhai"), RULE).unwrap();
+        let mut config = Settings::parse(CONFIG, "t").unwrap();
+        config.rules_dir = dir.path().to_path_buf();
+        let runtime = Runtime::new();
+        let engine = build_engine(&config.limits, &runtime);
+        let set = RuleSet::load(&engine, dir.path()).unwrap();
+        let shared = Shared {
+            processor: Processor {
+                engine,
+                rules: Arc::new(ArcSwap::from_pointee(LoadedRules::new(
+                    set,
+                    &config.subscriptions,
+                ))),
+                book: Arc::new(AlertBook::new(config.alerts.policy, &runtime)),
+            },
+            target: redis.target(),
+            outbox_prefix: config.outbox.prefix.clone(),
+            outbox_max_len: config.outbox.max_len,
+            runtime,
+        };
+        let sub = Arc::new(config.subscriptions[0].clone());
+        (dir, Arc::new(shared), sub)
+    }
+
+    #[tokio::test]
+    async fn a_worker_step_judges_commits_and_counts_into_its_runtime() {
+        let redis = TestRedis::start();
+        let (_rules, shared, sub) = shared_on(&redis);
+        let mut con = redis.conn();
+        let entries: [&[(&str, &str)]; 3] = [
+            &[("host", "r1"), ("errors", "50")],
+            &[("host", "r2"), ("errors", "1")],
+            &[("payload", "{oops")],
+        ];
+        for fields in entries {
+            let _: String = redis::cmd("XADD")
+                .arg("errors")
+                .arg("*")
+                .arg(fields)
+                .query(&mut con)
+                .unwrap();
+        }
+        let mut worker = Worker::new(shared.clone(), sub, "c1".into());
+        // The first step creates the group and drains our (empty) pending
+        // list; the second reads the three entries and commits them.
+        for _ in 0..2 {
+            worker.step().await.unwrap();
+        }
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg("errors")
+            .arg("g")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(pending.0, 0, "all three acknowledged");
+        let outbox: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(outbox_key(&shared.outbox_prefix, "errors"))
+            .arg("-")
+            .arg("+")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(outbox.len(), 1, "{outbox:?}");
+        assert!(outbox[0].1[0].1.contains("\"host\":\"r1\""), "{outbox:?}");
+        let dead: u64 = redis::cmd("XLEN")
+            .arg("errors:dead")
+            .query(&mut con)
+            .unwrap();
+        assert_eq!(dead, 1);
+        let text = shared.runtime.metrics.encode();
+        for line in [
+            "tripline_messages_total{stream=\"errors\",group=\"g\",outcome=\"processed\"} 2",
+            "tripline_messages_total{stream=\"errors\",group=\"g\",outcome=\"dead_lettered\"} 1",
+            "tripline_alerts_total{rule=\"errors\",severity=\"warning\",status=\"firing\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
         }
     }
 }

@@ -14,10 +14,9 @@ use tokio_util::sync::CancellationToken;
 use super::Shared;
 use crate::alert::{Alert, AlertBook, Decision, Snapshot};
 use crate::clock::now_ms;
-use crate::metrics;
+use crate::metrics::Metrics;
 use crate::outbox::{self, Basis, Committed, Settlement, hash_tag, state_key};
 use crate::redis_conn::{LazyConn, note_error};
-use crate::rules::state;
 
 /// How often the whole alert state is re-read from Redis, so alerts raised
 /// by other (possibly dead) instances are covered by this one's timers.
@@ -51,7 +50,7 @@ pub async fn run(
                     continue;
                 }
             }
-            state::evict_stale(now_ms());
+            shared.runtime.rules.evict_stale(now_ms());
         }
         if let Err(e) = fire_due(&shared, &mut conn).await {
             note_error("alert timers", &e);
@@ -120,6 +119,7 @@ async fn fire_due(shared: &Shared, conn: &mut LazyConn) -> Result<(), RedisError
             &shared.outbox_prefix,
             shared.outbox_max_len,
             decision,
+            &shared.runtime.metrics,
         )
         .await?;
     }
@@ -138,6 +138,7 @@ pub async fn commit_unacked(
     outbox_prefix: &str,
     outbox_max_len: u64,
     decision: Decision,
+    metrics: &Metrics,
 ) -> Result<(Vec<Alert>, bool), RedisError> {
     let Some(stream) = decision.writes.first().map(|w| w.stream.clone()) else {
         return Ok((Vec::new(), false));
@@ -170,19 +171,19 @@ pub async fn commit_unacked(
         Ok(Committed::Done(generation)) => {
             book.committed(tag, synced, generation);
             for a in &decision.notifications {
-                metrics::alert_notified(a);
+                metrics.alert_notified(a);
             }
             Ok((decision.notifications, false))
         }
         Ok(Committed::Stale) => {
             book.rollback(tag, decision.undo);
             book.unsync(tag);
-            metrics::state_redecided(&stream, "stale");
+            metrics.state_redecided(&stream, "stale");
             Ok((Vec::new(), true))
         }
         Ok(Committed::Conflict(changed)) => {
             book.rollback(tag, decision.undo);
-            metrics::state_redecided(&stream, "conflict");
+            metrics.state_redecided(&stream, "conflict");
             let fresh = outbox::read_state(conn, &stream, &changed).await?;
             book.refresh(tag, fresh);
             Ok((Vec::new(), true))
