@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::AlertBook;
 use crate::config::{Config, Subscription};
-use crate::outbox::outbox_key;
+use crate::keys::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
 use crate::reload::Reloader;

@@ -791,7 +791,7 @@ impl Config {
                 return Err(invalid(format!("{at}: `streams` must list stream names")));
             }
             for stream in &s.streams {
-                if endpoint.is_cluster() && crate::outbox::hash_tag(stream).contains(['{', '}']) {
+                if endpoint.is_cluster() && crate::keys::hash_tag(stream).contains(['{', '}']) {
                     return Err(invalid(format!(
                         "{at}: stream `{stream}` has braces but no hash tag; on Redis Cluster its outbox and dead-letter stream could not share its slot (name it `name:{{tag}}`, or without braces)"
                     )));

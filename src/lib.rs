@@ -8,6 +8,8 @@
 //!   timeouts, reconnect backoff, reply parsing).
 //! - [`stream_reader`]: the workers' XREADGROUP over a socket of our own,
 //!   parsed straight into stream entries (single server, TCP or Unix).
+//! - [`keys`]: every Redis key tripline writes, and the hash tag that
+//!   places them on Redis Cluster.
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
@@ -44,6 +46,7 @@ pub mod decode;
 pub mod escape;
 pub mod http;
 pub mod http_silences;
+pub mod keys;
 pub mod metrics;
 pub mod metrics_process;
 pub mod outbox;

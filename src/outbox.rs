@@ -10,59 +10,8 @@
 use redis::{RedisError, Value};
 
 use crate::alert::{Alert, Write};
+use crate::keys::{dead_key, gen_key, outbox_key, state_key};
 use crate::redis_conn::RedisConn;
-
-/// The part of a key Redis Cluster hashes: the first non-empty `{…}`, else
-/// the whole key.
-pub fn hash_tag(key: &str) -> &str {
-    if let Some(open) = key.find('{')
-        && let Some(len) = key[open + 1..].find('}')
-        && len > 0
-    {
-        return &key[open + 1..open + 1 + len];
-    }
-    key
-}
-
-/// Outbox of `stream`: `<prefix>:{<hash tag of stream>}`.
-pub fn outbox_key(prefix: &str, stream: &str) -> String {
-    format!("{prefix}:{{{}}}", hash_tag(stream))
-}
-
-/// Dead-letter stream of `stream`: `<stream>:dead`, in the stream's slot
-/// when the stream has a hash tag (`S:{3}:dead`). On Cluster, a stream
-/// without one gets `{<stream>}:dead` instead, so the dead letters can be
-/// written in the same script run as the XACK; a single server keeps the
-/// seed's `<stream>:dead`.
-pub fn dead_key(stream: &str, cluster: bool) -> String {
-    if cluster && hash_tag(stream) == stream {
-        format!("{{{stream}}}:dead")
-    } else {
-        format!("{stream}:dead")
-    }
-}
-
-/// Field of an outbox entry that holds the alert as JSON.
-pub const ALERT_FIELD: &str = "alert";
-
-/// Hash holding the alert lifecycle state of alerts raised from `stream`
-/// (see `alert::book`), in the stream's slot.
-pub fn state_key(stream: &str) -> String {
-    format!("tripline:state:{{{}}}", hash_tag(stream))
-}
-
-/// Generation counter of the alert state of `stream` (see `alert::book`):
-/// bumped by every commit that writes the state, in the stream's slot.
-pub fn gen_key(stream: &str) -> String {
-    format!("tripline:state:{{{}}}:gen", hash_tag(stream))
-}
-
-/// Marker of `stream`'s hash tag (see `redis_conn::StateMarkers`): exists
-/// as long as Redis keeps the alert state and outbox of that tag, in their
-/// slot.
-pub fn marker_key(stream: &str) -> String {
-    format!("tripline:marker:{{{}}}", hash_tag(stream))
-}
 
 /// An entry that goes to the dead-letter stream instead of the rules.
 #[derive(Debug, Clone)]
@@ -284,30 +233,4 @@ pub async fn read_state(
         .query_async(conn)
         .await?;
     Ok(fields.iter().cloned().zip(values).collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_share_the_stream_slot() {
-        assert_eq!(hash_tag("plain"), "plain");
-        assert_eq!(hash_tag("S:{3}"), "3");
-        assert_eq!(hash_tag("a{}b"), "a{}b");
-        assert_eq!(
-            outbox_key("tripline:alerts", "plain"),
-            "tripline:alerts:{plain}"
-        );
-        assert_eq!(
-            outbox_key("tripline:alerts", "S:{3}"),
-            "tripline:alerts:{3}"
-        );
-        for cluster in [false, true] {
-            assert_eq!(dead_key("S:{3}", cluster), "S:{3}:dead");
-        }
-        assert_eq!(dead_key("plain", false), "plain:dead");
-        assert_eq!(dead_key("plain", true), "{plain}:dead");
-        assert_eq!(hash_tag(&dead_key("plain", true)), hash_tag("plain"));
-    }
 }

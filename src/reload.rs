@@ -128,7 +128,7 @@ pub struct Reloader {
     pub book: Arc<AlertBook>,
     /// Where those resolves are written.
     pub target: RedisTarget,
-    /// Outbox key prefix; see [`outbox::outbox_key`].
+    /// Outbox key prefix; see [`crate::keys::outbox_key`].
     pub outbox_prefix: String,
     /// Approximate cap of each outbox stream.
     pub outbox_max_len: u64,

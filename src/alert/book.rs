@@ -28,8 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use super::silence::{self, Silences};
 use super::{Alert, Severity, Status};
+use crate::keys::hash_tag;
 use crate::metrics;
-use crate::outbox::hash_tag;
 use crate::process::rfc3339;
 
 /// Lifecycle policy shared by every alert.
@@ -265,7 +265,7 @@ impl Snapshot {
 #[derive(Debug, Default)]
 struct Partition {
     entries: HashMap<u64, Cached>,
-    /// The partition's generation (`outbox::gen_key`) at which `entries`
+    /// The partition's generation (`keys::gen_key`) at which `entries`
     /// equal what Redis holds, if known: set by a full read, advanced by our
     /// own commits, cleared when anyone else wrote or a commit failed.
     synced: Option<u64>,

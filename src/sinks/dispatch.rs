@@ -18,13 +18,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Manifest, Sink};
 use crate::alert::Alert;
+use crate::keys::{ALERT_FIELD, instance_key, sink_dead_key};
 use crate::metrics;
-use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{
     Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, note_error, parse_groups,
     parse_pending, parse_read_reply, pause,
 };
-use crate::source::lease;
 
 /// How long one XREADGROUP on the outbox blocks.
 const BLOCK: Duration = Duration::from_millis(1000);
@@ -40,10 +39,6 @@ pub const SINK_GROUP_PREFIX: &str = "tripline-sink:";
 
 pub fn group_name(sink: &str) -> String {
     format!("{SINK_GROUP_PREFIX}{sink}")
-}
-
-pub fn sink_dead_key(outbox: &str, sink: &str) -> String {
-    format!("{outbox}:dead:{sink}")
 }
 
 /// Creates the sink's group on every outbox stream. `start` is `$` when the
@@ -287,7 +282,7 @@ async fn adopt_orphans(
                 continue;
             }
             let alive: bool = redis::cmd("EXISTS")
-                .arg(lease::key(&name))
+                .arg(instance_key(&name))
                 .query_async(write.get().await?)
                 .await?;
             if alive {

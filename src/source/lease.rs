@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::instance_key;
 use crate::redis_conn::{Backoff, LazyConn, RedisTarget, note_error, pause};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -24,11 +25,6 @@ if v == false or v == ARGV[1] then
   return 1
 end
 return 0";
-
-/// The lease key of instance `name`; it exists while that instance lives.
-pub fn key(name: &str) -> String {
-    format!("tripline:instance:{name}")
-}
 
 /// Takes the first free name, waiting (with backoff) for Redis if needed.
 /// `None` when shutdown came first.
@@ -69,7 +65,7 @@ async fn try_acquire(
             format!("{base}-{n}")
         };
         let taken: Value = redis::cmd("SET")
-            .arg(key(&name))
+            .arg(instance_key(&name))
             .arg(token)
             .arg("NX")
             .arg("PX")
@@ -96,7 +92,7 @@ pub async fn keep(target: RedisTarget, name: String, token: String, shutdown: Ca
         let result: Result<i64, redis::RedisError> = match conn.get().await {
             Ok(c) => {
                 script
-                    .key(key(&name))
+                    .key(instance_key(&name))
                     .arg(&token)
                     .arg(TTL.as_millis() as u64)
                     .invoke_async(c)
@@ -120,6 +116,10 @@ pub async fn keep(target: RedisTarget, name: String, token: String, shutdown: Ca
         let release = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         );
-        let _: Result<i64, _> = release.key(key(&name)).arg(&token).invoke_async(c).await;
+        let _: Result<i64, _> = release
+            .key(instance_key(&name))
+            .arg(&token)
+            .invoke_async(c)
+            .await;
     }
 }

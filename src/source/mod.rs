@@ -20,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alert::Action;
 use crate::config::Subscription;
+use crate::keys::hash_tag;
 use crate::metrics;
-use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
+use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement};
 use crate::process::{Input, LoadedRules, Processor, Verdict, now_ms};
 use crate::redis_conn::{
     self, Backoff, LazyConn, RedisConn, RedisTarget, StreamEntry, ensure_group, note_error,
@@ -36,7 +37,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Shared {
     pub processor: Processor,
     pub target: RedisTarget,
-    /// Outbox key prefix; see [`outbox::outbox_key`].
+    /// Outbox key prefix; see [`crate::keys::outbox_key`].
     pub outbox_prefix: String,
     /// Approximate cap of each outbox stream.
     pub outbox_max_len: u64,

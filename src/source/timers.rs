@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use crate::alert::{Alert, AlertBook, Decision, Snapshot};
+use crate::keys::{hash_tag, state_key};
 use crate::metrics;
-use crate::outbox::{self, Basis, Committed, Settlement, hash_tag, state_key};
+use crate::outbox::{self, Basis, Committed, Settlement};
 use crate::process::now_ms;
 use crate::redis_conn::{LazyConn, note_error};
 use crate::rules::state;
