@@ -9,7 +9,8 @@ use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::AlertBook;
+use crate::alert::store::Store;
+use crate::alert::{self, AlertBook};
 use crate::config::{Config, Subscription};
 use crate::keys::outbox_key;
 use crate::process::{LoadedRules, Processor};
@@ -99,6 +100,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         rules: live_rules.clone(),
         book: book.clone(),
     };
+    let store = Store::new(book, config.outbox.prefix.clone(), config.outbox.max_len);
 
     // Tasks that must outlive the workers (HTTP, lease, sinks) stop on `tail`.
     let tail = CancellationToken::new();
@@ -193,10 +195,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         rules_dir: config.rules_dir.clone(),
         plugins_dir: config.plugins_dir.clone(),
         subscriptions: config.subscriptions.clone(),
-        book,
+        store: store.clone(),
         target: target.clone(),
-        outbox_prefix: config.outbox.prefix.clone(),
-        outbox_max_len: config.outbox.max_len,
         lock: Default::default(),
     });
     metrics::config_loaded("rules");
@@ -207,8 +207,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let shared = Arc::new(Shared {
         processor,
         target: target.clone(),
-        outbox_prefix: config.outbox.prefix.clone(),
-        outbox_max_len: config.outbox.max_len,
+        store: store.clone(),
     });
     let workers_stop = shutdown.child_token();
     let mut workers = JoinSet::new();
@@ -266,8 +265,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
     let mut streams: Vec<String> = subs.iter().flat_map(|s| s.streams.clone()).collect();
     streams.sort();
     streams.dedup();
-    workers.spawn(source::timers::run(
-        shared.clone(),
+    workers.spawn(alert::timers::run(
+        store,
+        target.clone(),
         streams,
         config.alerts.timer_interval,
         workers_stop.clone(),

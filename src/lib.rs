@@ -17,10 +17,10 @@
 //!   consumers idle for long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
-//! - [`alert`]: alert model, fingerprint, the lifecycle book (state in Redis,
-//!   version-checked) and silences.
-//! - [`outbox`]: the alert hand-off, committed in one script run with the
-//!   XACK, the dead letters and the alert-state writes.
+//! - [`alert`]: alert model, fingerprint, the pure lifecycle, the book
+//!   (this instance's cache of the alert state), the store (the one commit
+//!   of alert state, outbox, dead letters and XACK, in one script run, with
+//!   its compare-and-set and retries), the timers and silences.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload and the seed's
 //!   `POST /telemetry-data` gateway.
@@ -49,7 +49,6 @@ pub mod http_silences;
 pub mod keys;
 pub mod metrics;
 pub mod metrics_process;
-pub mod outbox;
 pub mod process;
 pub mod redis_conn;
 pub mod reload;

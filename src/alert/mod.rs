@@ -3,6 +3,8 @@
 
 mod book;
 pub mod silence;
+pub mod store;
+pub mod timers;
 
 pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Snapshot, Transition, Write};
 
