@@ -32,7 +32,7 @@ use crate::alert::Alert;
 use crate::alert::store::{Settled, Settlement, Store};
 use crate::config::Subscription;
 use crate::metrics;
-use crate::process::{LoadedRules, now_ms};
+use crate::process::LoadedRules;
 use crate::redis_conn::{Backoff, LazyConn, RedisTarget};
 use crate::rules::RuleSet;
 use crate::rules::state as rule_state;
@@ -269,7 +269,7 @@ impl Reloader {
         let mut sent = Vec::new();
         'attempt: loop {
             let mut conflicted = false;
-            for tag in self.store.book().tags() {
+            for tag in self.store.tags() {
                 let retire = Settlement::Retire {
                     tag: &tag,
                     rules: removed,
@@ -303,12 +303,9 @@ impl Reloader {
     /// Past the deadline: forgets the removed rules' alerts here anyway and
     /// reports the resolves that could not be written.
     async fn give_up(&self, removed: &[String], error: &str) {
-        let book = self.store.book();
-        for tag in book.tags() {
-            let gate = book.gate(&tag);
-            let _decided = gate.lock().await;
-            let decision = book.forget_rules(&tag, removed, now_ms());
-            metrics::retired_alerts_unsent(&decision.notifications, error);
+        for tag in self.store.tags() {
+            let unsent = self.store.forget_here(&tag, removed).await;
+            metrics::retired_alerts_unsent(&unsent, error);
         }
     }
 }

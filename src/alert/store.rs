@@ -39,8 +39,11 @@ const MAX_CONFLICTS: u32 = 100;
 /// An entry that goes to the dead-letter stream instead of the rules.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
+    /// The entry's id in its stream, recorded so it can be found again.
     pub id: String,
+    /// The entry as it came, so nothing is lost.
     pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Why it was not judged, for whoever reads the dead letters.
     pub reason: String,
 }
 
@@ -138,8 +141,9 @@ impl Store {
         }
     }
 
-    pub fn book(&self) -> &AlertBook {
-        &self.book
+    /// Partitions this instance holds state of.
+    pub fn tags(&self) -> Vec<String> {
+        self.book.tags()
     }
 
     /// Decides `s` on the cache and commits it with its acks and
@@ -232,6 +236,15 @@ impl Store {
         Ok(Settled::Contended)
     }
 
+    /// Forgets the alerts of `rules` in partition `tag` on this instance
+    /// only, when their retirement could not be written to Redis; returns
+    /// the resolves that were therefore never sent.
+    pub async fn forget_here(&self, tag: &str, rules: &[String]) -> Vec<Alert> {
+        let gate = self.book.gate(tag);
+        let _decided = gate.lock().await;
+        self.book.forget_rules(tag, rules, now_ms()).notifications
+    }
+
     /// Reads every partition of `streams` whole into the cache: picks up
     /// alerts other instances raised (so this instance's timers cover them)
     /// and forgets deleted ones. The generation is read before and again
@@ -254,23 +267,75 @@ impl Store {
         Ok(())
     }
 
-    /// Commits one settlement of `stream`.
+    /// Commits one batch of `stream` (or, with no acks, a timer's decisions).
     async fn commit(
         &self,
         conn: &mut RedisConn,
         stream: &str,
         group: &str,
-        c: &Commit<'_>,
+        s: &Commit<'_>,
     ) -> Result<Committed, RedisError> {
-        commit(
-            conn,
-            stream,
-            group,
-            &self.outbox_prefix,
-            self.outbox_max_len,
-            c,
-        )
-        .await
+        let checks_generation = matches!(s.basis, Basis::Generation(_));
+        if s.alerts.is_empty() && s.dead.is_empty() && s.writes.is_empty() && !checks_generation {
+            if !s.acks.is_empty() {
+                let _: Value = redis::cmd("XACK")
+                    .arg(stream)
+                    .arg(group)
+                    .arg(s.acks)
+                    .query_async(conn)
+                    .await?;
+            }
+            return Ok(Committed::Done(0));
+        }
+        let based = match s.basis {
+            Basis::Generation(g) => g.to_string(),
+            Basis::Nothing | Basis::Versions => String::new(),
+        };
+        // Below 2^62, so INCR never overflows.
+        let seed = rand::random::<u64>() >> 2;
+        let mut inv = script().prepare_invoke();
+        inv.key(state_key(stream))
+            .key(outbox_key(&self.outbox_prefix, stream))
+            .key(dead_key(stream, conn.is_cluster()))
+            .key(stream)
+            .key(gen_key(stream))
+            .arg(group)
+            .arg(self.outbox_max_len)
+            .arg(based)
+            .arg(seed)
+            .arg(s.writes.len());
+        for w in s.writes {
+            // `=`: check only; ``: delete; else the new value (which starts
+            // with its version digits, so neither marker can collide).
+            let op = if w.check_only {
+                "="
+            } else {
+                w.value.as_deref().unwrap_or("")
+            };
+            inv.arg(&w.field).arg(w.expected).arg(op);
+        }
+        inv.arg(s.alerts.len());
+        for a in s.alerts {
+            inv.arg(serde_json::to_string(a).expect("alerts always serialize"));
+        }
+        inv.arg(s.dead.len());
+        for d in s.dead {
+            inv.arg(&d.id).arg(&d.reason).arg(d.fields.len());
+            for (k, v) in &d.fields {
+                inv.arg(k.as_slice()).arg(v.as_slice());
+            }
+        }
+        inv.arg(s.acks.len());
+        for id in s.acks {
+            inv.arg(id);
+        }
+        let reply: Vec<String> = inv.invoke_async(conn).await?;
+        match reply.split_first() {
+            Some((tag, fields)) if tag == "conflict" => Ok(Committed::Conflict(fields.to_vec())),
+            Some((tag, _)) if tag == "stale" => Ok(Committed::Stale),
+            Some((_, [generation])) => Ok(Committed::Done(generation.parse().unwrap_or(0))),
+            _ => Ok(Committed::Done(0)),
+        }
     }
 }
 
@@ -396,78 +461,6 @@ return {'done', gen}
 fn script() -> &'static redis::Script {
     static S: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
     S.get_or_init(|| redis::Script::new(COMMIT_SCRIPT))
-}
-
-/// Commits one batch of `stream` (or, with no acks, a timer's decisions).
-async fn commit(
-    conn: &mut RedisConn,
-    stream: &str,
-    group: &str,
-    outbox_prefix: &str,
-    outbox_max_len: u64,
-    s: &Commit<'_>,
-) -> Result<Committed, RedisError> {
-    let checks_generation = matches!(s.basis, Basis::Generation(_));
-    if s.alerts.is_empty() && s.dead.is_empty() && s.writes.is_empty() && !checks_generation {
-        if !s.acks.is_empty() {
-            let _: Value = redis::cmd("XACK")
-                .arg(stream)
-                .arg(group)
-                .arg(s.acks)
-                .query_async(conn)
-                .await?;
-        }
-        return Ok(Committed::Done(0));
-    }
-    let based = match s.basis {
-        Basis::Generation(g) => g.to_string(),
-        Basis::Nothing | Basis::Versions => String::new(),
-    };
-    // Below 2^62, so INCR never overflows.
-    let seed = rand::random::<u64>() >> 2;
-    let mut inv = script().prepare_invoke();
-    inv.key(state_key(stream))
-        .key(outbox_key(outbox_prefix, stream))
-        .key(dead_key(stream, conn.is_cluster()))
-        .key(stream)
-        .key(gen_key(stream))
-        .arg(group)
-        .arg(outbox_max_len)
-        .arg(based)
-        .arg(seed)
-        .arg(s.writes.len());
-    for w in s.writes {
-        // `=`: check only; ``: delete; else the new value (which starts
-        // with its version digits, so neither marker can collide).
-        let op = if w.check_only {
-            "="
-        } else {
-            w.value.as_deref().unwrap_or("")
-        };
-        inv.arg(&w.field).arg(w.expected).arg(op);
-    }
-    inv.arg(s.alerts.len());
-    for a in s.alerts {
-        inv.arg(serde_json::to_string(a).expect("alerts always serialize"));
-    }
-    inv.arg(s.dead.len());
-    for d in s.dead {
-        inv.arg(&d.id).arg(&d.reason).arg(d.fields.len());
-        for (k, v) in &d.fields {
-            inv.arg(k.as_slice()).arg(v.as_slice());
-        }
-    }
-    inv.arg(s.acks.len());
-    for id in s.acks {
-        inv.arg(id);
-    }
-    let reply: Vec<String> = inv.invoke_async(conn).await?;
-    match reply.split_first() {
-        Some((tag, fields)) if tag == "conflict" => Ok(Committed::Conflict(fields.to_vec())),
-        Some((tag, _)) if tag == "stale" => Ok(Committed::Stale),
-        Some((_, [generation])) => Ok(Committed::Done(generation.parse().unwrap_or(0))),
-        _ => Ok(Committed::Done(0)),
-    }
 }
 
 /// Reads the generation of the alert state of `stream` (0 = never written).

@@ -60,7 +60,7 @@ pub async fn run(
 /// Settles what is due in every partition. One that another instance
 /// changed meanwhile is decided again on the next tick.
 async fn fire_due(store: &Store, conn: &mut LazyConn) -> Result<(), RedisError> {
-    for tag in store.book().tags() {
+    for tag in store.tags() {
         if let Settled::Committed(notified) =
             store.settle(conn, Settlement::Due { tag: &tag }).await?
         {
