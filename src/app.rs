@@ -270,6 +270,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), AppE
         target.clone(),
         streams,
         config.alerts.timer_interval,
+        crate::rules::state::evict_stale,
         workers_stop.clone(),
     ));
     workers.spawn(source::run_position_reporter(

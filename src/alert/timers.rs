@@ -13,17 +13,22 @@ use super::store::{Settled, Settlement, Store};
 use crate::metrics;
 use crate::process::now_ms;
 use crate::redis_conn::{LazyConn, RedisTarget, note_error};
-use crate::rules::state;
 
 /// How often the whole alert state is re-read from Redis, so alerts raised
 /// by other (possibly dead) instances are covered by this one's timers.
 const FULL_REFRESH: Duration = Duration::from_secs(15);
 
+/// Runs the timers of the partitions of `streams` every `every` until
+/// `shutdown`. `housekeeping` is called with the time after each full read
+/// (every 15 s), for work outside alert state that suits that slow pace
+/// (the eviction of stale rule samples); taking it as a function keeps
+/// `alert` from depending on `rules`, which depends on `alert`.
 pub async fn run(
     store: Store,
     target: RedisTarget,
     streams: Vec<String>,
     every: Duration,
+    housekeeping: impl Fn(u64),
     shutdown: CancellationToken,
 ) {
     let mut conn = LazyConn::new(target, Duration::from_secs(5));
@@ -48,7 +53,7 @@ pub async fn run(
                     continue;
                 }
             }
-            state::evict_stale(now_ms());
+            housekeeping(now_ms());
         }
         if let Err(e) = fire_due(&store, &mut conn).await {
             note_error("alert timers", &e);
