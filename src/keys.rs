@@ -1,4 +1,4 @@
-//! Every Redis key tripline writes, in one place; the README's key table
+//! Every Redis key tripline uses, in one place; the README's key table
 //! (section "Delivery guarantees and Redis keys") lists the same.
 //!
 //! Keys written in one atomic step with a stream's XACK carry the stream's
@@ -7,6 +7,7 @@
 //!
 //! | key | function |
 //! |---|---|
+//! | `<stream>` | the input, named in the config |
 //! | `<stream>:dead` | [`dead_key`] |
 //! | `<prefix>:{<tag>}` (prefix `tripline:alerts` by default) | [`outbox_key`] |
 //! | `<outbox>:dead:<sink>` | [`sink_dead_key`] |

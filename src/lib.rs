@@ -8,7 +8,7 @@
 //!   timeouts, reconnect backoff, reply parsing).
 //! - [`stream_reader`]: the workers' XREADGROUP over a socket of our own,
 //!   parsed straight into stream entries (single server, TCP or Unix).
-//! - [`keys`]: every Redis key tripline writes, and the hash tag that
+//! - [`keys`]: every Redis key tripline uses, and the hash tag that
 //!   places them on Redis Cluster.
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
