@@ -11,11 +11,12 @@ use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::AlertBook;
+use crate::alert::store::Store;
+use crate::alert::{self, AlertBook};
 use crate::config::{Settings, Subscription};
 use crate::http;
 use crate::instance::{cleanup, lease};
-use crate::outbox::outbox_key;
+use crate::keys::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
 use crate::reload::Reloader;
@@ -119,12 +120,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     };
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
     let book = Arc::new(AlertBook::new(settings.alerts.policy, &runtime));
+    let store = Store::new(
+        book.clone(),
+        settings.outbox.prefix.clone(),
+        settings.outbox.max_len,
+    );
     let reloader = start_reloads(
         &settings,
         &runtime,
         &prepared.engine,
         &live_rules,
-        &book,
+        &store,
         &sinks,
         &mut tail,
     );
@@ -135,8 +141,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             book,
         },
         target: target.clone(),
-        outbox_prefix: settings.outbox.prefix.clone(),
-        outbox_max_len: settings.outbox.max_len,
+        store,
         runtime: runtime.clone(),
     });
     let workers_stop = shutdown.child_token();
@@ -259,7 +264,7 @@ fn start_reloads(
     runtime: &Runtime,
     engine: &Arc<RuleEngine>,
     rules: &Arc<ArcSwap<LoadedRules>>,
-    book: &Arc<AlertBook>,
+    store: &Store,
     sinks: &Arc<Supervisor>,
     tail: &mut Tail,
 ) -> Arc<Reloader> {
@@ -270,10 +275,8 @@ fn start_reloads(
         rules_dir: settings.rules_dir.clone(),
         plugins_dir: settings.plugins_dir.clone(),
         subscriptions: settings.subscriptions.clone(),
-        book: book.clone(),
+        store: store.clone(),
         target: settings.redis.target.clone(),
-        outbox_prefix: settings.outbox.prefix.clone(),
-        outbox_max_len: settings.outbox.max_len,
         lock: Default::default(),
         runtime: runtime.clone(),
     });
@@ -328,10 +331,13 @@ fn spawn_consumers(
         shared.runtime.metrics.clone(),
         stop.clone(),
     ));
-    workers.spawn(source::timers::run(
-        shared.clone(),
+    let rules = shared.runtime.rules.clone();
+    workers.spawn(alert::timers::run(
+        shared.store.clone(),
+        target.clone(),
         consumed_streams(&settings.subscriptions),
         settings.alerts.timer_interval,
+        move |now| rules.evict_stale(now),
         stop.clone(),
     ));
     workers.spawn(source::run_position_reporter(

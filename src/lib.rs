@@ -10,6 +10,8 @@
 //! - [`group_reader`]: the one consumer-group reader of subscriptions and
 //!   sinks (own pending first, then new; delivery counts, claims, lag), with
 //!   its fast path: XREADGROUP over a socket of our own.
+//! - [`keys`]: every Redis key tripline uses, and the hash tag that
+//!   places them on Redis Cluster.
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
 //! - [`source`]: one consumer-group loop per subscription worker: read a batch,
@@ -18,10 +20,10 @@
 //!   long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
-//! - [`alert`]: alert model, fingerprint, the lifecycle book (state in Redis,
-//!   version-checked) and silences.
-//! - [`outbox`]: the alert hand-off, committed in one script run with the
-//!   XACK, the dead letters and the alert-state writes.
+//! - [`alert`]: alert model, fingerprint, the pure lifecycle, the book
+//!   (this instance's cache of the alert state), the store (the one commit
+//!   of alert state, outbox, dead letters and XACK, in one script run, with
+//!   its compare-and-set and retries), the timers and silences.
 //! - [`sinks`]: the `Sink` trait, one file per kind, the per-sink dispatcher.
 //! - [`http`]: /metrics, /healthz, /readyz, /-/reload, `/api/silences` and the seed's
 //!   `POST /telemetry-data` gateway.
@@ -51,9 +53,9 @@ pub mod escape;
 pub mod group_reader;
 pub mod http;
 pub mod instance;
+pub mod keys;
 pub mod metrics;
 pub mod metrics_process;
-pub mod outbox;
 pub mod process;
 pub mod redis_conn;
 pub mod reload;

@@ -29,8 +29,8 @@ use redis::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::hash_tag;
 use crate::metrics::{self, Metrics};
-use crate::outbox::hash_tag;
 
 /// Scheme of a Cluster address: `redis+cluster://host:port,host:port`.
 const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -712,7 +712,7 @@ fn refusal_as_reply(r: Result<Value, RedisError>) -> Result<Result<Value, String
 
 /// Keys that exist as long as Redis keeps tripline's data: one per hash tag
 /// of the consumed streams (`tripline:marker:{<tag>}`, see
-/// [`crate::outbox::marker_key`]), in the slot of that tag's alert state and
+/// [`crate::keys::marker_key`]), in the slot of that tag's alert state and
 /// outbox, so on a Cluster the loss of one node's data is seen too.
 ///
 /// Each holds a value chosen by whichever instance wrote it first (`SET
@@ -734,7 +734,7 @@ impl StateMarkers {
     pub fn new(streams: &[String], metrics: &Metrics) -> StateMarkers {
         let mut markers: Vec<(String, String, Option<String>)> = streams
             .iter()
-            .map(|s| (hash_tag(s).to_string(), crate::outbox::marker_key(s), None))
+            .map(|s| (hash_tag(s).to_string(), crate::keys::marker_key(s), None))
             .collect();
         markers.sort();
         markers.dedup();

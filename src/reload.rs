@@ -28,8 +28,8 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use serde::Serialize;
 
-use crate::alert::{Alert, AlertBook};
-use crate::clock::now_ms;
+use crate::alert::Alert;
+use crate::alert::store::{Settled, Settlement, Store};
 use crate::config::Subscription;
 use crate::metrics::{self, Metrics};
 use crate::process::LoadedRules;
@@ -37,7 +37,6 @@ use crate::redis_conn::{Backoff, LazyConn, RedisTarget};
 use crate::rules::{RuleEngine, RuleSet};
 use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
-use crate::source::timers::commit_unacked;
 
 /// How long a reload that removed rules waits for batches still judging
 /// with the old set; far above one batch (judging plus a commit that times
@@ -124,15 +123,11 @@ pub struct Reloader {
     pub rules_dir: PathBuf,
     pub plugins_dir: PathBuf,
     pub subscriptions: Vec<Subscription>,
-    /// The workers' alert book: a removed rule's firing alerts are taken
+    /// The workers' alert state: a removed rule's firing alerts are taken
     /// out of it and resolved.
-    pub book: Arc<AlertBook>,
+    pub store: Store,
     /// Where those resolves are written.
     pub target: RedisTarget,
-    /// Outbox key prefix; see [`outbox::outbox_key`].
-    pub outbox_prefix: String,
-    /// Approximate cap of each outbox stream.
-    pub outbox_max_len: u64,
     /// Serialises reloads (two saves in quick succession apply in order)
     /// and remembers what the last one left behind.
     pub lock: tokio::sync::Mutex<LastReload>,
@@ -277,27 +272,20 @@ impl Reloader {
         let mut sent = Vec::new();
         'attempt: loop {
             let mut conflicted = false;
-            for tag in self.book.tags() {
-                let gate = self.book.gate(&tag);
-                let decided = gate.lock().await;
-                let decision = self.book.forget_rules(&tag, removed, now_ms());
-                let result = commit_unacked(
-                    &mut conn,
-                    &self.book,
-                    &tag,
-                    &self.outbox_prefix,
-                    self.outbox_max_len,
-                    decision,
-                    &self.runtime.metrics,
-                )
-                .await;
-                match result {
-                    Ok((notified, again)) => {
+            for tag in self.store.tags() {
+                let retire = Settlement::Retire {
+                    tag: &tag,
+                    rules: removed,
+                };
+                match self.store.settle(&mut conn, retire).await {
+                    Ok(Settled::Committed(notified)) => {
+                        for a in &notified {
+                            self.runtime.metrics.alert_notified(a);
+                        }
                         sent.extend(notified);
-                        conflicted |= again;
                     }
+                    Ok(Settled::Contended) => conflicted = true,
                     Err(e) => {
-                        drop(decided);
                         conn.reset();
                         let delay = backoff.next_delay();
                         if tokio::time::Instant::now() + delay > deadline {
@@ -308,7 +296,6 @@ impl Reloader {
                         continue 'attempt;
                     }
                 }
-                drop(decided);
             }
             if !conflicted {
                 return sent;
@@ -319,13 +306,9 @@ impl Reloader {
     /// Past the deadline: forgets the removed rules' alerts here anyway and
     /// reports the resolves that could not be written.
     async fn give_up(&self, removed: &[String], error: &str) {
-        for tag in self.book.tags() {
-            let gate = self.book.gate(&tag);
-            let _decided = gate.lock().await;
-            let decision = self.book.forget_rules(&tag, removed, now_ms());
-            self.runtime
-                .metrics
-                .retired_alerts_unsent(&decision.notifications, error);
+        for tag in self.store.tags() {
+            let unsent = self.store.forget_here(&tag, removed).await;
+            self.runtime.metrics.retired_alerts_unsent(&unsent, error);
         }
     }
 }

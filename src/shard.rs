@@ -62,7 +62,7 @@ mod tests {
         assert_eq!(topic_of("t"), "t");
         assert_eq!(topic_of("t:{x}"), "t:{x}");
         assert_eq!(topic_of("t:{}"), "t:{}");
-        assert_eq!(crate::outbox::hash_tag(&shard_stream("t", 7)), "7");
+        assert_eq!(crate::keys::hash_tag(&shard_stream("t", 7)), "7");
     }
 
     #[test]

@@ -1,14 +1,19 @@
-//! The alert lifecycle: pending (`for`) → firing → resolved, repeat
-//! intervals, auto-resolve, deadman watches and flap holding.
+//! This instance's cache of the alert state, one partition per stream hash
+//! tag: the entries, what generation of Redis they are known to equal, and
+//! the gate that orders decisions on them. Deciding applies the pure
+//! lifecycle (`alert::lifecycle`) to the cache and yields the notifications,
+//! the versioned writes that make them durable and how to undo them;
+//! `alert::store` commits them.
 //!
 //! The truth lives in Redis (one hash per stream hash tag, field =
-//! fingerprint, value = `<version>|<json entry>`), so every instance in a
-//! group sees the same state. Each instance keeps a cache of it and decides
-//! transitions locally; a commit then writes them with compare-and-set on the
-//! versions it relied on (see `outbox::commit`). If another instance changed
-//! one of those entries first, the commit is refused, the cache refreshed and
-//! the decisions taken again, so two instances never both notify, and a
-//! resolve is never lost because the other instance saw the firing.
+//! fingerprint, value = `<version>|<json entry>`, see `alert::stored`), so
+//! every instance in a group sees the same state. Each instance keeps a
+//! cache of it and decides transitions locally; a commit then writes them
+//! with compare-and-set on the versions it relied on. If another instance
+//! changed one of those entries first, the commit is refused, the cache
+//! refreshed and the decisions taken again, so two instances never both
+//! notify, and a resolve is never lost because the other instance saw the
+//! firing.
 //!
 //! Checking a version per alert relied on costs Redis a lookup for every
 //! assertion, and nearly every assertion is a "nothing to do". So each
@@ -24,105 +29,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-
-use super::silence::{self, ActiveSilences, Silences};
-use super::{Alert, Severity, Status};
-use crate::clock::rfc3339;
+use super::Alert;
+use super::lifecycle::{
+    Action, ActionKind, Entry, Phase, Policy, through_silences, watch_is_fresh,
+};
+use super::silence::ActiveSilences;
+use super::stored::{Stored, decode, field, parse_field};
+use crate::keys::hash_tag;
 use crate::metrics::Metrics;
-use crate::outbox::hash_tag;
 use crate::runtime::Runtime;
-
-/// Lifecycle policy shared by every alert.
-#[derive(Debug, Clone, Copy)]
-pub struct Policy {
-    /// A firing alert is re-notified at most this often.
-    pub repeat_ms: u64,
-    /// An alert not re-asserted for this long resolves by itself; 0 = never.
-    pub resolve_after_ms: u64,
-    /// More state changes than this within `flap_window_ms` hold
-    /// notifications until the alert settles; 0 = no flap detection.
-    pub flap_max_changes: u32,
-    pub flap_window_ms: u64,
-}
-
-/// What a rule asked for about one alert identity.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ActionKind {
-    /// Condition holds; fire after it has held `for_ms`. `resolve_after_ms`
-    /// overrides the policy when set.
-    Fire {
-        for_ms: u64,
-        resolve_after_ms: Option<u64>,
-    },
-    /// Condition cleared.
-    Resolve,
-    /// The series reported; fire if it then stays silent for `after_ms`.
-    Deadman { after_ms: u64 },
-}
-
-/// One assertion from one message.
-#[derive(Debug, Clone)]
-pub struct Action {
-    pub fp: u64,
-    pub kind: ActionKind,
-    /// The alert as the rule described it (status firing; `starts_at` is
-    /// replaced by the lifecycle). Always there for `Fire`; for `Resolve`
-    /// only when `resolve()` gave text of its own, which replaces the
-    /// stored alert's annotations (else the lifecycle resolves the alert it
-    /// stored, firing text and all); for `Deadman`
-    /// only when the watch was missing or due a refresh when judged
-    /// ([`AlertBook::is_watched`]). Building an alert costs more than most
-    /// rules, and nearly every assertion changes nothing.
-    pub alert: Option<Alert>,
-    pub now_ms: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum Phase {
-    /// Condition holds, `for` not yet elapsed.
-    Pending,
-    Firing,
-    /// A deadman watch whose series is reporting.
-    Watching,
-    /// Resolved, kept only while flap detection needs its history.
-    Resolved,
-}
-
-/// The persisted state of one alert identity.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct Entry {
-    phase: Phase,
-    /// When the condition started holding (pending) or the alert fired.
-    since: u64,
-    /// Last notification sent.
-    notified: u64,
-    /// Last assertion seen.
-    seen: u64,
-    /// `for` duration of a pending alert.
-    #[serde(default)]
-    for_ms: u64,
-    /// Auto-resolve delay of this alert (0 = never).
-    #[serde(default)]
-    resolve_after_ms: u64,
-    /// Deadman: silence allowed before firing.
-    #[serde(default)]
-    deadman_ms: u64,
-    /// Timestamps of recent state changes, for flap detection.
-    #[serde(default)]
-    changes: Vec<u64>,
-    /// Notifications are held because the alert flaps.
-    #[serde(default)]
-    held: bool,
-    /// The silence ([`silence::id_hash`]) that withheld the last firing
-    /// notification, 0 if it was sent. No sink has then seen the alert
-    /// fire: its resolve is withheld too, and the end of the silence sends
-    /// the firing (Alertmanager's semantics).
-    #[serde(default)]
-    muted: u64,
-    alert: Alert,
-}
 
 /// A versioned write of one fingerprint, checked against `expected` at commit.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,84 +60,23 @@ pub struct Write {
 /// How to undo one cached change if its commit fails.
 #[derive(Debug)]
 pub struct Transition {
+    /// The alert changed.
     fp: u64,
+    /// Its cached state before the change, put back by a rollback.
     previous: Cached,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Cached {
+    /// The version Redis holds (0 = absent), which a commit checks.
     version: u64,
+    /// The entry; `None` when absent (deleted, or never there).
     entry: Option<Stored>,
     /// The latest deadman assertion this instance judged. The stored `seen`
     /// is only rewritten once it lags by a tenth of the silence (see
     /// [`watch_is_fresh`]), so firing on it alone could be that much early;
     /// kept here, never written, it costs the hot path nothing.
     touched: u64,
-}
-
-/// What deciding most assertions and finding due timers reads of an entry.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Head {
-    phase: Phase,
-    /// When a pending alert's `for` started: the timer fires it at `since + for_ms`.
-    since: u64,
-    notified: u64,
-    seen: u64,
-    for_ms: u64,
-    resolve_after_ms: u64,
-    deadman_ms: u64,
-    held: bool,
-    muted: u64,
-    /// The latest of `changes`.
-    last_change: Option<u64>,
-    severity: Severity,
-}
-
-impl Head {
-    fn of(e: &Entry) -> Head {
-        Head {
-            phase: e.phase,
-            since: e.since,
-            notified: e.notified,
-            seen: e.seen,
-            for_ms: e.for_ms,
-            resolve_after_ms: e.resolve_after_ms,
-            deadman_ms: e.deadman_ms,
-            held: e.held,
-            muted: e.muted,
-            last_change: e.changes.last().copied(),
-            severity: e.alert.severity,
-        }
-    }
-}
-
-/// An entry as cached: its head decoded, the whole kept as the JSON Redis
-/// holds and decoded only for a transition. Every router has a deadman
-/// watch: kept decoded, an entry (an alert with two small B-trees and a
-/// dozen strings) takes about 2 KB; as JSON about 0.4 KB.
-#[derive(Debug, Clone, PartialEq)]
-struct Stored {
-    head: Head,
-    json: Box<str>,
-}
-
-impl Stored {
-    fn of(e: &Entry) -> Stored {
-        Stored {
-            head: Head::of(e),
-            json: serde_json::to_string(e).expect("entries serialize").into(),
-        }
-    }
-
-    /// Reads what [`Stored::of`] or Redis (checked by [`decode`]) wrote.
-    fn entry(&self) -> Entry {
-        serde_json::from_str(&self.json).expect("cached entries were decoded once already")
-    }
-
-    /// `<version>|<json>`, the value Redis holds.
-    fn encode(&self, version: u64) -> String {
-        format!("{version}|{}", self.json)
-    }
 }
 
 /// Decisions for a set of actions.
@@ -265,8 +119,9 @@ impl Snapshot {
 /// that share a hash tag, which Redis keeps in one hash.
 #[derive(Debug, Default)]
 struct Partition {
+    /// By fingerprint.
     entries: HashMap<u64, Cached>,
-    /// The partition's generation (`outbox::gen_key`) at which `entries`
+    /// The partition's generation (`keys::gen_key`) at which `entries`
     /// equal what Redis holds, if known: set by a full read, advanced by our
     /// own commits, cleared when anyone else wrote or a commit failed.
     synced: Option<u64>,
@@ -274,12 +129,14 @@ struct Partition {
 
 #[derive(Debug)]
 pub struct AlertBook {
+    /// By hash tag: Redis keeps each tag's alert state in one hash.
     parts: Mutex<HashMap<String, Partition>>,
     /// Per partition: held from a decision to the end of its commit (and
     /// around a full read), so decisions on the cache are committed one
     /// after the other. Without it `synced` could not vouch for the cache:
     /// one worker's fast commit would certify another's uncommitted change.
     gates: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The lifecycle every decision applies.
     policy: Policy,
     /// The silences in force: a firing they mute is withheld, and their
     /// end releases it.
@@ -288,116 +145,12 @@ pub struct AlertBook {
     metrics: Arc<Metrics>,
 }
 
-pub fn field(fp: u64) -> String {
-    format!("{fp:016x}")
-}
-
-fn parse_field(f: &str) -> Option<u64> {
-    u64::from_str_radix(f, 16).ok()
-}
-
-fn decode(raw: &str) -> Option<(u64, Stored)> {
-    let (v, json) = raw.split_once('|')?;
-    let entry: Entry = serde_json::from_str(json).ok()?;
-    let stored = Stored {
-        head: Head::of(&entry),
-        json: json.into(),
-    };
-    Some((v.parse().ok()?, stored))
-}
-
 /// Partition `tag`, created empty on first use.
 fn partition<'a>(parts: &'a mut HashMap<String, Partition>, tag: &str) -> &'a mut Partition {
     if !parts.contains_key(tag) {
         parts.insert(tag.to_string(), Partition::default());
     }
     parts.get_mut(tag).expect("inserted")
-}
-
-/// Whether a deadman watch last seen at `seen` needs no write for a silence
-/// of `after_ms` asserted at `now`: the new deadline is written only when it
-/// moved by a tenth of the window, one write per series per window/10 rather
-/// than per message.
-fn watch_is_fresh(seen: u64, deadman_ms: u64, after_ms: u64, now: u64) -> bool {
-    now.saturating_sub(seen) * 10 < after_ms && deadman_ms == after_ms
-}
-
-/// Whether a deadman watch has been silent for its whole silence at `now`,
-/// counted from the latest reading known here: the stored `seen`, or a
-/// later one this instance judged but did not write (`touched`).
-fn watch_expired(e: &Head, touched: u64, now: u64) -> bool {
-    now.saturating_sub(e.seen.max(touched)) >= e.deadman_ms
-}
-
-/// Whether this instance must write the later reading it judged (`touched`)
-/// to a watch: half the silence has passed since the stored `seen`. Readings
-/// still flowing would have been written by then (every tenth of the
-/// silence), so this happens about once when a series stops reporting, and
-/// long before another instance could fire on the stored `seen`.
-fn must_publish(e: &Head, touched: u64, now: u64) -> bool {
-    touched > e.seen && now.saturating_sub(e.seen) * 2 >= e.deadman_ms
-}
-
-/// Whether the silence `muted` names ([`silence::id_hash`], 0 = none) has
-/// ended by `now`: reads the silences only for an alert one withheld.
-fn released(silences: &ActiveSilences, muted: u64, now: u64) -> bool {
-    muted != 0 && !silences.active().in_force(muted, now)
-}
-
-/// Whether a firing alert's firing was withheld by a silence that is no
-/// longer in force at `now`.
-fn unmuted(e: &Head, silences: &Silences, now: u64) -> bool {
-    e.phase == Phase::Firing && e.muted != 0 && !silences.in_force(e.muted, now)
-}
-
-/// Silences as Alertmanager applies them, kept in the alert's state so that
-/// every instance and every sink agrees: a firing notification a silence
-/// mutes is withheld and remembered in `next` (the silence's end sends it,
-/// see [`AlertBook::due_in`]); the resolve of an alert whose firing was
-/// withheld (`was_muted`) is withheld too, so no sink hears of a resolve of
-/// a firing it never got. Anything else passes.
-fn through_silences(
-    silences: &ActiveSilences,
-    metrics: &Metrics,
-    next: Option<&mut Entry>,
-    was_muted: bool,
-    note: Option<Alert>,
-    now: u64,
-) -> Option<Alert> {
-    let note = note?;
-    match note.status {
-        Status::Firing => {
-            let silences = silences.active();
-            let muting = silences.muting(&note, now);
-            if let Some(e) = next {
-                e.muted = muting.map_or(0, silence::id_hash);
-            }
-            match muting {
-                Some(id) => {
-                    metrics.alert_silenced(&note, id);
-                    None
-                }
-                None => Some(note),
-            }
-        }
-        Status::Resolved if was_muted => {
-            metrics.alert_silenced(&note, "");
-            None
-        }
-        Status::Resolved => Some(note),
-    }
-}
-
-/// Whether a pending alert's `for` has elapsed at `now`.
-fn pending_due(e: &Head, now: u64) -> bool {
-    now.saturating_sub(e.since) >= e.for_ms
-}
-
-/// Whether a firing alert's `seen` must be rewritten at `now`. It only
-/// matters for auto-resolve, and then only once a tenth of the delay has
-/// passed: steady firing stays free of writes.
-fn seen_is_stale(seen: u64, resolve_after_ms: u64, now: u64) -> bool {
-    resolve_after_ms > 0 && now.saturating_sub(seen) * 10 >= resolve_after_ms
 }
 
 impl AlertBook {
@@ -423,6 +176,12 @@ impl AlertBook {
     }
 
     /// Partitions this instance holds state of.
+    /// Where the lifecycle counts what silences withheld, and what the
+    /// store that settles its decisions counts too.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     pub fn tags(&self) -> Vec<String> {
         let parts = self.parts.lock().expect("alert book poisoned");
         parts.keys().cloned().collect()
@@ -482,13 +241,17 @@ impl AlertBook {
             // Most assertions change nothing (a resolve of a quiet alert, a
             // re-assertion within the repeat interval): decided without
             // copying the entry.
-            if self.is_noop(cached.and_then(|c| c.entry.as_ref()).map(|s| &s.head), a) {
+            if self.policy.is_noop(
+                cached.and_then(|c| c.entry.as_ref()).map(|s| &s.head),
+                a,
+                &self.silences,
+            ) {
                 continue;
             }
             let cur = cached.cloned().unwrap_or_default();
             let before = cur.entry.as_ref().map(Stored::entry);
             let was_muted = before.as_ref().is_some_and(|e| e.muted != 0);
-            let (mut next, note) = self.step(before.clone(), a);
+            let (mut next, note) = self.policy.step(before.clone(), a, &self.silences);
             let note = through_silences(
                 &self.silences,
                 &self.metrics,
@@ -541,225 +304,6 @@ impl AlertBook {
         d
     }
 
-    /// True when [`Self::step`] would leave `entry` as it is and notify
-    /// nothing; must agree with it (a test checks).
-    fn is_noop(&self, entry: Option<&Head>, a: &Action) -> bool {
-        let now = a.now_ms;
-        match (&a.kind, entry) {
-            (ActionKind::Resolve, None) => true,
-            (ActionKind::Resolve, Some(e)) => matches!(e.phase, Phase::Watching | Phase::Resolved),
-            (ActionKind::Fire { .. }, _) if a.alert.is_none() => true,
-            (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Watching => true,
-            (ActionKind::Fire { .. }, Some(e)) if e.phase == Phase::Firing => {
-                let escalated = a.alert.as_ref().is_some_and(|n| n.severity != e.severity);
-                let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms;
-                !(escalated
-                    || due
-                    || released(&self.silences, e.muted, now)
-                    || seen_is_stale(e.seen, e.resolve_after_ms, now))
-            }
-            (ActionKind::Deadman { after_ms }, Some(e)) if e.phase == Phase::Watching => {
-                watch_is_fresh(e.seen, e.deadman_ms, *after_ms, now)
-            }
-            (ActionKind::Deadman { .. }, e) if a.alert.is_none() => {
-                e.is_none_or(|e| e.phase == Phase::Resolved)
-            }
-            _ => false,
-        }
-    }
-
-    /// The state machine for one action on one entry.
-    fn step(&self, entry: Option<Entry>, a: &Action) -> (Option<Entry>, Option<Alert>) {
-        let now = a.now_ms;
-        // Without the rule's alert nothing can be created (see `Action::alert`).
-        let absent = entry.as_ref().is_none_or(|e| e.phase == Phase::Resolved);
-        if a.alert.is_none()
-            && a.kind != ActionKind::Resolve
-            && (absent || matches!(a.kind, ActionKind::Fire { .. }))
-        {
-            return (entry, None);
-        }
-        let incoming = || a.alert.clone().expect("checked above");
-        if a.kind == ActionKind::Resolve
-            && entry.as_ref().is_some_and(|e| e.phase == Phase::Resolved)
-        {
-            // Already resolved: keep the tombstone and its flap history.
-            return (entry, None);
-        }
-        // A resolved tombstone is "absent" except for its flap history.
-        let (entry, history) = match entry {
-            Some(e) if e.phase == Phase::Resolved => (None, Some(e)),
-            other => (other, None),
-        };
-        let (changes, held) = history.map(|h| (h.changes, h.held)).unwrap_or_default();
-        match (&a.kind, entry) {
-            (
-                ActionKind::Fire {
-                    for_ms,
-                    resolve_after_ms,
-                },
-                None,
-            ) => {
-                let mut e = Entry {
-                    phase: Phase::Pending,
-                    since: now,
-                    notified: 0,
-                    seen: now,
-                    for_ms: *for_ms,
-                    resolve_after_ms: resolve_after_ms.unwrap_or(self.policy.resolve_after_ms),
-                    deadman_ms: 0,
-                    changes,
-                    held,
-                    muted: 0,
-                    alert: incoming(),
-                };
-                if *for_ms == 0 {
-                    let note = self.fire(&mut e, now);
-                    (Some(e), note)
-                } else {
-                    (Some(e), None)
-                }
-            }
-            (ActionKind::Fire { for_ms, .. }, Some(mut e)) => match e.phase {
-                Phase::Pending => {
-                    e.seen = now;
-                    e.for_ms = *for_ms;
-                    e.alert = incoming();
-                    if now.saturating_sub(e.since) >= e.for_ms {
-                        let note = self.fire(&mut e, now);
-                        (Some(e), note)
-                    } else {
-                        (Some(e), None)
-                    }
-                }
-                Phase::Firing => {
-                    let escalated = a
-                        .alert
-                        .as_ref()
-                        .is_some_and(|n| n.severity != e.alert.severity);
-                    // A muted notification does not count as sent: once its
-                    // silence ended, the next assertion sends it.
-                    let due = now.saturating_sub(e.notified) >= self.policy.repeat_ms
-                        || released(&self.silences, e.muted, now);
-                    let refresh_seen = seen_is_stale(e.seen, e.resolve_after_ms, now);
-                    if !(escalated || due || refresh_seen) {
-                        return (Some(e), None);
-                    }
-                    e.seen = now;
-                    if !(escalated || due) {
-                        return (Some(e), None);
-                    }
-                    let starts = e.alert.starts_at.clone();
-                    e.alert = incoming();
-                    e.alert.starts_at = starts;
-                    e.notified = now;
-                    let note = (!e.held).then(|| e.alert.clone());
-                    (Some(e), note)
-                }
-                Phase::Watching | Phase::Resolved => (Some(e), None),
-            },
-            (ActionKind::Resolve, Some(mut e)) => match e.phase {
-                Phase::Pending => (None, None),
-                Phase::Firing => {
-                    // `resolve()` with text of its own: the resolved
-                    // notification says that, not the firing's text.
-                    if let Some(own) = &a.alert {
-                        e.alert.annotations = own.annotations.clone();
-                    }
-                    let note = self.resolved(&mut e, now);
-                    (self.tombstone(e), note)
-                }
-                Phase::Watching | Phase::Resolved => (Some(e), None),
-            },
-            (ActionKind::Resolve, None) => (None, None),
-            (ActionKind::Deadman { after_ms }, None) => (
-                Some(Entry {
-                    phase: Phase::Watching,
-                    since: now,
-                    notified: 0,
-                    seen: now,
-                    for_ms: 0,
-                    resolve_after_ms: 0,
-                    deadman_ms: *after_ms,
-                    changes,
-                    held,
-                    muted: 0,
-                    alert: incoming(),
-                }),
-                None,
-            ),
-            (ActionKind::Deadman { after_ms }, Some(mut e)) => {
-                if e.phase == Phase::Firing {
-                    // The series reports again: the silence is over.
-                    let note = self.resolved(&mut e, now);
-                    e.phase = Phase::Watching;
-                    e.seen = now;
-                    e.deadman_ms = *after_ms;
-                    if let Some(n) = &a.alert {
-                        e.alert = n.clone();
-                    }
-                    return (Some(e), note);
-                }
-                if watch_is_fresh(e.seen, e.deadman_ms, *after_ms, now) {
-                    return (Some(e), None);
-                }
-                e.seen = now;
-                e.deadman_ms = *after_ms;
-                if let Some(n) = &a.alert {
-                    e.alert = n.clone();
-                }
-                (Some(e), None)
-            }
-        }
-    }
-
-    fn note_change(&self, e: &mut Entry, now: u64) {
-        if self.policy.flap_max_changes == 0 {
-            return;
-        }
-        let window = self.policy.flap_window_ms;
-        e.changes.retain(|t| now.saturating_sub(*t) < window);
-        e.changes.push(now);
-        let flapping = e.changes.len() as u32 > self.policy.flap_max_changes;
-        if flapping && !e.held {
-            tracing::warn!(alert = %e.alert.name, fingerprint = %e.alert.fingerprint, "alert is flapping; holding its notifications until it settles");
-        }
-        // Once held, only the timer lifts the hold ([`Self::settled`]), a
-        // whole window after the last change: a change that finds the
-        // window quieter is still a change, not stability.
-        e.held |= flapping;
-    }
-
-    /// What remains of a resolved entry: its flap history when flap
-    /// detection is on, else nothing.
-    fn tombstone(&self, mut e: Entry) -> Option<Entry> {
-        if self.policy.flap_max_changes == 0 {
-            return None;
-        }
-        e.phase = Phase::Resolved;
-        Some(e)
-    }
-
-    fn fire(&self, e: &mut Entry, now: u64) -> Option<Alert> {
-        e.phase = Phase::Firing;
-        e.since = now;
-        e.notified = now;
-        e.seen = now;
-        e.alert.status = Status::Firing;
-        e.alert.starts_at = rfc3339(now);
-        e.alert.ends_at = None;
-        self.note_change(e, now);
-        (!e.held).then(|| e.alert.clone())
-    }
-
-    fn resolved(&self, e: &mut Entry, now: u64) -> Option<Alert> {
-        self.note_change(e, now);
-        let mut n = e.alert.clone();
-        n.status = Status::Resolved;
-        n.ends_at = Some(rfc3339(now));
-        (!e.held).then_some(n)
-    }
-
     /// Timer-driven transitions at `now` in every partition (offline use).
     pub fn due(&self, now: u64) -> Decision {
         let mut d = Decision::default();
@@ -772,8 +316,8 @@ impl AlertBook {
         d
     }
 
-    /// Timer-driven transitions at `now` in partition `tag`: auto-resolve of
-    /// alerts not re-asserted, deadman watches whose series went silent.
+    /// Timer-driven transitions at `now` in partition `tag` (see
+    /// [`Policy::on_timer`]).
     pub fn due_in(&self, tag: &str, now: u64) -> Decision {
         // Runs every timer tick under the lock the workers' `decide` needs:
         // clone only the entries that are due, not the whole partition.
@@ -786,28 +330,8 @@ impl AlertBook {
             part.entries
                 .iter()
                 .filter_map(|(fp, c)| c.entry.as_ref().map(|s| (*fp, s, c.touched)))
-                .filter(|(_, Stored { head: e, .. }, touched)| {
-                    self.settled(e, now)
-                        || match e.phase {
-                            Phase::Firing => {
-                                (e.resolve_after_ms > 0
-                                    && now.saturating_sub(e.seen) >= e.resolve_after_ms)
-                                    || unmuted(e, &silences, now)
-                            }
-                            Phase::Resolved => e.last_change.is_none_or(|t| {
-                                now.saturating_sub(t) >= self.policy.flap_window_ms
-                            }),
-                            Phase::Watching => {
-                                watch_expired(e, *touched, now) || must_publish(e, *touched, now)
-                            }
-                            Phase::Pending => {
-                                pending_due(e, now)
-                                    || (e.resolve_after_ms > 0
-                                        && now.saturating_sub(e.seen) >= e.resolve_after_ms)
-                            }
-                        }
-                })
-                .map(|(fp, e, touched)| (fp, e.clone(), touched))
+                .filter(|(_, s, touched)| self.policy.timer_due(&s.head, *touched, &silences, now))
+                .map(|(fp, s, touched)| (fp, s.clone(), touched))
                 .collect()
         };
         let mut parts = self.parts.lock().expect("alert book poisoned");
@@ -823,72 +347,11 @@ impl AlertBook {
                 continue;
             }
             let touched = touched.max(cur.touched);
-            let mut e = stored.entry();
+            let e = stored.entry();
             let stream = e.alert.origin.stream.clone();
-            let (next, note) = if self.settled(&stored.head, now) {
-                // Flapping stopped a window ago: release the hold and tell
-                // the sinks where the alert stands now.
-                e.held = false;
-                e.changes.clear();
-                match e.phase {
-                    Phase::Firing => {
-                        let note = e.alert.clone();
-                        (Some(e), Some(note))
-                    }
-                    Phase::Resolved => {
-                        let mut note = e.alert.clone();
-                        note.status = Status::Resolved;
-                        note.ends_at.get_or_insert_with(|| rfc3339(now));
-                        (None, Some(note))
-                    }
-                    _ => (Some(e), None),
-                }
-            } else if unmuted(&stored.head, &silences, now) {
-                // The silence that withheld its firing ended and it still
-                // fires: send it now ([`through_silences`] checks that no
-                // other silence mutes it).
-                e.muted = 0;
-                e.notified = now;
-                let note = (!e.held).then(|| e.alert.clone());
-                (Some(e), note)
-            } else if e.phase == Phase::Resolved {
-                (None, None)
-            } else {
-                match e.phase {
-                    Phase::Firing => {
-                        let note = self.resolved(&mut e, now);
-                        if e.deadman_ms > 0 {
-                            e.phase = Phase::Watching;
-                            e.seen = now;
-                            (Some(e), note)
-                        } else {
-                            (self.tombstone(e), note)
-                        }
-                    }
-                    Phase::Watching if !watch_expired(&stored.head, touched, now) => {
-                        // Readings this instance judged after the stored
-                        // `seen`: written now, half a silence before the
-                        // stored deadline, so that no other instance fires
-                        // on the older one.
-                        e.seen = touched;
-                        (Some(e), None)
-                    }
-                    Phase::Watching => {
-                        let note = self.fire(&mut e, now);
-                        (Some(e), note)
-                    }
-                    // `for` elapsed with the condition asserted and not
-                    // resolved since: it fires without waiting for another
-                    // message (event-driven telemetry may send none), unless
-                    // it stopped being asserted for its `resolve_after`.
-                    Phase::Pending if pending_due(&stored.head, now) => {
-                        let note = self.fire(&mut e, now);
-                        (Some(e), note)
-                    }
-                    Phase::Pending | Phase::Resolved => (None, None),
-                }
-            };
-            let (mut next, note) = (next, note);
+            let (mut next, note) = self
+                .policy
+                .on_timer(e, &stored.head, touched, &silences, now);
             let note = through_silences(
                 &self.silences,
                 &self.metrics,
@@ -923,13 +386,6 @@ impl AlertBook {
             }
         }
         d
-    }
-
-    /// A held (flapping) alert whose last change is a whole window old.
-    fn settled(&self, e: &Head, now: u64) -> bool {
-        e.held
-            && e.last_change
-                .is_none_or(|t| now.saturating_sub(t) >= self.policy.flap_window_ms)
     }
 
     /// Undoes cached changes of partition `tag`, newest first, after their
@@ -1021,7 +477,7 @@ impl AlertBook {
                 let cur = cache.remove(&fp).expect("listed");
                 if e.phase == Phase::Firing
                     && e.muted == 0
-                    && let Some(n) = self.resolved(&mut e, now)
+                    && let Some(n) = self.policy.resolved(&mut e, now)
                 {
                     d.notifications.push(n);
                 }
@@ -1056,53 +512,9 @@ impl AlertBook {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Origin, Severity};
+    use super::super::lifecycle::tests::{MIN, act, fire, policy};
+    use super::super::{Severity, Status};
     use super::*;
-
-    const MIN: u64 = 60_000;
-
-    fn policy() -> Policy {
-        Policy {
-            repeat_ms: 60 * MIN,
-            resolve_after_ms: 0,
-            flap_max_changes: 0,
-            flap_window_ms: 10 * MIN,
-        }
-    }
-
-    fn alert(sev: Severity) -> Alert {
-        Alert {
-            fingerprint: "1".into(),
-            rule: "r".into(),
-            name: "n".into(),
-            severity: sev,
-            status: Status::Firing,
-            labels: Default::default(),
-            annotations: Default::default(),
-            starts_at: String::new(),
-            ends_at: None,
-            origin: Origin::default(),
-        }
-    }
-
-    fn act(kind: ActionKind, now: u64) -> Action {
-        Action {
-            fp: 1,
-            kind,
-            alert: Some(alert(Severity::Major)),
-            now_ms: now,
-        }
-    }
-
-    fn fire(for_ms: u64, now: u64) -> Action {
-        act(
-            ActionKind::Fire {
-                for_ms,
-                resolve_after_ms: None,
-            },
-            now,
-        )
-    }
 
     fn notes(book: &AlertBook, a: Action) -> Vec<Status> {
         book.decide("s", &[a], true)
@@ -1258,66 +670,6 @@ mod tests {
             notes(&book, fire(0, 5)).is_empty(),
             "already firing elsewhere"
         );
-    }
-
-    #[test]
-    fn the_no_op_shortcut_agrees_with_the_state_machine() {
-        for flap_max_changes in [0, 2] {
-            no_op_shortcut_agrees(AlertBook::new(
-                Policy {
-                    resolve_after_ms: 5 * MIN,
-                    flap_max_changes,
-                    ..policy()
-                },
-                &Runtime::new(),
-            ));
-        }
-    }
-
-    fn no_op_shortcut_agrees(book: AlertBook) {
-        let kinds = [
-            ActionKind::Fire {
-                for_ms: 0,
-                resolve_after_ms: None,
-            },
-            ActionKind::Fire {
-                for_ms: 2 * MIN,
-                resolve_after_ms: None,
-            },
-            ActionKind::Resolve,
-            ActionKind::Deadman { after_ms: 10 * MIN },
-        ];
-        // Reach many states by walking sequences of actions, checking each step.
-        for first in &kinds {
-            for second in &kinds {
-                for third in &kinds {
-                    let mut entry: Option<Entry> = None;
-                    for (i, k) in [first, second, third, first, second]
-                        .into_iter()
-                        .enumerate()
-                    {
-                        // No alert: a resolve, or a deadman judged on a fresh watch.
-                        for sev in [Some(Severity::Major), Some(Severity::Critical), None] {
-                            let mut a = act(k.clone(), i as u64 * 3 * MIN);
-                            match sev {
-                                Some(sev) => a.alert.as_mut().unwrap().severity = sev,
-                                None => a.alert = None,
-                            }
-                            let (next, note) = book.step(entry.clone(), &a);
-                            let unchanged = next == entry && note.is_none();
-                            assert_eq!(
-                                book.is_noop(entry.as_ref().map(Head::of).as_ref(), &a),
-                                unchanged,
-                                "{k:?} on {entry:?}"
-                            );
-                        }
-                        entry = book
-                            .step(entry.clone(), &act(k.clone(), i as u64 * 3 * MIN))
-                            .0;
-                    }
-                }
-            }
-        }
     }
 
     #[test]

@@ -2,9 +2,14 @@
 //! stream of assertions into firing / resolved notifications.
 
 mod book;
+mod lifecycle;
 pub mod silence;
+pub mod store;
+mod stored;
+pub mod timers;
 
-pub use book::{Action, ActionKind, AlertBook, Decision, Policy, Snapshot, Transition, Write};
+pub use book::{AlertBook, Decision, Snapshot, Transition, Write};
+pub use lifecycle::{Action, ActionKind, Policy};
 
 use std::collections::BTreeMap;
 

@@ -16,7 +16,7 @@ use super::Alert;
 use crate::redis_conn::{LazyConn, RedisConn, RedisTarget};
 
 /// Hash of all silences: field = id, value = JSON.
-pub const KEY: &str = "tripline:silences";
+pub const KEY: &str = crate::keys::SILENCES;
 
 /// One label condition. `alertname`, `severity` and `rule` match the
 /// alert's own fields; any other name matches a label.

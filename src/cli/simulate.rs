@@ -21,7 +21,7 @@ use serde_json::json;
 
 use crate::config::{MAX_SHARDS, Settings};
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
-use crate::outbox::hash_tag;
+use crate::keys::hash_tag;
 use crate::redis_conn::{RedisEndpoint, RedisTarget};
 use crate::shard::stream_for;
 

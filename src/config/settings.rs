@@ -370,7 +370,7 @@ fn check_subscription(
         add("streams", format!("{at}: `streams` must list stream names"));
     }
     for stream in &s.streams {
-        if is_cluster && crate::outbox::hash_tag(stream).contains(['{', '}']) {
+        if is_cluster && crate::keys::hash_tag(stream).contains(['{', '}']) {
             add(
                 "streams",
                 format!(

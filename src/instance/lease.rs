@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::keys::instance_key;
 use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 
 const TTL: Duration = Duration::from_secs(30);
@@ -25,17 +26,14 @@ if v == false or v == ARGV[1] then
 end
 return 0";
 
-/// The lease key of instance `name`; it exists while that instance lives.
-pub fn key(name: &str) -> String {
-    format!("tripline:instance:{name}")
-}
-
 /// Whether the instance that named a consumer `name` still lives: its
 /// pending entries are then its own to finish, not orphans to adopt.
 pub async fn is_alive(conn: &mut RedisConn, name: &str) -> Result<bool, redis::RedisError> {
-    redis::cmd("EXISTS").arg(key(name)).query_async(conn).await
+    redis::cmd("EXISTS")
+        .arg(instance_key(name))
+        .query_async(conn)
+        .await
 }
-
 /// Takes the first free name, waiting (with backoff) for Redis if needed.
 /// `None` when shutdown came first.
 pub async fn acquire(
@@ -75,7 +73,7 @@ async fn try_acquire(
             format!("{base}-{n}")
         };
         let taken: Value = redis::cmd("SET")
-            .arg(key(&name))
+            .arg(instance_key(&name))
             .arg(token)
             .arg("NX")
             .arg("PX")
@@ -102,7 +100,7 @@ pub async fn keep(target: RedisTarget, name: String, token: String, shutdown: Ca
         let result: Result<i64, redis::RedisError> = match conn.get().await {
             Ok(c) => {
                 script
-                    .key(key(&name))
+                    .key(instance_key(&name))
                     .arg(&token)
                     .arg(TTL.as_millis() as u64)
                     .invoke_async(c)
@@ -126,6 +124,10 @@ pub async fn keep(target: RedisTarget, name: String, token: String, shutdown: Ca
         let release = redis::Script::new(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0",
         );
-        let _: Result<i64, _> = release.key(key(&name)).arg(&token).invoke_async(c).await;
+        let _: Result<i64, _> = release
+            .key(instance_key(&name))
+            .arg(&token)
+            .invoke_async(c)
+            .await;
     }
 }

@@ -19,8 +19,8 @@ use super::{Manifest, Sink};
 use crate::alert::Alert;
 use crate::group_reader::{GroupReader, Member, StreamEntry, ensure_group, position};
 use crate::instance::lease;
+use crate::keys::{ALERT_FIELD, sink_dead_key};
 use crate::metrics::{self, Metrics};
-use crate::outbox::ALERT_FIELD;
 use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 use crate::runtime::Runtime;
 
@@ -38,10 +38,6 @@ pub const SINK_GROUP_PREFIX: &str = "tripline-sink:";
 
 pub fn group_name(sink: &str) -> String {
     format!("{SINK_GROUP_PREFIX}{sink}")
-}
-
-pub fn sink_dead_key(outbox: &str, sink: &str) -> String {
-    format!("{outbox}:dead:{sink}")
 }
 
 /// Creates the sink's group on every outbox stream. `start` is `$` when the

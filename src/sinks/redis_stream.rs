@@ -116,7 +116,7 @@ impl RedisStreamSink {
 fn entry_fields(format: Format, a: &Alert) -> Vec<(&'static str, Vec<u8>)> {
     let json = serde_json::to_vec(a).expect("alerts always serialize");
     match format {
-        Format::Json => vec![(crate::outbox::ALERT_FIELD, json)],
+        Format::Json => vec![(crate::keys::ALERT_FIELD, json)],
         Format::Watermill => {
             let status = super::webhook::status_str(a.status);
             let metadata = encode_metadata(&[

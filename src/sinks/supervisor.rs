@@ -163,7 +163,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::outbox::ALERT_FIELD;
+    use crate::keys::ALERT_FIELD;
     use crate::sinks::dispatch::group_name;
     use crate::sinks::manifest;
     use crate::test_redis::TestRedis;

@@ -6,8 +6,6 @@
 //! through a [`GroupReader`], which re-reads its own pending entries before
 //! new ones.
 
-pub mod timers;
-
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,14 +14,14 @@ use redis::RedisError;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert::Action;
+use crate::alert::store::{DeadLetter, Settled, Settlement, Store};
 use crate::clock::now_ms;
 use crate::config::Subscription;
 use crate::group_reader::{Delivered, GroupReader, Member, ensure_group, position};
 use crate::metrics;
 use crate::metrics::Metrics;
-use crate::outbox::{self, Basis, Committed, DeadLetter, Settlement, hash_tag};
 use crate::process::{Input, LoadedRules, Processor, Verdict};
-use crate::redis_conn::{self, Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
+use crate::redis_conn::{self, Backoff, LazyConn, RedisTarget, note_error, pause};
 use crate::runtime::Runtime;
 
 /// Reply timeout of connections that never block.
@@ -33,33 +31,10 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Shared {
     pub processor: Processor,
     pub target: RedisTarget,
-    /// Outbox key prefix; see [`outbox::outbox_key`].
-    pub outbox_prefix: String,
-    /// Approximate cap of each outbox stream.
-    pub outbox_max_len: u64,
+    /// Where each batch's outcome and alert decisions are committed.
+    pub store: Store,
     /// Metrics, silences and rule state of this engine.
     pub runtime: Runtime,
-}
-
-impl Shared {
-    /// Commits one batch of `stream` to this instance's outbox.
-    async fn commit(
-        &self,
-        conn: &mut RedisConn,
-        stream: &str,
-        group: &str,
-        settlement: &Settlement<'_>,
-    ) -> Result<Committed, RedisError> {
-        outbox::commit(
-            conn,
-            stream,
-            group,
-            &self.outbox_prefix,
-            self.outbox_max_len,
-            settlement,
-        )
-        .await
-    }
 }
 
 /// The judged batch of one stream, ready for the lifecycle and the commit.
@@ -72,13 +47,6 @@ struct Judged {
     dropped: u64,
     errored: u64,
 }
-
-/// How often a batch retries its lifecycle decisions when other instances
-/// keep changing the same alerts, before giving up (the batch then stays
-/// pending and is re-read, which counts as a delivery). High, because each
-/// give-up brings the batch closer to `max_deliveries`; the growing random
-/// pause between attempts (up to 0.1 s) breaks lockstep long before.
-const MAX_CONFLICTS: u32 = 100;
 
 fn backoff() -> Backoff {
     Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
@@ -232,7 +200,8 @@ async fn settle_all(
 }
 
 /// Judges a batch of one stream and commits its outcome; false when it was
-/// left pending (see [`commit_decisions`]).
+/// left pending because the alert state kept changing under it (see
+/// [`Store::settle`]).
 async fn settle(
     shared: &Arc<Shared>,
     sub: &Arc<Subscription>,
@@ -253,17 +222,24 @@ async fn settle(
             .await
             .expect("judge catches rule panics itself")
     };
-    let Some(notified) = commit_decisions(
-        shared,
-        stream,
-        sub.group(),
-        &judged.acks,
-        &judged.dead,
-        &judged.actions,
-        write,
-    )
-    .await?
-    else {
+    let settled = shared
+        .store
+        .settle(
+            write,
+            Settlement::Batch {
+                stream,
+                group: sub.group(),
+                acks: &judged.acks,
+                dead: &judged.dead,
+                actions: &judged.actions,
+            },
+        )
+        .await?;
+    let Settled::Committed(notified) = settled else {
+        tracing::warn!(
+            stream,
+            "alert state kept changing under this batch; it stays pending and is judged again"
+        );
         return Ok(false);
     };
     drop(rules);
@@ -279,82 +255,6 @@ async fn settle(
         m.alert_notified(a);
     }
     Ok(true)
-}
-
-/// Runs the alert lifecycle on `actions` and commits the result with the
-/// acks and dead-letters, holding the partition's gate from decision to
-/// commit. When the partition's generation moved (someone else wrote), the
-/// decisions are taken again with a version check per alert. On a version
-/// conflict (another instance changed one of the alerts) those alerts are
-/// refreshed and the decisions taken again, after a short random pause
-/// that grows with each conflict (instances committing the same alerts in
-/// lockstep would otherwise keep colliding). Returns the notifications
-/// committed; `None` when the state kept changing and the batch was left
-/// pending, to be judged again.
-pub(crate) async fn commit_decisions(
-    shared: &Shared,
-    stream: &str,
-    group: &str,
-    acks: &[String],
-    dead: &[DeadLetter],
-    actions: &[Action],
-    write: &mut LazyConn,
-) -> Result<Option<Vec<crate::alert::Alert>>, RedisError> {
-    if actions.is_empty() {
-        let settlement = Settlement {
-            acks,
-            dead,
-            ..Settlement::default()
-        };
-        let conn = write.get().await?;
-        shared.commit(conn, stream, group, &settlement).await?;
-        return Ok(Some(Vec::new()));
-    }
-    let book = &shared.processor.book;
-    let tag = hash_tag(stream);
-    let gate = book.gate(tag);
-    let _decided = gate.lock().await;
-    for attempt in 0..MAX_CONFLICTS {
-        let conn = write.get().await?;
-        let synced = book.synced(tag);
-        let decision = book.decide(stream, actions, synced.is_none());
-        let settlement = Settlement {
-            acks,
-            alerts: &decision.notifications,
-            dead,
-            writes: &decision.writes,
-            basis: synced.map_or(Basis::Versions, Basis::Generation),
-        };
-        match shared.commit(conn, stream, group, &settlement).await {
-            Ok(Committed::Done(generation)) => {
-                book.committed(tag, synced, generation);
-                return Ok(Some(decision.notifications));
-            }
-            Ok(Committed::Stale) => {
-                book.rollback(tag, decision.undo);
-                book.unsync(tag);
-                shared.runtime.metrics.state_redecided(stream, "stale");
-            }
-            Ok(Committed::Conflict(fields)) => {
-                book.rollback(tag, decision.undo);
-                shared.runtime.metrics.state_redecided(stream, "conflict");
-                let pause = Duration::from_millis(u64::from(attempt)).mul_f64(rand::random());
-                tokio::time::sleep(pause).await;
-                let fresh = outbox::read_state(write.get().await?, stream, &fields).await?;
-                book.refresh(tag, fresh);
-            }
-            Err(e) => {
-                book.rollback(tag, decision.undo);
-                book.unsync(tag);
-                return Err(e);
-            }
-        }
-    }
-    tracing::warn!(
-        stream,
-        "alert state kept changing under this batch; it stays pending and is judged again"
-    );
-    Ok(None)
 }
 
 fn judge(
@@ -550,8 +450,8 @@ mod tests {
 
     use super::*;
     use crate::alert::AlertBook;
-    use crate::config::Settings;
-    use crate::outbox::outbox_key;
+    use crate::config::{OutboxConfig, Settings};
+    use crate::keys::outbox_key;
     use crate::rules::{RuleSet, build_engine};
     use crate::test_redis::TestRedis;
 
@@ -569,6 +469,7 @@ mod tests {
         let runtime = Runtime::new();
         let engine = build_engine(&config.limits, &runtime);
         let set = RuleSet::load(&engine, dir.path()).unwrap();
+        let book = Arc::new(AlertBook::new(config.alerts.policy, &runtime));
         let shared = Shared {
             processor: Processor {
                 engine,
@@ -576,11 +477,10 @@ mod tests {
                     set,
                     &config.subscriptions,
                 ))),
-                book: Arc::new(AlertBook::new(config.alerts.policy, &runtime)),
+                book: book.clone(),
             },
             target: redis.target(),
-            outbox_prefix: config.outbox.prefix.clone(),
-            outbox_max_len: config.outbox.max_len,
+            store: Store::new(book, config.outbox.prefix.clone(), config.outbox.max_len),
             runtime,
         };
         let sub = Arc::new(config.subscriptions[0].clone());
@@ -618,7 +518,7 @@ mod tests {
             .unwrap();
         assert_eq!(pending.0, 0, "all three acknowledged");
         let outbox: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg(outbox_key(&shared.outbox_prefix, "errors"))
+            .arg(outbox_key(&OutboxConfig::default().prefix, "errors"))
             .arg("-")
             .arg("+")
             .query(&mut con)
