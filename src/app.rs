@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::alert::store::Store;
 use crate::alert::{self, AlertBook};
 use crate::config::{Settings, Subscription};
+use crate::consume::{self, Shared};
 use crate::http;
 use crate::instance::{cleanup, lease};
 use crate::keys::outbox_key;
@@ -24,7 +25,6 @@ use crate::rules::{RuleEngine, RuleError, RuleSet, build_engine};
 use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
-use crate::source::{self, Shared};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -340,7 +340,7 @@ fn spawn_consumers(
         move |now| rules.evict_stale(now),
         stop.clone(),
     ));
-    workers.spawn(source::run_position_reporter(
+    workers.spawn(consume::run_position_reporter(
         target.clone(),
         subs,
         Duration::from_secs(5),
@@ -377,7 +377,7 @@ fn spawn_subscription(
             Arc::new(sub.with_streams(part))
         };
         for i in 0..per_part {
-            workers.spawn(source::run_worker(
+            workers.spawn(consume::run_worker(
                 shared.clone(),
                 part_sub.clone(),
                 format!("{consumer_base}-w{i}"),
@@ -386,7 +386,7 @@ fn spawn_subscription(
         }
     }
     let claimer = format!("{consumer_base}-claim");
-    workers.spawn(source::run_claimer(
+    workers.spawn(consume::run_claimer(
         shared.clone(),
         sub.clone(),
         claimer.clone(),

@@ -80,7 +80,7 @@ pub fn marker_key(stream: &str) -> String {
 /// tag, since every instance and every stream shares them.
 pub const SILENCES: &str = "tripline:silences";
 
-/// The lease key of instance `name` (see `source::lease`); it exists while
+/// The lease key of instance `name` (see `instance::lease`); it exists while
 /// that instance lives.
 pub fn instance_key(name: &str) -> String {
     format!("tripline:instance:{name}")

@@ -14,7 +14,7 @@
 //!   places them on Redis Cluster.
 //! - [`shard`]: sharded topics (`S:{0}` … `S:{n-1}`) and which shard a
 //!   device publishes to.
-//! - [`source`]: one consumer-group loop per subscription worker: read a batch,
+//! - [`consume`]: one consumer-group loop per subscription worker: read a batch,
 //!   evaluate it, commit it; claiming stale entries; dead-lettering.
 //! - [`instance`]: the instance name's lease, and removing consumers idle for
 //!   long.
@@ -48,6 +48,7 @@ pub mod app;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod consume;
 pub mod decode;
 pub mod escape;
 pub mod group_reader;
@@ -65,6 +66,5 @@ pub mod ruletest;
 pub mod runtime;
 pub mod shard;
 pub mod sinks;
-pub mod source;
 #[cfg(test)]
 mod test_redis;
