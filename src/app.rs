@@ -22,7 +22,7 @@ use crate::rules::{RuleError, RuleSet, build_engine};
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
 use crate::source::{self, Shared};
-use crate::{http, metrics};
+use crate::{http, metrics, status};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -182,6 +182,12 @@ async fn start_http(
         .as_ref()
         .map(|g| http::Gateway::new(g, target.clone()));
     let silences = http::silences::SilenceApi::new(target.clone(), config.admin_token.clone());
+    let status = Arc::new(status::StatusApi::new(settings, engine_handle.clone()));
+    tail.tasks.spawn(status::gauge_loop(
+        status.clone(),
+        Duration::from_secs(5),
+        tail.stop.clone(),
+    ));
     tracing::info!(listen = %config.listen, "HTTP listening");
     tail.tasks.spawn(http::serve(
         listener,
@@ -190,7 +196,8 @@ async fn start_http(
             gateway,
             silences,
             config.admin_token.clone(),
-        )),
+        ))
+        .merge(status.routes()),
         http::ConnectionLimits::of(config),
         tail.stop.clone(),
     ));
@@ -207,6 +214,7 @@ async fn take_instance(
     let target = &settings.redis.target;
     let (instance, token) = lease::acquire(target, &settings.instance, shutdown).await?;
     tracing::info!(instance, "instance name acquired");
+    status::record::instance_named(&instance);
     tail.tasks.spawn(lease::keep(
         target.clone(),
         instance.clone(),

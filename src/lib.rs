@@ -30,6 +30,8 @@
 //! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
 //!   [`reload::watch`] turns saved files into reloads.
+//! - [`status`]: what tripline is doing, for the person on call:
+//!   `/api/v1/{alerts,rules,status}`, Alertmanager's API v2, the page at `/`.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
 //! - [`app`]: `run(config, shutdown)` wires the tasks and drains them on stop.
@@ -61,3 +63,4 @@ pub mod ruletest;
 pub mod shard;
 pub mod sinks;
 pub mod source;
+pub mod status;

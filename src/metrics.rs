@@ -63,6 +63,9 @@ pub struct Metrics {
     redis_persistence: Family<Labels, Gauge>,
     /// Times Redis was found to have lost tripline's data, by hash tag.
     redis_state_lost: Family<Labels, Counter>,
+    /// Pending and firing alerts in the shared alert state, by state,
+    /// severity and rule (see `status::gauge_loop`).
+    alerts_active: Family<Labels, Gauge>,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -101,6 +104,7 @@ impl Metrics {
             state_redecisions: Family::default(),
             redis_persistence: Family::default(),
             redis_state_lost: Family::default(),
+            alerts_active: Family::default(),
             registry: Registry::default(),
         };
         m.register_pipeline(&mut registry);
@@ -140,6 +144,11 @@ impl Metrics {
             "retired_alerts_unsent",
             "Resolved notifications for alerts of removed rules that could not be written to the outbox",
             self.retired_unsent.clone(),
+        );
+        registry.register(
+            "alerts_active",
+            "Pending and firing alerts in the alert state shared by the group (cluster-wide: every instance exports the same counts, aggregate with max), by state, severity and rule",
+            self.alerts_active.clone(),
         );
         registry.register(
             "alerts_silenced",
@@ -332,6 +341,7 @@ impl RuleMetrics {
     /// A rule threw or hit a sandbox limit on one message.
     pub fn rule_failed(&self, msg_id: &str, error: &str) {
         self.errors.inc();
+        crate::status::record::rule_failed(&self.rule, msg_id, error);
         tracing::warn!(target: "tripline::rules", rule = %self.rule, msg_id, "rule failed: {error}");
     }
 }
@@ -522,10 +532,12 @@ pub fn sink_delivered(sink: &str, n: u64) {
         .sink_deliveries
         .get_or_create(&vec![("sink", sink.to_string())])
         .inc_by(n);
+    crate::status::record::sink_delivered(sink);
 }
 
 pub fn sink_failed(sink: &str, attempt: u32, error: &str) {
     tracing::warn!(target: "tripline::sinks", sink, attempt, "delivery failed, will retry: {error}");
+    crate::status::record::sink_retrying(sink, error);
     let m = get();
     m.sink_failures
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -546,6 +558,7 @@ pub fn sink_gave_up(sink: &str, n: u64, error: &str) {
     // The last attempt failed too; it is just not retried.
     m.sink_failures.get_or_create(&labels).inc();
     m.sink_dead.get_or_create(&labels).inc_by(n);
+    crate::status::record::sink_failing(sink, n, error);
 }
 
 /// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to
@@ -560,10 +573,12 @@ pub fn sink_rejected(sink: &str, n: u64, error: &str) {
     let labels = vec![("sink", sink.to_string())];
     m.sink_failures.get_or_create(&labels).inc();
     m.sink_dead.get_or_create(&labels).inc_by(n);
+    crate::status::record::sink_failing(sink, n, error);
 }
 
 /// Entries in a sink's outboxes not acknowledged yet, from XINFO GROUPS.
 pub fn sink_lag(sink: &str, entries: i64) {
+    crate::status::record::sink_backlog(sink, entries);
     get()
         .sink_lag
         .get_or_create(&vec![("sink", sink.to_string())])
@@ -654,6 +669,7 @@ pub fn state_redecided(stream: &str, reason: &'static str) {
 /// Rules or plugins loaded at startup: in sync, and the reload counters
 /// exist (at 0) before the first reload.
 pub fn config_loaded(kind: &str) {
+    crate::status::record::reloaded(kind, "startup", true, "loaded");
     let m = get();
     for result in ["success", "failure"] {
         // Created at 0 so `increase()` sees the first reload.
@@ -693,6 +709,7 @@ pub fn sink_silenced(sink: &str, alert: &Alert, silence: &str) {
 /// A rules or plugins reload finished; `trigger` says what asked for it,
 /// `detail` is what changed or, on failure, the errors (file:line:col).
 pub fn reload(kind: &str, trigger: &str, ok: bool, detail: &str) {
+    crate::status::record::reloaded(kind, trigger, ok, detail);
     let m = get();
     let result = if ok { "success" } else { "failure" };
     m.config_in_sync
@@ -776,6 +793,7 @@ pub fn consuming(subscription: &str, stream: &str, group: &str) {
 /// A sink dispatcher started; its counters exist (at 0) from now on.
 pub fn sink_started(sink: &str, kind: &str) {
     tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
+    crate::status::record::sink_started(sink, kind);
     let m = get();
     let labels = vec![("sink", sink.to_string())];
     for family in [
@@ -812,6 +830,24 @@ pub fn gateway_rejected(result: &'static str, why: &str) {
 pub fn gateway_publish_failed(stream: &str, error: &redis::RedisError) {
     tracing::warn!(target: "tripline::http", stream, "gateway could not publish a reading: {error}");
     gateway_request("unavailable");
+}
+
+/// The pending and firing alerts of the shared state, counted; series of
+/// combinations no longer present are removed, not left at their last value.
+pub fn alerts_active(
+    counts: &std::collections::BTreeMap<(&'static str, &'static str, String), i64>,
+) {
+    let m = get();
+    m.alerts_active.clear();
+    for ((state, severity, rule), n) in counts {
+        m.alerts_active
+            .get_or_create(&vec![
+                ("state", state.to_string()),
+                ("severity", severity.to_string()),
+                ("rule", rule.clone()),
+            ])
+            .set(*n);
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::config::Settings;
 
 pub fn run(config_path: Option<&Path>) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
+    crate::status::record::started(config_path);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
