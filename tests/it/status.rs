@@ -260,3 +260,90 @@ fn tripline_status(p: &Project, url: &str) -> String {
         .current_dir(p.dir.path())
         .args(["status", "--url", url]))
 }
+
+/// A label value built to break out of HTML, attributes and lines.
+const HOSTILE: &str = "<script>alert(1)</script>\"'\n\u{1b}[31mred";
+
+#[test]
+fn status_page_in_headless_chromium_shows_labels_rule_error_and_silences() {
+    let redis = RedisServer::start();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = project(port, "status-page");
+    let tl = start(&p, &redis, &addr);
+    let mut con = redis.conn();
+    xadd(
+        &mut con,
+        "s",
+        &[("host", HOSTILE.as_bytes()), ("v", b"500")],
+    );
+    xadd(&mut con, "s", &[("host", b"core-1"), ("v", b"500")]);
+    xadd(&mut con, "s", &[("host", b"core-1"), ("v", b"7")]);
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("Authorization", bearer.as_str())];
+    let added = http_call(
+        &addr,
+        "POST",
+        "/api/silences",
+        &auth,
+        br#"{"matchers": ["host=core-1"], "duration": "2h", "comment": "optics swap <b>today</b>", "created_by": "oncall"}"#,
+    )
+    .unwrap();
+    assert_eq!(added.status, 200, "{}", added.text());
+    assert!(added.json()["starts_at"].as_str().unwrap().ends_with('Z'));
+    p.write(
+        "rules/broken.rhai",
+        "fn on_message(msg, ctx) {\n    let x = ;\n}\n",
+    );
+    let reload = http_call(&addr, "POST", "/-/reload", &auth, b"").unwrap();
+    assert_eq!(reload.status, 500, "{}", reload.text());
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let a = get_json(&addr, "/api/v1/alerts");
+            a["alerts"].as_array().unwrap().len() == 2
+                && get_json(&addr, "/api/v1/rules")["rules"][0]["last_error"].is_object()
+        }),
+        "{}",
+        tl.stderr()
+    );
+
+    let url = format!("http://{addr}/");
+    let dom = run(Command::new("timeout")
+        .args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+        ])
+        .args(["--disable-dev-shm-usage", "--dump-dom", &url]));
+    // The alert's labels, escaped: text, never markup.
+    assert!(dom.contains("host=core-1"), "{dom}");
+    assert!(
+        dom.contains("host=&lt;script&gt;alert(1)&lt;/script&gt;\"'\\n\\x1b[31mred"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<script>alert(1)"), "{dom}");
+    assert!(!dom.contains("<b>today</b>"), "{dom}");
+    // The rule's last error and the failed reload, each at file:line.
+    assert!(dom.contains("hot.rhai:3:"), "{dom}");
+    assert!(dom.contains("cursed"), "{dom}");
+    assert!(dom.contains("broken.rhai:2"), "{dom}");
+    // The silence count, and the silenced alert marked.
+    assert!(dom.contains("<span id=\"silence-count\">1</span>"), "{dom}");
+    assert!(dom.contains("alert silenced"), "{dom}");
+    assert!(dom.contains("<span id=\"firing-count\">2</span>"), "{dom}");
+    if let Ok(path) = std::env::var("STATUS_PAGE_SCREENSHOT") {
+        run(Command::new("timeout")
+            .args([
+                "60",
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+            ])
+            .args(["--disable-dev-shm-usage", "--hide-scrollbars"])
+            .arg(format!("--screenshot={path}"))
+            .args(["--window-size=1280,900", &url]));
+    }
+}
