@@ -198,10 +198,12 @@ fn quantiles(buckets: &[(f64, u64)]) -> Quantiles {
         }
         Some(lower.0)
     };
+    // Nanoseconds are below what the buckets can tell apart.
+    let ns = |v: Option<f64>| v.map(|s| (s * 1e9).round() / 1e9);
     Quantiles {
-        p50: q(0.5),
-        p90: q(0.9),
-        p99: q(0.99),
+        p50: ns(q(0.5)),
+        p90: ns(q(0.9)),
+        p99: ns(q(0.99)),
         count,
     }
 }
