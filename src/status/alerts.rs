@@ -59,8 +59,9 @@ pub struct AlertView {
 }
 
 impl AlertView {
-    /// The stored alert, for matching with the silences' matchers.
-    fn subject(&self) -> Alert {
+    /// The alert as the sinks see it, for matching with the silences'
+    /// matchers and for Alertmanager's labels.
+    pub fn subject(&self) -> Alert {
         Alert {
             fingerprint: self.fingerprint.clone(),
             rule: self.rule.clone(),

@@ -117,14 +117,10 @@ fn unquote(s: &str) -> String {
     out
 }
 
-/// The labels Alertmanager would hold: the alert's own, plus `alertname`,
-/// `severity` and `rule` (as tripline's alertmanager sink sends them).
+/// The labels Alertmanager holds for the alert when tripline's
+/// `alertmanager` sink sent it: its own plus `alertname` and `severity`.
 fn am_labels(a: &AlertView) -> BTreeMap<String, String> {
-    let mut l = a.labels.clone();
-    l.insert("alertname".into(), a.name.clone());
-    l.insert("severity".into(), a.severity.to_string());
-    l.insert("rule".into(), a.rule.clone());
-    l
+    crate::sinks::webhook::am_labels(&a.subject())
 }
 
 fn flag(query: &[(String, String)], name: &str) -> Result<bool, String> {
