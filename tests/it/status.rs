@@ -347,3 +347,93 @@ fn status_page_in_headless_chromium_shows_labels_rule_error_and_silences() {
             .args(["--window-size=1280,900", &url]));
     }
 }
+
+#[test]
+fn status_on_redis_cluster_lists_alerts_of_every_shard_and_the_nodes() {
+    let cluster = RedisCluster::start(3, 0, 2000);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = Project::new(
+        &format!(
+            "instance: status-cluster\nhttp:\n  listen: 127.0.0.1:{port}\nsubscriptions:\n  - name: hot\n    streams: [{{topic: t, shards: 2}}]\n"
+        ),
+        &[("rules/hot.rhai", RULE)],
+    );
+    let tl = p.start_on(&cluster.addr());
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
+        }),
+        "{}",
+        tl.stderr()
+    );
+    let mut con = cluster.conn();
+    for (shard, host) in [("t:{0}", "core-1"), ("t:{1}", "edge-1")] {
+        let _: String = redis::cmd("XADD")
+            .arg(shard)
+            .arg("*")
+            .arg("host")
+            .arg(host)
+            .arg("v")
+            .arg("500")
+            .query(&mut con)
+            .unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(20), || get_json(
+            &addr,
+            "/api/v1/alerts"
+        )["alerts"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2),
+        "{}\n{}",
+        get_json(&addr, "/api/v1/alerts"),
+        tl.stderr()
+    );
+    let status = get_json(&addr, "/api/v1/status");
+    assert_eq!(status["redis"]["cluster"], true, "{status}");
+    assert_eq!(status["redis"]["reachable"], true, "{status}");
+    let nodes = status["redis"]["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{status}");
+    assert!(
+        nodes.iter().all(|n| n.as_str().unwrap().contains("master")),
+        "{status}"
+    );
+    let streams = &status["subscriptions"][0]["streams"];
+    assert_eq!(streams.as_array().unwrap().len(), 2, "{status}");
+}
+
+#[test]
+fn status_masks_the_redis_password_everywhere_it_shows_the_endpoint() {
+    let redis = RedisServer::start_with_password("hunter2-s3cret");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let p = project(port, "status-masked");
+    let url = redis.url();
+    let _tl = p.start_with_env(
+        &redis,
+        &["run"],
+        &[("REDIS_ADDR", url.as_str()), ("TRIPLINE_TEST_ADMIN", TOKEN)],
+    );
+    assert!(wait_until(Duration::from_secs(30), || {
+        http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
+    }));
+    let status = get_json(&addr, "/api/v1/status");
+    assert_eq!(status["redis"]["reachable"], true, "{status}");
+    assert!(
+        status["redis"]["endpoint"]
+            .as_str()
+            .unwrap()
+            .contains("***"),
+        "{status}"
+    );
+    for path in ["/api/v1/status", "/", "/api/v2/status"] {
+        let body = http_call(&addr, "GET", path, &[], b"").unwrap().text();
+        assert!(
+            !body.contains("hunter2"),
+            "{path} shows the password: {body}"
+        );
+    }
+}
