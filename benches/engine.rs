@@ -928,7 +928,7 @@ fn judge(a: &JudgeArgs) {
     let config =
         tripline::config::Settings::load(Some(&project.path("tripline.yaml"))).expect("config");
     let runtime = tripline::runtime::Runtime::new();
-    let engine = tripline::rules::build_engine(&config.limits, &runtime);
+    let engine = runtime.rule_engine(&config.limits);
     let set = tripline::rules::RuleSet::load(&engine, &config.rules_dir).expect("rules");
     let processor = Processor {
         engine,
@@ -936,10 +936,7 @@ fn judge(a: &JudgeArgs) {
             set,
             &config.subscriptions,
         ))),
-        book: Arc::new(tripline::alert::AlertBook::new(
-            config.alerts.policy,
-            &runtime,
-        )),
+        book: Arc::new(runtime.alert_book(config.alerts.policy)),
     };
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
     let entries: Vec<(String, Fields)> = (0..a.work.messages)

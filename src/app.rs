@@ -11,8 +11,8 @@ use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert;
 use crate::alert::store::Store;
-use crate::alert::{self, AlertBook};
 use crate::config::{Settings, Subscription};
 use crate::consume::{self, Shared};
 use crate::http;
@@ -21,10 +21,11 @@ use crate::keys::outbox_key;
 use crate::process::{LoadedRules, Processor};
 use crate::redis_conn;
 use crate::reload::Reloader;
-use crate::rules::{RuleEngine, RuleError, RuleSet, build_engine};
+use crate::rules::{RuleEngine, RuleError, RuleSet};
 use crate::runtime::Runtime;
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
+use crate::status;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -50,7 +51,7 @@ pub struct Prepared {
 /// Compiles rules and plugins exactly as the running engine does, the
 /// engine bound to `runtime`.
 pub fn prepare(config: &Settings, runtime: &Runtime) -> Result<Prepared, AppError> {
-    let engine = build_engine(&config.limits, runtime);
+    let engine = runtime.rule_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir)?;
     let rules = LoadedRules::new(set, &config.subscriptions);
     for sub in &config.subscriptions {
@@ -105,6 +106,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     let Some(instance) = take_instance(&settings, &mut tail, &shutdown).await else {
         return Ok(());
     };
+    engine_handle.named(&instance);
     // Silences load in the background from here on; the first read is a
     // single round trip, done long before a worker commits an alert.
     tail.tasks.spawn(crate::alert::silence::refresh_loop(
@@ -119,7 +121,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         return Ok(());
     };
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
-    let book = Arc::new(AlertBook::new(settings.alerts.policy, &runtime));
+    let book = Arc::new(runtime.alert_book(settings.alerts.policy));
     let store = Store::new(
         book.clone(),
         settings.outbox.prefix.clone(),
@@ -197,6 +199,16 @@ async fn start_http(
         .as_ref()
         .map(|g| http::Gateway::new(g, target.clone(), runtime.metrics.clone()));
     let silences = http::silences::SilenceApi::new(target.clone(), config.admin_token.clone());
+    let status = Arc::new(status::StatusApi::new(
+        settings,
+        engine_handle.clone(),
+        runtime.metrics.clone(),
+    ));
+    tail.tasks.spawn(status::gauge_loop(
+        status.clone(),
+        Duration::from_secs(5),
+        tail.stop.clone(),
+    ));
     tracing::info!(listen = %config.listen, "HTTP listening");
     tail.tasks.spawn(http::serve(
         listener,
@@ -206,7 +218,8 @@ async fn start_http(
             silences,
             config.admin_token.clone(),
             runtime.metrics.clone(),
-        )),
+        ))
+        .merge(status.routes()),
         http::ConnectionLimits::of(config),
         tail.stop.clone(),
     ));

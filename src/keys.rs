@@ -86,6 +86,14 @@ pub fn instance_key(name: &str) -> String {
     format!("tripline:instance:{name}")
 }
 
+/// Start of every sink's consumer group name.
+pub const SINK_GROUP_PREFIX: &str = "tripline-sink:";
+
+/// The consumer group sink `sink` reads the outboxes with.
+pub fn sink_group(sink: &str) -> String {
+    format!("{SINK_GROUP_PREFIX}{sink}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -20,7 +20,8 @@
 //!   long.
 //! - [`decode`]: Watermill envelope, single JSON field or flat fields → message.
 //! - [`rules`]: the frozen Rhai `Engine`, the script API, the compiled rule set.
-//! - [`alert`]: alert model, fingerprint, the pure lifecycle, the book
+//! - [`model`]: the alert as it leaves tripline, and its fingerprint.
+//! - [`alert`]: the pure lifecycle, the book
 //!   (this instance's cache of the alert state), the store (the one commit
 //!   of alert state, outbox, dead letters and XACK, in one script run, with
 //!   its compare-and-set and retries), the timers and silences.
@@ -32,6 +33,8 @@
 //! - [`replay`]: the JSON-lines format of `tripline record` and `tripline replay`.
 //! - [`reload`]: swap in a whole new rule/plugin set, or keep the old one;
 //!   [`reload::watch`] turns saved files into reloads.
+//! - [`status`]: what tripline is doing, for the person on call:
+//!   `/api/v1/{alerts,rules,status}`, Alertmanager's API v2, the page at `/`.
 //! - [`metrics`]: one function per event, writing the log line and the metric.
 //! - [`metrics_process`]: the standard `process_*` metrics, read from `/proc`.
 //! - [`runtime`]: the context one engine's parts share (metrics, silences,
@@ -57,6 +60,7 @@ pub mod instance;
 pub mod keys;
 pub mod metrics;
 pub mod metrics_process;
+pub mod model;
 pub mod process;
 pub mod redis_conn;
 pub mod reload;
@@ -66,5 +70,6 @@ pub mod ruletest;
 pub mod runtime;
 pub mod shard;
 pub mod sinks;
+pub mod status;
 #[cfg(test)]
 mod test_redis;

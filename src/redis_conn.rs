@@ -30,7 +30,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::hash_tag;
-use crate::metrics::{self, Metrics};
+use crate::metrics::{self, Metrics, NodePersistence, Persistence};
 
 /// Scheme of a Cluster address: `redis+cluster://host:port,host:port`.
 const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -548,51 +548,6 @@ fn is_refusal(e: &RedisError) -> bool {
     e.kind() == redis::ErrorKind::Client
         || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError)
         || e.code().is_some()
-}
-
-/// How a Redis server keeps its data across a restart, weakest first: a
-/// Cluster is as safe as its weakest node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Persistence {
-    /// Neither AOF nor RDB snapshots: a restart starts empty.
-    None,
-    /// CONFIG is refused (ACLs, managed Redis) and INFO does not show AOF.
-    Unknown,
-    /// RDB snapshots only: a crash loses the writes since the last one.
-    Rdb,
-    /// Append-only file: loses at most the last `appendfsync` interval.
-    Aof,
-}
-
-impl Persistence {
-    pub const ALL: [Persistence; 4] = [
-        Persistence::None,
-        Persistence::Unknown,
-        Persistence::Rdb,
-        Persistence::Aof,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Persistence::None => "none",
-            Persistence::Unknown => "unknown",
-            Persistence::Rdb => "rdb",
-            Persistence::Aof => "aof",
-        }
-    }
-}
-
-/// What one node said about its persistence.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NodePersistence {
-    /// `host:port` of a Cluster node; empty on a single server, whose
-    /// address the log already names.
-    pub node: String,
-    /// What the metric and the log level follow.
-    pub mode: Persistence,
-    /// The settings found (`appendonly no, save ""`), or why they could not
-    /// be read: what the log line shows the operator.
-    pub detail: String,
 }
 
 /// The persistence settings of the server, or of every Cluster master (the

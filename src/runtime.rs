@@ -7,8 +7,11 @@
 use std::sync::Arc;
 
 use crate::alert::silence::ActiveSilences;
+use crate::alert::{AlertBook, Policy};
+use crate::config::Limits;
 use crate::metrics::Metrics;
 use crate::rules::state::{RuleGauges, RuleState};
+use crate::rules::{RuleEngine, build_engine};
 
 /// Cheap to clone: every field is shared.
 #[derive(Clone)]
@@ -35,6 +38,20 @@ impl Runtime {
             silences: Arc::default(),
             rules,
         }
+    }
+}
+
+impl Runtime {
+    /// An alert book that consults these silences and counts into these
+    /// metrics.
+    pub fn alert_book(&self, policy: Policy) -> AlertBook {
+        AlertBook::new(policy, self.silences.clone(), self.metrics.clone())
+    }
+
+    /// The frozen Rhai engine whose helpers keep their series in this
+    /// runtime's rule state and whose rules count into its metrics.
+    pub fn rule_engine(&self, limits: &Limits) -> Arc<RuleEngine> {
+        build_engine(limits, &self.rules, &self.metrics)
     }
 }
 

@@ -37,7 +37,6 @@ use super::silence::ActiveSilences;
 use super::stored::{Stored, decode, field, parse_field};
 use crate::keys::hash_tag;
 use crate::metrics::Metrics;
-use crate::runtime::Runtime;
 
 /// A versioned write of one fingerprint, checked against `expected` at commit.
 #[derive(Debug, Clone, PartialEq)]
@@ -154,13 +153,15 @@ fn partition<'a>(parts: &'a mut HashMap<String, Partition>, tag: &str) -> &'a mu
 }
 
 impl AlertBook {
-    pub fn new(policy: Policy, runtime: &Runtime) -> Self {
+    /// Usually built by [`crate::runtime::Runtime::alert_book`], with the
+    /// runtime's silences and metrics.
+    pub fn new(policy: Policy, silences: Arc<ActiveSilences>, metrics: Arc<Metrics>) -> Self {
         AlertBook {
             parts: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
             policy,
-            silences: runtime.silences.clone(),
-            metrics: runtime.metrics.clone(),
+            silences,
+            metrics,
         }
     }
 
@@ -515,6 +516,7 @@ mod tests {
     use super::super::lifecycle::tests::{MIN, act, fire, policy};
     use super::super::{Severity, Status};
     use super::*;
+    use crate::runtime::Runtime;
 
     fn notes(book: &AlertBook, a: Action) -> Vec<Status> {
         book.decide("s", &[a], true)
@@ -526,7 +528,7 @@ mod tests {
 
     #[test]
     fn fires_once_then_repeats_after_interval() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
         assert!(notes(&book, fire(0, 59 * MIN)).is_empty());
         assert_eq!(notes(&book, fire(0, 60 * MIN)), [Status::Firing]);
@@ -534,7 +536,7 @@ mod tests {
 
     #[test]
     fn for_holds_until_elapsed_and_never_fires_if_cleared_first() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         assert!(notes(&book, fire(5 * MIN, 0)).is_empty());
         assert!(notes(&book, fire(5 * MIN, 4 * MIN)).is_empty());
         assert!(notes(&book, act(ActionKind::Resolve, 4 * MIN + 1)).is_empty());
@@ -546,7 +548,7 @@ mod tests {
 
     #[test]
     fn resolve_only_when_firing() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         assert!(notes(&book, act(ActionKind::Resolve, 0)).is_empty());
         notes(&book, fire(0, 1));
         assert_eq!(
@@ -558,7 +560,7 @@ mod tests {
 
     #[test]
     fn severity_change_notifies_at_once() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         notes(&book, fire(0, 0));
         let mut worse = fire(0, 1);
         worse.alert.as_mut().unwrap().severity = Severity::Critical;
@@ -567,13 +569,10 @@ mod tests {
 
     #[test]
     fn auto_resolve_after_silence() {
-        let book = AlertBook::new(
-            Policy {
-                resolve_after_ms: 5 * MIN,
-                ..policy()
-            },
-            &Runtime::new(),
-        );
+        let book = Runtime::new().alert_book(Policy {
+            resolve_after_ms: 5 * MIN,
+            ..policy()
+        });
         notes(&book, fire(0, 0));
         assert!(book.due(4 * MIN).notifications.is_empty());
         let d = book.due(5 * MIN);
@@ -583,7 +582,7 @@ mod tests {
 
     #[test]
     fn deadman_fires_after_silence_and_resolves_when_series_returns() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
         assert!(notes(&book, watch(0)).is_empty());
         assert!(book.due(9 * MIN).notifications.is_empty());
@@ -594,13 +593,10 @@ mod tests {
 
     #[test]
     fn flapping_alert_is_held() {
-        let book = AlertBook::new(
-            Policy {
-                flap_max_changes: 4,
-                ..policy()
-            },
-            &Runtime::new(),
-        );
+        let book = Runtime::new().alert_book(Policy {
+            flap_max_changes: 4,
+            ..policy()
+        });
         let mut sent = 0;
         for i in 0..10 {
             sent += notes(&book, fire(0, i * 1000)).len();
@@ -623,7 +619,7 @@ mod tests {
 
     #[test]
     fn a_pending_alert_fires_by_the_timer_and_is_never_dropped_for_quiet() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         assert!(notes(&book, fire(30_000, 0)).is_empty());
         assert!(book.due(29_999).notifications.is_empty());
         assert_eq!(book.due(30_000).notifications[0].status, Status::Firing);
@@ -634,7 +630,7 @@ mod tests {
 
     #[test]
     fn deadman_fires_on_the_last_reading_not_the_coalesced_one() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
         notes(&book, watch(0));
         // Within a tenth of the silence: nothing written, but judged.
@@ -649,7 +645,7 @@ mod tests {
 
     #[test]
     fn writes_carry_versions_and_rollback_restores() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let d = book.decide(
             "s",
             &[fire(0, 0), act(ActionKind::Resolve, 1), fire(0, 2)],
@@ -674,7 +670,7 @@ mod tests {
 
     #[test]
     fn doing_nothing_is_checked_too() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let d = book.decide("s", &[act(ActionKind::Resolve, 0)], true);
         assert!(d.notifications.is_empty());
         assert_eq!(d.writes.len(), 1);
@@ -687,7 +683,7 @@ mod tests {
 
     #[test]
     fn without_checks_only_changes_are_written() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let d = book.decide("s", &[act(ActionKind::Resolve, 0)], false);
         assert!(d.writes.is_empty());
         let d = book.decide("s", &[fire(0, 1), act(ActionKind::Resolve, 2)], false);
@@ -698,7 +694,7 @@ mod tests {
 
     #[test]
     fn partitions_are_separate_and_sync_follows_own_commits() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         assert_eq!(notes(&book, fire(0, 0)), [Status::Firing]);
         // The same identity raised from a stream of another hash tag has
         // its own lifecycle.
@@ -720,7 +716,7 @@ mod tests {
 
     #[test]
     fn a_deadman_without_its_alert_refreshes_but_never_creates() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         let bare = |now| Action {
             alert: None,
             ..act(ActionKind::Deadman { after_ms: 10 * MIN }, now)
@@ -744,7 +740,7 @@ mod tests {
 
     #[test]
     fn forgetting_a_rule_resolves_its_alerts() {
-        let book = AlertBook::new(policy(), &Runtime::new());
+        let book = Runtime::new().alert_book(policy());
         notes(&book, fire(0, 0));
         let d = book.forget_rules("s", &["r".to_string()], 10);
         assert_eq!(d.notifications[0].status, Status::Resolved);

@@ -246,7 +246,7 @@ pub async fn refresh_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Action, ActionKind, AlertBook, Origin, Policy, Severity, Status};
+    use super::super::{Action, ActionKind, Origin, Policy, Severity, Status};
     use super::*;
     use crate::runtime::Runtime;
 
@@ -319,7 +319,7 @@ mod tests {
             now_ms,
         };
         let runtime = Runtime::new();
-        let book = AlertBook::new(policy, &runtime);
+        let book = runtime.alert_book(policy);
         let s = Silence::new(
             vec![Matcher::parse("hostname=core-1").unwrap()],
             0,
@@ -345,7 +345,7 @@ mod tests {
             [Status::Firing],
             "the silence ended: the withheld firing is sent"
         );
-        let elsewhere = AlertBook::new(policy, &Runtime::new());
+        let elsewhere = Runtime::new().alert_book(policy);
         assert_eq!(
             elsewhere
                 .decide("s", &[fire(1000)], true)

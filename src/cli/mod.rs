@@ -2,6 +2,7 @@
 //! command. Commands return `anyhow::Result`; `main` prints the error chain
 //! (see [`error_chain`]) and picks the exit code.
 
+pub mod alerts;
 pub mod check;
 pub mod docs;
 pub mod record;
@@ -9,6 +10,7 @@ pub mod replay;
 pub mod run;
 pub mod silence;
 pub mod simulate;
+pub mod status;
 pub mod test;
 
 use std::path::PathBuf;
@@ -67,6 +69,16 @@ pub enum Command {
     /// Mute notifications matching labels for a while (stored in Redis, honoured by every instance).
     #[command(subcommand)]
     Silence(silence::Action),
+    /// List the pending and firing alerts of a running instance (cluster-wide), like `amtool alert query`.
+    #[command(
+        after_help = "Examples:\n  tripline alerts\n  tripline alerts hostname=core-1 severity=~major|critical\n  tripline alerts --url http://10.0.0.5:9464 --output json"
+    )]
+    Alerts(alerts::Args),
+    /// Show how a running instance is doing: Redis, reloads, groups, sinks.
+    #[command(
+        after_help = "Examples:\n  tripline status\n  tripline status --url http://10.0.0.5:9464 -o json"
+    )]
+    Status(status::Args),
     /// Run rule tests: every `*.test.yaml` under the rules directory, or the given files and directories.
     #[command(
         after_help = "Examples:\n  tripline test\n  tripline test rules/packet_errors\n  tripline test -v rules/transceiver/rx_power.test.yaml\n\nExit status: 0 when every test passed, 1 otherwise. Format: docs/rules-testing.md"
@@ -200,6 +212,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => replay::replay(config, args),
         Command::Record(args) => record::record(config, args),
         Command::Silence(action) => silence::silence(config, action),
+        Command::Alerts(args) => alerts::alerts(config, args),
+        Command::Status(args) => status::status(config, args),
         Command::Completions { shell } => docs::completions(shell),
         Command::Man(args) => docs::man(args),
     }

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use anyhow::Context;
 use arc_swap::ArcSwap;
 
-use crate::alert::{Alert, AlertBook, Status};
+use crate::alert::{Alert, Status};
 use crate::config::Settings;
 use crate::escape::escape;
 use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::replay::{Record, id_ms};
-use crate::rules::{RuleSet, build_engine};
+use crate::rules::RuleSet;
 use crate::runtime::Runtime;
 use crate::sinks::{self, Manifest, Sink};
 
@@ -110,13 +110,13 @@ struct LiveSink {
 pub fn replay(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
     let runtime = Runtime::new();
-    let engine = build_engine(&config.limits, &runtime);
+    let engine = runtime.rule_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let loaded = Arc::new(LoadedRules::new(set, &config.subscriptions));
     let processor = Processor {
         engine,
         rules: Arc::new(ArcSwap::new(loaded.clone())),
-        book: Arc::new(AlertBook::new(config.alerts.policy, &runtime)),
+        book: Arc::new(runtime.alert_book(config.alerts.policy)),
     };
     let sinks = if args.sinks {
         build_sinks(&config, &runtime)?

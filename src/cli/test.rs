@@ -11,7 +11,7 @@ use arc_swap::ArcSwap;
 use crate::config::Settings;
 use crate::escape::escape;
 use crate::process::LoadedRules;
-use crate::rules::{RuleSet, build_engine};
+use crate::rules::RuleSet;
 use crate::ruletest::run::{CaseResult, Runner};
 use crate::ruletest::{Suite, located};
 use crate::runtime::Runtime;
@@ -28,7 +28,7 @@ pub struct Args {
 
 pub fn test(config_path: Option<&Path>, args: Args) -> anyhow::Result<()> {
     let config = Settings::load(config_path)?;
-    let engine = build_engine(&config.limits, &Runtime::new());
+    let engine = Runtime::new().rule_engine(&config.limits);
     let set = RuleSet::load(&engine, &config.rules_dir).context("rules failed to load")?;
     let roots = if args.paths.is_empty() {
         vec![config.rules_dir.clone()]

@@ -23,6 +23,9 @@ use crate::redis_conn::{RedisEndpoint, RedisTarget};
 /// filled in: nothing downstream parses or defaults a setting again.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The file these came from, or `<built-in defaults>`: shown by
+    /// `/api/v1/status`.
+    pub origin: String,
     /// Where Redis is and how to reach it.
     pub redis: RedisSettings,
     /// Directory holding `**/*.rhai` rules (relative paths already joined to
@@ -243,6 +246,7 @@ impl Config {
         };
         match redis {
             Some(redis) if p.found.is_empty() => Ok(Settings {
+                origin: source.origin.clone(),
                 redis,
                 rules_dir: self.rules_dir,
                 plugins_dir: self.plugins_dir,

@@ -449,10 +449,9 @@ mod tests {
     use arc_swap::ArcSwap;
 
     use super::*;
-    use crate::alert::AlertBook;
     use crate::config::{OutboxConfig, Settings};
     use crate::keys::outbox_key;
-    use crate::rules::{RuleSet, build_engine};
+    use crate::rules::RuleSet;
     use crate::test_redis::TestRedis;
 
     const CONFIG: &str =
@@ -467,9 +466,9 @@ mod tests {
         let mut config = Settings::parse(CONFIG, "t").unwrap();
         config.rules_dir = dir.path().to_path_buf();
         let runtime = Runtime::new();
-        let engine = build_engine(&config.limits, &runtime);
+        let engine = runtime.rule_engine(&config.limits);
         let set = RuleSet::load(&engine, dir.path()).unwrap();
-        let book = Arc::new(AlertBook::new(config.alerts.policy, &runtime));
+        let book = Arc::new(runtime.alert_book(config.alerts.policy));
         let shared = Shared {
             processor: Processor {
                 engine,

@@ -22,12 +22,24 @@ pub struct EngineHandle {
     /// Set when shutdown begins, so load balancers stop sending traffic
     /// while in-flight batches drain.
     stopping: AtomicBool,
+    /// The consumer name the instance leased, for the status API.
+    instance: OnceLock<String>,
 }
 
 impl EngineHandle {
     /// The workers run: the engine is ready (while Redis answers).
     pub fn running(&self, reloader: Arc<Reloader>) {
         let _ = self.reloader.set(reloader);
+    }
+
+    /// The instance leased its consumer name.
+    pub fn named(&self, instance: &str) {
+        let _ = self.instance.set(instance.to_string());
+    }
+
+    /// The leased consumer name; `None` while the instance starts.
+    pub fn instance(&self) -> Option<&str> {
+        self.instance.get().map(String::as_str)
     }
 
     /// Shutdown began: not ready any more.

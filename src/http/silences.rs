@@ -1,10 +1,12 @@
 //! `/api/silences`: list, add and expire silences over HTTP, the same
 //! store `tripline silence` uses (Redis), so every instance honours them.
 //!
-//! - `GET /api/silences` → `[{id, matchers, starts_ms, ends_ms, …}]`
+//! - `GET /api/silences` → `[{id, matchers, starts_at, ends_at, created_by,
+//!   comment}]`, times in RFC 3339 (as Alertmanager's)
 //! - `POST /api/silences` with `{"matchers": ["hostname=core-1",
 //!   "alertname=~High.*"], "duration": "2h", "comment": "…",
-//!   "created_by": "…"}` → `{"id", "ends_at"}`; 400 naming what is wrong
+//!   "created_by": "…"}` → the silence in the same shape; 400 naming what
+//!   is wrong
 //! - `DELETE /api/silences/{id}` → 200, or 404 when there is no such silence
 
 use std::sync::Arc;
@@ -99,7 +101,7 @@ async fn list(State(api): State<Arc<SilenceApi>>) -> Response {
         Err(r) => return r,
     };
     match silence::list(&mut conn, now_ms()).await {
-        Ok(all) => Json(all).into_response(),
+        Ok(all) => Json(all.iter().map(silence_view).collect::<Vec<_>>()).into_response(),
         Err(e) => api.failed(e).await,
     }
 }
@@ -141,7 +143,7 @@ async fn add(
     match silence::add(&mut conn, &s).await {
         Ok(()) => {
             tracing::info!(id = %s.id, ends_at = %rfc3339(s.ends_ms), "silence added over HTTP");
-            Json(json!({ "id": s.id, "ends_at": rfc3339(s.ends_ms) })).into_response()
+            Json(silence_view(&s)).into_response()
         }
         Err(e) => api.failed(e).await,
     }
@@ -172,4 +174,15 @@ async fn expire(
             .into_response(),
         Err(e) => api.failed(e).await,
     }
+}
+/// A silence with RFC 3339 times, the one shape every API answers with.
+pub fn silence_view(s: &Silence) -> serde_json::Value {
+    json!({
+        "id": s.id,
+        "matchers": s.matchers,
+        "starts_at": rfc3339(s.starts_ms),
+        "ends_at": rfc3339(s.ends_ms),
+        "created_by": s.created_by,
+        "comment": s.comment,
+    })
 }

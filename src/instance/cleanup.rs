@@ -16,9 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerCleanup;
 use crate::group_reader::groups as groups_of;
+use crate::keys::SINK_GROUP_PREFIX;
 use crate::metrics::Metrics;
 use crate::redis_conn::{LazyConn, RedisTarget, note_error};
-use crate::sinks::dispatch::SINK_GROUP_PREFIX;
 
 /// Deletes the consumers of group ARGV[1] on stream KEYS[1] idle at least
 /// ARGV[2] ms with nothing pending, except those named in ARGV[3..] (this

@@ -425,6 +425,15 @@ const NO_SLEEP: &str = "rules cannot sleep (sandbox): a rule call holds its mess
 /// stateful helpers (`rate`, `delta`, `metric`) keep their series in
 /// `state`, this engine's own.
 pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
+    register_alerting(engine);
+    register_series(engine, state);
+    register_output(engine);
+    register_sandbox(engine);
+}
+
+/// `alert`, `resolve`, the hysteresis bands and `deadman`: what a rule
+/// asserts about alerts.
+fn register_alerting(engine: &mut Engine) {
     // `&mut`: a map held in a variable (`alert(a)`) is read in place
     // instead of copied for the call; neither function changes it.
     engine.register_fn(
@@ -496,6 +505,10 @@ pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
             Ok(())
         },
     );
+}
+
+/// `rate`, `delta` and `metric`: the helpers that keep series in `state`.
+fn register_series(engine: &mut Engine, state: &Arc<RuleState>) {
     let s = state.clone();
     engine.register_fn(
         "rate",
@@ -526,6 +539,10 @@ pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
             export(&s, &ctx, name, &value, Map::new())
         },
     );
+}
+
+/// `log`, `drop` and `require`: what a rule says about the message itself.
+fn register_output(engine: &mut Engine) {
     engine.register_fn(
         "log",
         |ctx: NativeCallContext, level: &str, text: Dynamic| -> Res<()> {
@@ -557,6 +574,10 @@ pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
             require(&ctx, msg, &[field.into()])
         },
     );
+}
+
+/// The sandbox's replacements for Rhai's `sleep`, `print` and `debug`.
+fn register_sandbox(engine: &mut Engine) {
     // Rhai's standard `sleep` blocks the thread, and the time budget cannot
     // interrupt a native call: these take its place (the engine's own
     // functions are found before its packages').

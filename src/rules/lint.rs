@@ -113,7 +113,7 @@ mod tests {
     use crate::runtime::Runtime;
 
     fn lint(source: &str) -> Vec<String> {
-        let engine = super::super::build_engine(&Limits::default(), &Runtime::new());
+        let engine = Runtime::new().rule_engine(&Limits::default());
         let rule = super::super::compile_rule(
             &engine,
             std::path::Path::new("rules/r.rhai"),
@@ -167,6 +167,6 @@ mod tests {
     }
 
     fn build() -> std::sync::Arc<super::super::RuleEngine> {
-        super::super::build_engine(&Limits::default(), &Runtime::new())
+        Runtime::new().rule_engine(&Limits::default())
     }
 }

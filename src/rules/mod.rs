@@ -20,8 +20,8 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::Limits;
 use crate::metrics::{Decision, Metrics, RuleMetrics};
-use crate::runtime::Runtime;
 pub use api::{Actions, LogLevel, RawAlert, raw_alert};
+use state::RuleState;
 
 /// Name of the function every rule defines.
 pub const ENTRY_POINT: &str = "on_message";
@@ -108,7 +108,11 @@ impl std::ops::Deref for RuleEngine {
 /// of `Engine::new` have no file, network or process access; `import` and
 /// `eval` are disabled), limited, and carrying the rule API bound to
 /// `runtime`'s rule state and metrics.
-pub fn build_engine(limits: &Limits, runtime: &Runtime) -> Arc<RuleEngine> {
+pub fn build_engine(
+    limits: &Limits,
+    rules: &Arc<RuleState>,
+    metrics: &Arc<Metrics>,
+) -> Arc<RuleEngine> {
     let mut engine = Engine::new();
     // `Engine::new` installs a resolver that loads any `import`ed script from
     // disk. `import` does not even compile here; with no resolver, nothing
@@ -130,10 +134,10 @@ pub fn build_engine(limits: &Limits, runtime: &Runtime) -> Arc<RuleEngine> {
     // holds its 256 entries (hostnames fill it at once) each new string
     // scans it to evict one. Allocating the string is cheaper.
     engine.set_max_strings_interned(0);
-    api::register(&mut engine, &runtime.rules);
+    api::register(&mut engine, rules);
     Arc::new(RuleEngine {
         engine,
-        metrics: runtime.metrics.clone(),
+        metrics: metrics.clone(),
     })
 }
 
@@ -659,6 +663,7 @@ fn decision(outcome: &Result<Actions, String>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::Runtime;
 
     thread_local! {
         /// One runtime per test: the engines a test builds share its rule
@@ -667,7 +672,7 @@ mod tests {
     }
 
     fn build_engine(limits: &Limits) -> Arc<RuleEngine> {
-        RUNTIME.with(|rt| super::build_engine(limits, rt))
+        RUNTIME.with(|rt| rt.rule_engine(limits))
     }
 
     fn set_of(files: &[(&str, &str)]) -> (tempfile::TempDir, Result<RuleSet, RuleError>) {

@@ -525,7 +525,6 @@ mod tests {
     use super::run::{CaseResult, Runner};
     use super::*;
     use crate::process::LoadedRules;
-    use crate::rules::build_engine;
     use crate::runtime::Runtime;
 
     const CONFIG: &str = "subscriptions:\n  - {name: errs, group: g-errs, streams: [errors], rules: [\"e*.rhai\"]}\n";
@@ -539,7 +538,7 @@ mod tests {
         }
         let mut config = Settings::parse(CONFIG, "t").unwrap();
         config.rules_dir = dir.path().to_path_buf();
-        let engine = build_engine(&config.limits, &Runtime::new());
+        let engine = Runtime::new().rule_engine(&config.limits);
         let set = RuleSet::load(&engine, dir.path()).unwrap();
         let suite = Suite::parse(&dir.path().join(name), text.to_string(), &config, &set)
             .map_err(|e| e.to_string())?;

@@ -9,11 +9,10 @@ use arc_swap::ArcSwap;
 
 use super::matching::{LogLine, RuleFailure, compare};
 use super::{CaseExpect, PreparedCase, StepExpect, Suite, Undecodable};
-use crate::alert::{Alert, AlertBook, Policy, Status};
+use crate::alert::{Alert, Policy, Status};
 use crate::config::Limits;
 use crate::escape::escape;
 use crate::process::{self, LoadedRules, Processor, Verdict};
-use crate::rules::build_engine;
 use crate::runtime::Runtime;
 
 /// What every test run shares: the compiled rules, with one selection per
@@ -62,9 +61,9 @@ impl Runner {
     fn fresh_processor(&self) -> Processor {
         let runtime = Runtime::new();
         Processor {
-            engine: build_engine(&self.limits, &runtime),
+            engine: runtime.rule_engine(&self.limits),
             rules: self.rules.clone(),
-            book: Arc::new(AlertBook::new(self.policy, &runtime)),
+            book: Arc::new(runtime.alert_book(self.policy)),
         }
     }
 

@@ -19,7 +19,7 @@ use super::{Manifest, Sink};
 use crate::alert::Alert;
 use crate::group_reader::{GroupReader, Member, StreamEntry, ensure_group, position};
 use crate::instance::lease;
-use crate::keys::{ALERT_FIELD, sink_dead_key};
+use crate::keys::{ALERT_FIELD, sink_dead_key, sink_group};
 use crate::metrics::{self, Metrics};
 use crate::redis_conn::{Backoff, LazyConn, RedisConn, RedisTarget, note_error, pause};
 use crate::runtime::Runtime;
@@ -33,13 +33,6 @@ const LAG_EVERY: Duration = Duration::from_secs(5);
 /// Pending entries claimed per round trip when adopting.
 const ADOPT_BATCH: usize = 1000;
 
-/// Start of every sink's consumer group name.
-pub const SINK_GROUP_PREFIX: &str = "tripline-sink:";
-
-pub fn group_name(sink: &str) -> String {
-    format!("{SINK_GROUP_PREFIX}{sink}")
-}
-
 /// Creates the sink's group on every outbox stream. `start` is `$` when the
 /// sink is new (it wants alerts from now on, not the outbox's history), `0`
 /// when recreating a group that Redis lost along with its data.
@@ -50,7 +43,7 @@ pub async fn ensure_groups(
     start: &str,
 ) -> Result<(), RedisError> {
     for outbox in outboxes {
-        ensure_group(conn, outbox, &group_name(sink), start).await?;
+        ensure_group(conn, outbox, &sink_group(sink), start).await?;
     }
     Ok(())
 }
@@ -97,7 +90,7 @@ pub async fn run(
     }
     drop(write);
     let _ = ready.send(());
-    let group = group_name(&manifest.name);
+    let group = sink_group(&manifest.name);
     let lag_stop = CancellationToken::new();
     let lag_task = tokio::spawn(report_lag(
         target.clone(),
@@ -462,7 +455,7 @@ pub(crate) mod tests {
         .unwrap();
         runtime.silences.set(vec![silence]);
         let outbox = "tripline:outbox:{errors}".to_string();
-        let group = group_name(&manifest.name);
+        let group = sink_group(&manifest.name);
         let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
         ensure_groups(
             write.get().await.unwrap(),

@@ -164,7 +164,7 @@ mod tests {
 
     use super::*;
     use crate::keys::ALERT_FIELD;
-    use crate::sinks::dispatch::group_name;
+    use crate::keys::sink_group;
     use crate::sinks::manifest;
     use crate::test_redis::TestRedis;
 
@@ -205,7 +205,7 @@ mod tests {
         let mut con = redis.conn();
         assert_eq!(
             sink_groups(&mut con),
-            [group_name("file")],
+            [sink_group("file")],
             "groups exist on return"
         );
         assert!(
@@ -248,7 +248,7 @@ mod tests {
         assert_eq!(supervisor.apply(Vec::new()).await, Changes::default());
         assert_eq!(
             sink_groups(&mut con),
-            [group_name("file")],
+            [sink_group("file")],
             "a removed sink keeps its group"
         );
         supervisor.stop_all().await;

@@ -16,5 +16,6 @@ mod reload;
 mod sandbox;
 mod seed_wire;
 mod sinks;
+mod status;
 mod tls;
 mod util;

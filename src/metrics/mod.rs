@@ -7,6 +7,10 @@
 //! run engines side by side. Hot-path handles (per rule) are resolved once at
 //! compile time, not looked up per message.
 
+pub mod record;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -18,7 +22,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::alert::Alert;
+use crate::model::Alert;
+use record::Record;
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -72,6 +77,12 @@ pub struct Metrics {
     redis_persistence: Family<Labels, Gauge>,
     /// Times Redis was found to have lost tripline's data, by hash tag.
     redis_state_lost: Family<Labels, Counter>,
+    /// Pending and firing alerts in the shared alert state, by state,
+    /// severity and rule (see `status::gauge_loop`).
+    alerts_active: Family<Labels, Gauge>,
+    /// What the status API shows beside the counters: last errors, last
+    /// reloads, sink health.
+    pub record: Arc<Record>,
 }
 
 impl Metrics {
@@ -105,6 +116,8 @@ impl Metrics {
             state_redecisions: Family::default(),
             redis_persistence: Family::default(),
             redis_state_lost: Family::default(),
+            alerts_active: Family::default(),
+            record: Arc::default(),
             registry: Registry::default(),
             process: crate::metrics_process::registry(),
             redis_down: AtomicBool::new(false),
@@ -149,6 +162,11 @@ impl Metrics {
             "retired_alerts_unsent",
             "Resolved notifications for alerts of removed rules that could not be written to the outbox",
             self.retired_unsent.clone(),
+        );
+        registry.register(
+            "alerts_active",
+            "Pending and firing alerts in the alert state shared by the group (cluster-wide: every instance exports the same counts, aggregate with max), by state, severity and rule",
+            self.alerts_active.clone(),
         );
         registry.register(
             "alerts_silenced",
@@ -282,9 +300,56 @@ impl Metrics {
     }
 }
 
+/// How a Redis server keeps its data across a restart, weakest first: a
+/// Cluster is as safe as its weakest node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Persistence {
+    /// Neither AOF nor RDB snapshots: a restart starts empty.
+    None,
+    /// CONFIG is refused (ACLs, managed Redis) and INFO does not show AOF.
+    Unknown,
+    /// RDB snapshots only: a crash loses the writes since the last one.
+    Rdb,
+    /// Append-only file: loses at most the last `appendfsync` interval.
+    Aof,
+}
+
+impl Persistence {
+    pub const ALL: [Persistence; 4] = [
+        Persistence::None,
+        Persistence::Unknown,
+        Persistence::Rdb,
+        Persistence::Aof,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Persistence::None => "none",
+            Persistence::Unknown => "unknown",
+            Persistence::Rdb => "rdb",
+            Persistence::Aof => "aof",
+        }
+    }
+}
+
+/// What one node said about its persistence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodePersistence {
+    /// `host:port` of a Cluster node; empty on a single server, whose
+    /// address the log already names.
+    pub node: String,
+    /// What the metric and the log level follow.
+    pub mode: Persistence,
+    /// The settings found (`appendonly no, save ""`), or why they could not
+    /// be read: what the log line shows the operator.
+    pub detail: String,
+}
+
 /// Per-rule handles, resolved when the rule is compiled.
 pub struct RuleMetrics {
     rule: String,
+    /// Where the rule's last error is kept for `/api/v1/rules`.
+    record: Arc<Record>,
     by_decision: [Counter; 6],
     errors: Counter,
     seconds: Histogram,
@@ -316,6 +381,7 @@ impl RuleMetrics {
         };
         RuleMetrics {
             rule: rule.to_string(),
+            record: m.record.clone(),
             by_decision: DECISIONS.map(counter),
             errors: m
                 .rule_errors
@@ -336,6 +402,7 @@ impl RuleMetrics {
     /// A rule threw or hit a sandbox limit on one message.
     pub fn rule_failed(&self, msg_id: &str, error: &str) {
         self.errors.inc();
+        self.record.rule_failed(&self.rule, msg_id, error);
         tracing::warn!(target: "tripline::rules", rule = %self.rule, msg_id, "rule failed: {error}");
     }
 }
@@ -379,8 +446,8 @@ impl Metrics {
                 (
                     "status",
                     match alert.status {
-                        crate::alert::Status::Firing => "firing",
-                        crate::alert::Status::Resolved => "resolved",
+                        crate::model::Status::Firing => "firing",
+                        crate::model::Status::Resolved => "resolved",
                     }
                     .to_string(),
                 ),
@@ -422,8 +489,7 @@ impl Metrics {
     /// The persistence settings of Redis, read on a (re)connect. One line: a
     /// WARN when some node persists nothing, since its restart silently drops
     /// the alert state.
-    pub fn redis_persistence(&self, nodes: &[crate::redis_conn::NodePersistence]) {
-        use crate::redis_conn::Persistence;
+    pub fn redis_persistence(&self, nodes: &[NodePersistence]) {
         let Some(weakest) = nodes.iter().map(|n| n.mode).min() else {
             return;
         };
@@ -491,6 +557,22 @@ impl Metrics {
         }
     }
 
+    /// The pending and firing alerts of the shared state, counted; series of
+    /// combinations no longer present are removed, not left at their last
+    /// value.
+    pub fn alerts_active(&self, counts: &BTreeMap<(&'static str, &'static str, String), i64>) {
+        self.alerts_active.clear();
+        for ((state, severity, rule), n) in counts {
+            self.alerts_active
+                .get_or_create(&vec![
+                    ("state", state.to_string()),
+                    ("severity", severity.to_string()),
+                    ("rule", rule.clone()),
+                ])
+                .set(*n);
+        }
+    }
+
     pub fn redis_is_up(&self) -> bool {
         !self.redis_down.load(Ordering::SeqCst) && self.redis_up.get() == 1
     }
@@ -500,10 +582,12 @@ impl Metrics {
         self.sink_deliveries
             .get_or_create(&vec![("sink", sink.to_string())])
             .inc_by(n);
+        self.record.sink_delivered(sink);
     }
 
     pub fn sink_failed(&self, sink: &str, attempt: u32, error: &str) {
         tracing::warn!(target: "tripline::sinks", sink, attempt, "delivery failed, will retry: {error}");
+        self.record.sink_retrying(sink, error);
         let m = self;
         m.sink_failures
             .get_or_create(&vec![("sink", sink.to_string())])
@@ -524,6 +608,7 @@ impl Metrics {
         // The last attempt failed too; it is just not retried.
         m.sink_failures.get_or_create(&labels).inc();
         m.sink_dead.get_or_create(&labels).inc_by(n);
+        self.record.sink_failing(sink, n, error);
     }
 
     /// A sink's receiver refused a batch for good (e.g. HTTP 400): it goes to
@@ -538,10 +623,12 @@ impl Metrics {
         let labels = vec![("sink", sink.to_string())];
         m.sink_failures.get_or_create(&labels).inc();
         m.sink_dead.get_or_create(&labels).inc_by(n);
+        self.record.sink_failing(sink, n, error);
     }
 
     /// Entries in a sink's outboxes not acknowledged yet, from XINFO GROUPS.
     pub fn sink_lag(&self, sink: &str, entries: i64) {
+        self.record.sink_backlog(sink, entries);
         self.sink_lag
             .get_or_create(&vec![("sink", sink.to_string())])
             .set(entries);
@@ -617,6 +704,7 @@ impl Metrics {
     /// Rules or plugins loaded at startup: in sync, and the reload counters
     /// exist (at 0) before the first reload.
     pub fn config_loaded(&self, kind: &str) {
+        self.record.reloaded(kind, "startup", true, "loaded");
         let m = self;
         for result in ["success", "failure"] {
             // Created at 0 so `increase()` sees the first reload.
@@ -633,8 +721,6 @@ impl Metrics {
             .set(unix_now());
     }
 
-    /// A sink did not send `alert` because a silence mutes it; it is
-    /// acknowledged like a delivered one.
     /// The lifecycle withheld a notification: a firing a silence mutes, or the
     /// resolve of an alert whose firing was withheld (`silence` is then empty).
     pub fn alert_silenced(&self, alert: &Alert, silence: &str) {
@@ -644,6 +730,8 @@ impl Metrics {
             .inc();
     }
 
+    /// A sink did not send `alert` because a silence mutes it; it is
+    /// acknowledged like a delivered one.
     pub fn sink_silenced(&self, sink: &str, alert: &Alert, silence: &str) {
         tracing::debug!(target: "tripline::sinks", sink, alert = %alert.name, fingerprint = %alert.fingerprint, silence, "alert silenced");
         self.sink_silenced
@@ -654,6 +742,7 @@ impl Metrics {
     /// A rules or plugins reload finished; `trigger` says what asked for it,
     /// `detail` is what changed or, on failure, the errors (file:line:col).
     pub fn reload(&self, kind: &str, trigger: &str, ok: bool, detail: &str) {
+        self.record.reloaded(kind, trigger, ok, detail);
         let m = self;
         let result = if ok { "success" } else { "failure" };
         m.config_in_sync
@@ -709,6 +798,7 @@ impl Metrics {
     /// A sink dispatcher started; its counters exist (at 0) from now on.
     pub fn sink_started(&self, sink: &str, kind: &str) {
         tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
+        self.record.sink_started(sink, kind);
         let m = self;
         let labels = vec![("sink", sink.to_string())];
         for family in [

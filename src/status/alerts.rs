@@ -1,0 +1,267 @@
+//! Pending and firing alerts, read from the shared alert state in Redis
+//! (`keys::state_key` of every consumed stream), not from this instance's
+//! cache: every instance of a group answers the same, and an alert raised by
+//! another instance is listed once.
+//!
+//! The state hash holds `<version>|<json entry>` per fingerprint (see
+//! `alert::book`); only the parts shown here are read, so fields the
+//! lifecycle adds later do not break the listing.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::alert::Alert;
+use crate::alert::silence::{Matcher, Silence, Silences};
+use crate::clock::rfc3339;
+use crate::keys::state_key;
+use crate::redis_conn::RedisConn;
+
+/// The parts of a stored lifecycle entry the listing needs.
+#[derive(Debug, Deserialize)]
+struct Stored {
+    /// `pending`, `firing`, `watching` (a deadman whose series reports) or
+    /// `resolved` (kept for flap detection); only the first two are alerts.
+    phase: String,
+    /// When the condition started holding (pending) or the alert fired.
+    since: u64,
+    /// Last notification sent; 0 = none yet.
+    #[serde(default)]
+    notified: u64,
+    alert: Alert,
+}
+
+/// One pending or firing alert as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AlertView {
+    /// The alert's `name` (`alertname` to Alertmanager).
+    pub name: String,
+    /// The rule (path under `rules/` without `.rhai`) that raised it.
+    pub rule: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub severity: &'static str,
+    /// `pending` (its `for` has not elapsed) or `firing`.
+    pub state: &'static str,
+    /// RFC 3339: since when it is pending, or since when it fires.
+    pub active_since: String,
+    /// RFC 3339 of the last notification sent to the sinks; `None` while
+    /// pending, or while a silence withheld every one.
+    pub last_notification: Option<String>,
+    /// The observed value, when the rule gave one as the `value` annotation.
+    pub value: Option<String>,
+    /// Hex identity of rule + name + labels.
+    pub fingerprint: String,
+    /// Ids of the active silences that mute it.
+    pub silenced_by: Vec<String>,
+    /// The stream whose message raised it.
+    pub stream: String,
+}
+
+impl AlertView {
+    /// The alert as the sinks see it, for matching with the silences'
+    /// matchers and for Alertmanager's labels.
+    pub fn subject(&self) -> Alert {
+        Alert {
+            fingerprint: self.fingerprint.clone(),
+            rule: self.rule.clone(),
+            name: self.name.clone(),
+            severity: crate::alert::Severity::parse(self.severity).unwrap_or_default(),
+            status: crate::alert::Status::Firing,
+            labels: self.labels.clone(),
+            annotations: self.annotations.clone(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Default::default(),
+        }
+    }
+}
+
+/// Decodes one state hash value; `None` for an entry that is not a pending
+/// or firing alert, or that another version of tripline wrote.
+fn decode(raw: &str) -> Option<AlertView> {
+    let (_version, json) = raw.split_once('|')?;
+    let s: Stored = serde_json::from_str(json).ok()?;
+    let state = match s.phase.as_str() {
+        "pending" => "pending",
+        "firing" => "firing",
+        _ => return None,
+    };
+    let a = s.alert;
+    Some(AlertView {
+        value: a.annotations.get("value").cloned(),
+        name: a.name,
+        rule: a.rule,
+        labels: a.labels,
+        annotations: a.annotations,
+        severity: a.severity.as_str(),
+        state,
+        active_since: rfc3339(s.since),
+        last_notification: (state == "firing" && s.notified > 0).then(|| rfc3339(s.notified)),
+        fingerprint: a.fingerprint,
+        silenced_by: Vec::new(),
+        stream: a.origin.stream,
+    })
+}
+
+/// Every pending and firing alert raised from `streams`, firing first, then
+/// by name and labels. Streams sharing a hash tag share one state hash,
+/// read once.
+pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<AlertView>> {
+    let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = Vec::new();
+    for key in keys {
+        let fields: Vec<(String, String)> =
+            redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
+        out.extend(fields.iter().filter_map(|(_, raw)| decode(raw)));
+    }
+    out.sort_by(|a, b| {
+        (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
+    });
+    Ok(out)
+}
+
+/// Label matchers in the silences' syntax (`label=value`, `label=~regex`;
+/// `alertname`, `severity` and `rule` match the alert's own fields).
+pub struct Filter(Option<Silences>);
+
+impl Filter {
+    /// Parses every matcher; the error names the bad one.
+    pub fn parse<S: AsRef<str>>(texts: &[S]) -> Result<Filter, String> {
+        let matchers = texts
+            .iter()
+            .map(|t| Matcher::parse(t.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Filter::of(matchers))
+    }
+
+    /// An always-active silence made of the matchers matches exactly what
+    /// they select: the filter and the silences can never disagree.
+    pub fn of(matchers: Vec<Matcher>) -> Filter {
+        if matchers.is_empty() {
+            return Filter(None);
+        }
+        Filter(Some(Silences::new(vec![Silence {
+            id: String::new(),
+            matchers,
+            starts_ms: 0,
+            ends_ms: u64::MAX,
+            created_by: String::new(),
+            comment: String::new(),
+        }])))
+    }
+
+    /// No matchers select everything.
+    pub fn matches(&self, a: &AlertView) -> bool {
+        self.0
+            .as_ref()
+            .is_none_or(|s| s.muting(&a.subject(), 1).is_some())
+    }
+}
+
+/// Notes on each alert the active silences (at `now_ms`) that mute it.
+pub fn mark_silenced(alerts: &mut [AlertView], silences: &[Silence], now_ms: u64) {
+    let each: Vec<Silences> = silences
+        .iter()
+        .map(|s| Silences::new(vec![s.clone()]))
+        .collect();
+    for a in alerts {
+        let subject = a.subject();
+        a.silenced_by = each
+            .iter()
+            .filter_map(|s| s.muting(&subject, now_ms).map(str::to_string))
+            .collect();
+    }
+}
+
+/// Counts by (state, severity, rule), for the `tripline_alerts_active` gauge.
+pub fn counts(alerts: &[AlertView]) -> BTreeMap<(&'static str, &'static str, String), i64> {
+    let mut c = BTreeMap::new();
+    for a in alerts {
+        *c.entry((a.state, a.severity, a.rule.clone())).or_insert(0) += 1;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alert::{Action, ActionKind, Origin, Policy, Severity, Status};
+
+    /// The state as `alert::book` writes it, read back here: a change of
+    /// that encoding fails this test instead of emptying the listing.
+    fn written(for_ms: u64, now: u64) -> String {
+        let book = crate::runtime::Runtime::new().alert_book(Policy {
+            repeat_ms: 3_600_000,
+            resolve_after_ms: 0,
+            flap_max_changes: 0,
+            flap_window_ms: 600_000,
+        });
+        let alert = Alert {
+            fingerprint: "00000000000000aa".into(),
+            rule: "packet_errors/alert".into(),
+            name: "HighInputErrors".into(),
+            severity: Severity::Major,
+            status: Status::Firing,
+            labels: [("hostname".to_string(), "core-1".to_string())].into(),
+            annotations: [("value".to_string(), "12000".to_string())].into(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Origin {
+                stream: "s".into(),
+                ..Origin::default()
+            },
+        };
+        let action = Action {
+            fp: 0xaa,
+            kind: ActionKind::Fire {
+                for_ms,
+                resolve_after_ms: None,
+            },
+            alert: Some(alert),
+            now_ms: now,
+        };
+        let d = book.decide("s", &[action], false);
+        d.writes[0]
+            .value
+            .clone()
+            .expect("a firing alert is written")
+    }
+
+    #[test]
+    fn alert_state_written_by_the_book_reads_as_firing_or_pending() {
+        let firing = decode(&written(0, 1_700_000_000_000)).expect("decodes");
+        assert_eq!(firing.state, "firing");
+        assert_eq!(firing.active_since, "2023-11-14T22:13:20.000Z");
+        assert_eq!(
+            firing.last_notification.as_deref(),
+            Some("2023-11-14T22:13:20.000Z")
+        );
+        assert_eq!(firing.value.as_deref(), Some("12000"));
+        assert_eq!(
+            (firing.stream.as_str(), firing.fingerprint.as_str()),
+            ("s", "00000000000000aa")
+        );
+        let pending = decode(&written(60_000, 1_700_000_000_000)).expect("decodes");
+        assert_eq!(
+            (pending.state, pending.last_notification),
+            ("pending", None)
+        );
+        assert!(decode("3|not json").is_none());
+    }
+
+    #[test]
+    fn filters_use_the_silences_matchers() {
+        let a = decode(&written(0, 1)).unwrap();
+        assert!(Filter::parse::<&str>(&[]).unwrap().matches(&a));
+        assert!(
+            Filter::parse(&["hostname=~core-.*", "alertname=HighInputErrors"])
+                .unwrap()
+                .matches(&a)
+        );
+        assert!(!Filter::parse(&["severity=critical"]).unwrap().matches(&a));
+        assert!(Filter::parse(&["nolabel"]).is_err());
+    }
+}
