@@ -1,8 +1,10 @@
-//! The line a setting is on, for error messages. The YAML parser knows
-//! where every node starts but hands that out only with an error, so a
-//! probe walks the document down one path and fails on purpose at the key
-//! (or sequence item) it looks for: the error's location is its line. Flow style
-//! (`- {name: a, batch_size: 0}`) is handled by the parser itself.
+//! The line a node of a YAML document is on, for error messages: a setting
+//! of the config file, a case or step of a `*.test.yaml` rule test. The YAML
+//! parser knows where every node starts but hands that out only with an
+//! error, so a probe walks the document down one path and fails on purpose
+//! at the key (or sequence item) it looks for: the error's location is its
+//! line. Flow style (`- {name: a, batch_size: 0}`) is handled by the parser
+//! itself.
 
 use std::fmt;
 
@@ -10,8 +12,10 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 
 /// One step into the document: a mapping key or a sequence item.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Seg {
-    Key(&'static str),
+pub enum Seg<'a> {
+    /// A mapping key.
+    Key(&'a str),
+    /// A sequence item, from 0.
     Item(usize),
 }
 
@@ -25,23 +29,34 @@ const FOUND: &str = "tripline: the node looked for";
 pub fn line_of(text: &str, path: &[Seg]) -> Option<usize> {
     (1..=path.len())
         .rev()
-        .find_map(|n| exact_line(text, &path[..n]))
+        .find_map(|n| probe(text, &path[..n], true))
 }
 
-fn exact_line(text: &str, path: &[Seg]) -> Option<usize> {
+/// The 1-based line where the node at `path` itself starts (for a key, its
+/// value: a test step's `payload:` block is placed where the payload is),
+/// if the path exists.
+pub fn node_line(text: &str, path: &[Seg]) -> Option<usize> {
+    probe(text, path, false)
+}
+
+/// `at_key`: a path ending in a key is found at the key, not its value.
+fn probe(text: &str, path: &[Seg], at_key: bool) -> Option<usize> {
     let de = serde_yaml::Deserializer::from_str(text);
-    match (Probe { path }).deserialize(de) {
+    match (Probe { path, at_key }).deserialize(de) {
         Err(e) if e.to_string().contains(FOUND) => e.location().map(|l| l.line()),
         _ => None,
     }
 }
 
 /// Walks to the node at `path`; `Ok` when it is not there.
-struct Probe<'p> {
-    path: &'p [Seg],
+struct Probe<'p, 'a> {
+    /// What is left of the path below the node being read.
+    path: &'p [Seg<'a>],
+    /// Whether a last key fails at itself rather than at its value.
+    at_key: bool,
 }
 
-impl<'de> DeserializeSeed<'de> for Probe<'_> {
+impl<'de> DeserializeSeed<'de> for Probe<'_, '_> {
     type Value = ();
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -49,7 +64,7 @@ impl<'de> DeserializeSeed<'de> for Probe<'_> {
     }
 }
 
-impl<'de> Visitor<'de> for Probe<'_> {
+impl<'de> Visitor<'de> for Probe<'_, '_> {
     type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -60,10 +75,13 @@ impl<'de> Visitor<'de> for Probe<'_> {
         let Some((Seg::Key(want), rest)) = self.path.split_first() else {
             return Err(de::Error::custom(FOUND));
         };
-        let last = rest.is_empty();
+        let last = rest.is_empty() && self.at_key;
         while let Some(is_it) = map.next_key_seed(KeyProbe { want, last })? {
             if is_it {
-                return map.next_value_seed(Probe { path: rest });
+                return map.next_value_seed(Probe {
+                    path: rest,
+                    at_key: self.at_key,
+                });
             }
             map.next_value::<IgnoredAny>()?;
         }
@@ -79,7 +97,11 @@ impl<'de> Visitor<'de> for Probe<'_> {
                 return Ok(());
             }
         }
-        seq.next_element_seed(Probe { path: rest }).map(|_| ())
+        seq.next_element_seed(Probe {
+            path: rest,
+            at_key: self.at_key,
+        })
+        .map(|_| ())
     }
 
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
@@ -156,7 +178,7 @@ impl<'de> Visitor<'de> for KeyProbe<'_> {
     }
 }
 
-impl Probe<'_> {
+impl Probe<'_, '_> {
     /// A scalar is the node when the path ends here; it has no children.
     fn scalar<E: de::Error>(self) -> Result<(), E> {
         if self.path.is_empty() {
@@ -212,5 +234,55 @@ http:
         );
         assert_eq!(line_of(TEXT, &[Key("limits"), Key("max_map_size")]), None);
         assert_eq!(line_of("", &[Key("limits")]), None);
+    }
+
+    const DOC: &str = "\
+rules: [a.rhai]
+tests:
+  - name: first
+    steps:
+      - payload: {x: 1}
+      - at: +30s
+        payload:
+          x: 2
+  - name: second
+    steps: [{payload: {x: 3}}]
+";
+
+    #[test]
+    fn finds_mappings_sequences_and_scalars() {
+        assert_eq!(node_line(DOC, &[]), Some(1));
+        assert_eq!(node_line(DOC, &[Key("tests"), Item(0)]), Some(3));
+        assert_eq!(node_line(DOC, &[Key("tests"), Item(1)]), Some(9));
+        assert_eq!(
+            node_line(DOC, &[Key("tests"), Item(0), Key("steps"), Item(1)]),
+            Some(6)
+        );
+        assert_eq!(
+            node_line(
+                DOC,
+                &[Key("tests"), Item(0), Key("steps"), Item(1), Key("at")]
+            ),
+            Some(6)
+        );
+        assert_eq!(
+            node_line(
+                DOC,
+                &[Key("tests"), Item(0), Key("steps"), Item(1), Key("payload")]
+            ),
+            Some(8)
+        );
+        assert_eq!(
+            node_line(DOC, &[Key("tests"), Item(1), Key("steps"), Item(0)]),
+            Some(10)
+        );
+    }
+
+    #[test]
+    fn missing_paths_have_no_line() {
+        assert_eq!(node_line(DOC, &[Key("nope")]), None);
+        assert_eq!(node_line(DOC, &[Key("tests"), Item(5)]), None);
+        assert_eq!(node_line(DOC, &[Key("rules"), Item(0), Key("x")]), None);
+        assert_eq!(node_line("a: [1,\n: ]\nb: 2\n", &[Key("b")]), None);
     }
 }

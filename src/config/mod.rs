@@ -5,7 +5,7 @@
 //! because a misspelt `batch_sise` silently falling back to a default is the
 //! kind of surprise an operator finds at 3 a.m.
 
-mod locate;
+pub mod locate;
 pub mod settings;
 
 use std::path::{Path, PathBuf};

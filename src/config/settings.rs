@@ -222,7 +222,7 @@ impl Problems<'_> {
     }
 }
 
-const fn key(k: &'static str) -> Seg {
+const fn key(k: &'static str) -> Seg<'static> {
     Seg::Key(k)
 }
 

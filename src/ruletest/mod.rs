@@ -11,7 +11,6 @@
 //! [`run`] executes it.
 
 pub mod format;
-pub mod locate;
 mod matching;
 pub mod run;
 
@@ -20,9 +19,9 @@ use std::path::{Path, PathBuf};
 pub use format::*;
 
 use crate::config::Settings;
+use crate::config::locate::{self, Seg};
 use crate::replay::{Fields, json_fields};
 use crate::rules::RuleSet;
-use locate::Seg;
 
 /// Virtual time of the first input when a file sets no `start`:
 /// 2025-01-01T00:00:00Z. Fixed, so alert timestamps in output are stable.
@@ -135,7 +134,7 @@ impl Suite {
         let file: TestFile = serde_yaml::from_str(&text).map_err(|e| parse_error(path, e))?;
         let invalid = |p: Problem| TestFileError::Invalid {
             path: path.to_path_buf(),
-            line: locate::line_of(&text, &p.at),
+            line: locate::node_line(&text, &p.at),
             message: p.message,
         };
         let target = Target::of(&file, path, config, set).map_err(invalid)?;
@@ -164,18 +163,18 @@ impl Suite {
 
     /// Line of test `case` (and of its step `step`), for reports.
     pub fn line(&self, case: usize, step: Option<usize>) -> Option<usize> {
-        let mut at = vec![Seg::Key("tests"), Seg::Index(case)];
+        let mut at = vec![Seg::Key("tests"), Seg::Item(case)];
         if let Some(s) = step {
-            at.extend([Seg::Key("steps"), Seg::Index(s)]);
+            at.extend([Seg::Key("steps"), Seg::Item(s)]);
         }
-        locate::line_of(&self.text, &at)
+        locate::node_line(&self.text, &at)
     }
 
     /// Line of test `case`'s overall `expect`.
     pub fn expect_line(&self, case: usize) -> Option<usize> {
-        locate::line_of(
+        locate::node_line(
             &self.text,
-            &[Seg::Key("tests"), Seg::Index(case), Seg::Key("expect")],
+            &[Seg::Key("tests"), Seg::Item(case), Seg::Key("expect")],
         )
     }
 }
@@ -253,7 +252,7 @@ impl Target {
                 for (i, g) in globs.iter().enumerate() {
                     globset::Glob::new(g).map_err(|e| {
                         Problem::at(
-                            &[Seg::Key("rules"), Seg::Index(i)],
+                            &[Seg::Key("rules"), Seg::Item(i)],
                             format!("bad rule glob `{g}`: {e}"),
                         )
                     })?;
@@ -376,7 +375,7 @@ fn prepare_case(
 ) -> Result<PreparedCase, Problem> {
     if case.steps.is_empty() {
         return Err(Problem::at(
-            &[Seg::Key("tests"), Seg::Index(ci)],
+            &[Seg::Key("tests"), Seg::Item(ci)],
             format!("test `{}` has no steps", case.name),
         ));
     }
@@ -391,9 +390,9 @@ fn prepare_case(
             Problem::at(
                 &[
                     Seg::Key("tests"),
-                    Seg::Index(ci),
+                    Seg::Item(ci),
                     Seg::Key("steps"),
-                    Seg::Index(si),
+                    Seg::Item(si),
                 ],
                 message,
             )
