@@ -23,6 +23,7 @@ use crate::redis_conn;
 use crate::reload::Reloader;
 use crate::rules::{RuleEngine, RuleError, RuleSet};
 use crate::runtime::Runtime;
+use crate::sinks::dispatch::Placement;
 use crate::sinks::supervisor::Supervisor;
 use crate::sinks::{self, Manifest, PluginError};
 use crate::status;
@@ -256,10 +257,12 @@ async fn start_sinks(
     shutdown: &CancellationToken,
 ) -> Option<Arc<Supervisor>> {
     let sinks = Arc::new(Supervisor::new(
-        outbox_streams(settings),
-        instance.to_string(),
-        settings.redis.target.clone(),
-        runtime.clone(),
+        Placement {
+            outboxes: outbox_streams(settings),
+            consumer: instance.to_string(),
+            target: settings.redis.target.clone(),
+            runtime: runtime.clone(),
+        },
         CancellationToken::new(),
     ));
     tokio::select! {

@@ -56,17 +56,19 @@ pub async fn ensure_groups(
 /// ([`RedisTarget::read_groups`]): one lane on a single server, one per
 /// outbox hash tag on Cluster. Lanes deliver independently (a sink may see
 /// concurrent `deliver` calls on Cluster); the sink closes once all ended.
-#[allow(clippy::too_many_arguments)]
 pub async fn run(
     sink: Arc<dyn Sink>,
     manifest: Arc<Manifest>,
-    outboxes: Vec<String>,
-    consumer: String,
-    target: RedisTarget,
-    runtime: Runtime,
+    placement: Placement,
     shutdown: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
+    let Placement {
+        outboxes,
+        consumer,
+        target,
+        runtime,
+    } = placement;
     let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
@@ -122,6 +124,18 @@ pub async fn run(
     lag_stop.cancel();
     let _ = lag_task.await;
     runtime.metrics.sink_lag_clear(&manifest.name);
+}
+
+/// Where and as whom this instance's sinks read: the same for every sink.
+#[derive(Clone)]
+pub struct Placement {
+    /// Outbox streams every sink reads.
+    pub outboxes: Vec<String>,
+    /// Consumer name of this instance in every sink group.
+    pub consumer: String,
+    pub target: RedisTarget,
+    /// Where the sinks count deliveries and find the silences in force.
+    pub runtime: Runtime,
 }
 
 /// Reads, delivers and acknowledges the alerts of one set of outboxes.

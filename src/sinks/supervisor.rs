@@ -12,9 +12,8 @@ use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::{BuildContext, Manifest, Sink, dispatch, kind};
-use crate::redis_conn::RedisTarget;
-use crate::runtime::Runtime;
+use super::dispatch::{self, Placement};
+use super::{BuildContext, Manifest, Sink, kind};
 
 struct Running {
     source_hash: u64,
@@ -32,31 +31,17 @@ pub struct Changes {
 
 pub struct Supervisor {
     running: Mutex<HashMap<String, Running>>,
-    /// Outbox streams every sink reads.
-    outboxes: Vec<String>,
-    /// Consumer name of this instance in every sink group.
-    consumer: String,
-    target: RedisTarget,
-    /// Where the sinks count deliveries and find the silences in force.
-    runtime: Runtime,
+    /// Where every sink reads, and the runtime it counts into.
+    placement: Placement,
     /// Cancelled at process shutdown; every dispatcher's stop is its child.
     shutdown: CancellationToken,
 }
 
 impl Supervisor {
-    pub fn new(
-        outboxes: Vec<String>,
-        consumer: String,
-        target: RedisTarget,
-        runtime: Runtime,
-        shutdown: CancellationToken,
-    ) -> Supervisor {
+    pub fn new(placement: Placement, shutdown: CancellationToken) -> Supervisor {
         Supervisor {
             running: Mutex::new(HashMap::new()),
-            outboxes,
-            consumer,
-            target,
-            runtime,
+            placement,
             shutdown,
         }
     }
@@ -100,10 +85,10 @@ impl Supervisor {
             let kind = kind(&m.kind).expect("kind validated at load");
             let cx = BuildContext {
                 sink: name.clone(),
-                redis: self.target.clone(),
+                redis: self.placement.target.clone(),
                 timeout: m.timeout,
                 base_dir: m.dir(),
-                metrics: self.runtime.metrics.clone(),
+                metrics: self.placement.runtime.metrics.clone(),
             };
             let sink: Arc<dyn Sink> = match kind.build(&m.settings, &cx) {
                 Ok(s) => Arc::from(s),
@@ -112,17 +97,14 @@ impl Supervisor {
                     continue;
                 }
             };
-            self.runtime.metrics.sink_started(&name, &m.kind);
+            self.placement.runtime.metrics.sink_started(&name, &m.kind);
             let source_hash = m.source_hash;
             let stop = self.shutdown.child_token();
             let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
             let task = tokio::spawn(dispatch::run(
                 sink,
                 Arc::new(m),
-                self.outboxes.clone(),
-                self.consumer.clone(),
-                self.target.clone(),
-                self.runtime.clone(),
+                self.placement.clone(),
                 stop.clone(),
                 ready_tx,
             ));
@@ -165,6 +147,7 @@ mod tests {
     use super::*;
     use crate::keys::ALERT_FIELD;
     use crate::keys::sink_group;
+    use crate::runtime::Runtime;
     use crate::sinks::manifest;
     use crate::test_redis::TestRedis;
 
@@ -188,10 +171,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let runtime = Runtime::new();
         let supervisor = Supervisor::new(
-            vec![OUTBOX.to_string()],
-            "i1".into(),
-            redis.target(),
-            runtime.clone(),
+            Placement {
+                outboxes: vec![OUTBOX.to_string()],
+                consumer: "i1".into(),
+                target: redis.target(),
+                runtime: runtime.clone(),
+            },
             CancellationToken::new(),
         );
         let manifest = |text: &str| manifest::parse(&dir.path().join("file.yaml"), text).unwrap();
