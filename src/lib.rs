@@ -40,6 +40,7 @@
 //! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
+//! - [`version`]: the crate version and the git commit built (`build.rs`).
 //! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate`,
 //!   `silence`, `completions` and `man` commands behind `main`.
 
@@ -68,3 +69,4 @@ pub mod shard;
 pub mod sinks;
 #[cfg(test)]
 mod test_redis;
+pub mod version;

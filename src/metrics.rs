@@ -253,10 +253,10 @@ impl Metrics {
             "Times Redis was found to have lost tripline's data (alert state, outbox, groups) of a hash tag: restarted without persistence, flushed or evicted, by tag",
             self.redis_state_lost.clone(),
         );
-        let build = prometheus_client::metrics::info::Info::new(vec![(
-            "version",
-            env!("CARGO_PKG_VERSION").to_string(),
-        )]);
+        let build = prometheus_client::metrics::info::Info::new(vec![
+            ("version", crate::version::VERSION.to_string()),
+            ("commit", crate::version::COMMIT.to_string()),
+        ]);
         registry.register("build", "tripline build information", build);
     }
 
@@ -831,6 +831,11 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("tripline_build_info"));
+        let build = format!(
+            "tripline_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::version::VERSION,
+            crate::version::COMMIT
+        );
+        assert!(text.contains(&build), "{text}");
     }
 }
