@@ -290,6 +290,16 @@ pub struct RuleMetrics {
     seconds: Histogram,
 }
 
+/// Every `result` of `tripline_gateway_requests_total`.
+const GATEWAY_RESULTS: [&str; 6] = [
+    "accepted",
+    "malformed",
+    "invalid",
+    "too_large",
+    "unauthorized",
+    "unavailable",
+];
+
 const DECISIONS: [&str; 6] = ["alert", "log", "drop", "pass", "error", "resolve"];
 
 /// What one rule decided about one message, as counted; in the order of
@@ -314,7 +324,7 @@ impl RuleMetrics {
                 ])
                 .clone()
         };
-        RuleMetrics {
+        let handles = RuleMetrics {
             rule: rule.to_string(),
             by_decision: DECISIONS.map(counter),
             errors: m
@@ -325,7 +335,13 @@ impl RuleMetrics {
                 .rule_eval_seconds
                 .get_or_create(&vec![("rule", rule.to_string())])
                 .clone(),
-        }
+        };
+        // At 0 from compile time (start or the reload that added the rule),
+        // so `increase()` sees the first withheld notification.
+        let _created = m
+            .alerts_silenced
+            .get_or_create(&vec![("rule", rule.to_string())]);
+        handles
     }
 
     pub fn observe(&self, decision: Decision, took: Duration) {
@@ -691,22 +707,31 @@ impl Metrics {
         self.retired_unsent.inc_by(alerts.len() as u64);
     }
 
-    /// A subscription starts consuming `stream`: its message counters exist
-    /// (at 0) from now on, so rates and alerts on them work before the first
-    /// dead-letter or error.
+    /// A subscription starts consuming `stream`: its message, consumer
+    /// cleanup and redecision counters exist (at 0) from now on, so rates
+    /// and alerts on them work before the first dead-letter or error.
     pub fn consuming(&self, subscription: &str, stream: &str, group: &str) {
         tracing::info!(target: "tripline::source", subscription, stream, group, "consuming");
         let m = self;
+        let labels = vec![("stream", stream.to_string()), ("group", group.to_string())];
         for outcome in ["processed", "dropped", "dead_lettered", "error"] {
-            let _created = m.messages.get_or_create(&vec![
+            let mut by_outcome = labels.clone();
+            by_outcome.push(("outcome", outcome.to_string()));
+            let _created = m.messages.get_or_create(&by_outcome);
+        }
+        let _created = m.consumers_removed.get_or_create(&labels);
+        for reason in ["stale", "conflict"] {
+            let _created = m.state_redecisions.get_or_create(&vec![
                 ("stream", stream.to_string()),
-                ("group", group.to_string()),
-                ("outcome", outcome.to_string()),
+                ("reason", reason.to_string()),
             ]);
         }
     }
 
-    /// A sink dispatcher started; its counters exist (at 0) from now on.
+    /// A sink dispatcher started (at startup or by the reload that added
+    /// it); its counters exist (at 0) from now on, the program exits too for
+    /// an exec sink. Its lag is not set here: the dispatcher measures it
+    /// first thing, and a 0 before that could hide a backlog.
     pub fn sink_started(&self, sink: &str, kind: &str) {
         tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
         let m = self;
@@ -716,8 +741,22 @@ impl Metrics {
             &m.sink_failures,
             &m.sink_retries,
             &m.sink_dead,
+            &m.sink_silenced,
         ] {
             let _created = family.get_or_create(&labels);
+        }
+        if kind == "exec" {
+            let _created = m.sink_program_exits.get_or_create(&labels);
+        }
+    }
+
+    /// The gateway serves from now on: its request counters exist (at 0),
+    /// so the first refusal shows in `increase()`.
+    pub fn gateway_serving(&self) {
+        for result in GATEWAY_RESULTS {
+            let _created = self
+                .gateway_requests
+                .get_or_create(&vec![("result", result.to_string())]);
         }
     }
 

@@ -53,6 +53,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(config: &GatewaySettings, target: RedisTarget, metrics: Arc<Metrics>) -> Gateway {
+        metrics.gateway_serving();
         Gateway {
             stream: config.stream.clone(),
             shards: config.shards,

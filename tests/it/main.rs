@@ -9,6 +9,7 @@ mod http_limits;
 mod lifecycle;
 mod log_targets;
 mod logging;
+mod metrics;
 mod pipeline;
 mod reader;
 mod redis_state;
