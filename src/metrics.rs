@@ -60,6 +60,12 @@ pub struct Metrics {
     alerts_silenced: Family<Labels, Counter>,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
+    /// `POST /api/v1/ingest/{stream}` requests by result: refusals are
+    /// a producer's bug to find, `unavailable` is ours.
+    ingest_requests: Family<Labels, Counter>,
+    /// Entries `POST /api/v1/ingest/{stream}` wrote, by stream: how much
+    /// of a stream's traffic comes in over HTTP.
+    ingest_entries: Family<Labels, Counter>,
     sink_lag: Family<Labels, Gauge>,
     sink_program_exits: Family<Labels, Counter>,
     /// Consumers deleted from a group for being idle with nothing pending.
@@ -99,6 +105,8 @@ impl Metrics {
             sink_silenced: Family::default(),
             alerts_silenced: Family::default(),
             gateway_requests: Family::default(),
+            ingest_requests: Family::default(),
+            ingest_entries: Family::default(),
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
             consumers_removed: Family::default(),
@@ -164,6 +172,16 @@ impl Metrics {
             "gateway_requests",
             "POST /telemetry-data requests by result (accepted, malformed, invalid, too_large, unauthorized, unavailable)",
             self.gateway_requests.clone(),
+        );
+        registry.register(
+            "ingest_requests",
+            "POST /api/v1/ingest/{stream} requests by result (accepted, malformed, unknown_stream, too_large, unauthorized, unavailable)",
+            self.ingest_requests.clone(),
+        );
+        registry.register(
+            "ingest_entries",
+            "Entries POST /api/v1/ingest/{stream} wrote, by stream",
+            self.ingest_entries.clone(),
         );
     }
 
@@ -295,6 +313,16 @@ const GATEWAY_RESULTS: [&str; 6] = [
     "accepted",
     "malformed",
     "invalid",
+    "too_large",
+    "unauthorized",
+    "unavailable",
+];
+
+/// Every `result` of `tripline_ingest_requests_total`.
+const INGEST_RESULTS: [&str; 6] = [
+    "accepted",
+    "malformed",
+    "unknown_stream",
     "too_large",
     "unauthorized",
     "unavailable",
@@ -750,14 +778,49 @@ impl Metrics {
         }
     }
 
-    /// The gateway serves from now on: its request counters exist (at 0),
-    /// so the first refusal shows in `increase()`.
-    pub fn gateway_serving(&self) {
+    /// The gateway (and the ingest endpoint with it) serves from now on:
+    /// its request counters exist (at 0), so the first refusal shows in
+    /// `increase()`; so do the entry counters of every stream ingest may
+    /// write.
+    pub fn gateway_serving(&self, ingest_streams: &[String]) {
         for result in GATEWAY_RESULTS {
             let _created = self
                 .gateway_requests
                 .get_or_create(&vec![("result", result.to_string())]);
         }
+        for result in INGEST_RESULTS {
+            let _created = self
+                .ingest_requests
+                .get_or_create(&vec![("result", result.to_string())]);
+        }
+        for stream in ingest_streams {
+            let _created = self
+                .ingest_entries
+                .get_or_create(&vec![("stream", stream.clone())]);
+        }
+    }
+
+    /// One `POST /api/v1/ingest/{stream}` answered: `entries` written when
+    /// `result` is `accepted`, else `why` it was refused or failed. The
+    /// stream comes from the URL, so only known streams get a series.
+    pub fn ingest_request(&self, stream: &str, result: &'static str, entries: usize, why: &str) {
+        match result {
+            "accepted" => {
+                tracing::debug!(target: "tripline::http", stream, entries, "ingest request written");
+                self.ingest_entries
+                    .get_or_create(&vec![("stream", stream.to_string())])
+                    .inc_by(entries as u64);
+            }
+            "unavailable" => {
+                tracing::warn!(target: "tripline::http", stream, "ingest could not write the entries, none was: {why}");
+            }
+            _ => {
+                tracing::info!(target: "tripline::http", stream, result, "ingest request refused: {why}");
+            }
+        }
+        self.ingest_requests
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
     }
 
     fn gateway_request(&self, result: &str) {

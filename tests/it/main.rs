@@ -6,6 +6,7 @@ mod cluster;
 mod contrib;
 mod http;
 mod http_limits;
+mod ingest;
 mod lifecycle;
 mod log_targets;
 mod logging;

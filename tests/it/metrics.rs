@@ -139,6 +139,20 @@ fn fresh_tripline_exposes_every_known_series_at_zero_also_after_a_reload_adds_a_
     ] {
         expected.push(("tripline_gateway_requests_total", vec![("result", result)]));
     }
+    for result in [
+        "accepted",
+        "malformed",
+        "unknown_stream",
+        "too_large",
+        "unauthorized",
+        "unavailable",
+    ] {
+        expected.push(("tripline_ingest_requests_total", vec![("result", result)]));
+    }
+    expected.push((
+        "tripline_ingest_entries_total",
+        vec![("stream", "telemetry")],
+    ));
     for kind in ["rules", "plugins"] {
         for result in ["success", "failure"] {
             expected.push((
