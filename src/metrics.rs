@@ -318,15 +318,46 @@ const GATEWAY_RESULTS: [&str; 6] = [
     "unavailable",
 ];
 
-/// Every `result` of `tripline_ingest_requests_total`.
-const INGEST_RESULTS: [&str; 6] = [
-    "accepted",
-    "malformed",
-    "unknown_stream",
-    "too_large",
-    "unauthorized",
-    "unavailable",
-];
+/// How one `POST /api/v1/ingest/{stream}` ended, as logged and counted.
+#[derive(Debug)]
+pub enum Ingest<'a> {
+    /// Every entry was written; how many.
+    Accepted(usize),
+    /// Not JSON, not objects, or empty: the 400's text.
+    Malformed(&'a str),
+    /// No subscription reads the stream: the 404's text.
+    UnknownStream(&'a str),
+    /// Over the gateway's body limit.
+    TooLarge,
+    /// Missing or wrong bearer token.
+    Unauthorized,
+    /// Redis did not take the entries (none was written).
+    Unavailable(&'a redis::RedisError),
+}
+
+impl Ingest<'_> {
+    /// Every `result` label, in the order of [`Ingest::result`]'s arms.
+    const RESULTS: [&'static str; 6] = [
+        "accepted",
+        "malformed",
+        "unknown_stream",
+        "too_large",
+        "unauthorized",
+        "unavailable",
+    ];
+
+    /// The `result` label of `tripline_ingest_requests_total`.
+    fn result(&self) -> &'static str {
+        Self::RESULTS[match self {
+            Ingest::Accepted(_) => 0,
+            Ingest::Malformed(_) => 1,
+            Ingest::UnknownStream(_) => 2,
+            Ingest::TooLarge => 3,
+            Ingest::Unauthorized => 4,
+            Ingest::Unavailable(_) => 5,
+        }]
+    }
+}
 
 const DECISIONS: [&str; 6] = ["alert", "log", "drop", "pass", "error", "resolve"];
 
@@ -788,7 +819,7 @@ impl Metrics {
                 .gateway_requests
                 .get_or_create(&vec![("result", result.to_string())]);
         }
-        for result in INGEST_RESULTS {
+        for result in Ingest::RESULTS {
             let _created = self
                 .ingest_requests
                 .get_or_create(&vec![("result", result.to_string())]);
@@ -800,22 +831,26 @@ impl Metrics {
         }
     }
 
-    /// One `POST /api/v1/ingest/{stream}` answered: `entries` written when
-    /// `result` is `accepted`, else `why` it was refused or failed. The
-    /// stream comes from the URL, so only known streams get a series.
-    pub fn ingest_request(&self, stream: &str, result: &'static str, entries: usize, why: &str) {
-        match result {
-            "accepted" => {
+    /// One `POST /api/v1/ingest/{stream}` answered. `stream` comes from
+    /// the URL, so entries are counted only once written (to a stream a
+    /// subscription reads), and requests by result alone.
+    pub fn ingest_request(&self, stream: &str, outcome: &Ingest) {
+        let result = outcome.result();
+        match outcome {
+            Ingest::Accepted(entries) => {
                 tracing::debug!(target: "tripline::http", stream, entries, "ingest request written");
                 self.ingest_entries
                     .get_or_create(&vec![("stream", stream.to_string())])
-                    .inc_by(entries as u64);
+                    .inc_by(*entries as u64);
             }
-            "unavailable" => {
-                tracing::warn!(target: "tripline::http", stream, "ingest could not write the entries, none was: {why}");
+            Ingest::Unavailable(e) => {
+                tracing::warn!(target: "tripline::http", stream, "ingest could not write the entries, none was: {e}");
             }
-            _ => {
+            Ingest::Malformed(why) | Ingest::UnknownStream(why) => {
                 tracing::info!(target: "tripline::http", stream, result, "ingest request refused: {why}");
+            }
+            Ingest::TooLarge | Ingest::Unauthorized => {
+                tracing::info!(target: "tripline::http", stream, result, "ingest request refused");
             }
         }
         self.ingest_requests

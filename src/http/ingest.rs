@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::auth::unauthorized;
 use super::gateway::{Gateway, watermill_xadd};
+use crate::metrics::Ingest;
 
 /// The `/api/v1/ingest/{stream}` route, refusing bodies over the gateway's
 /// limit before they are read.
@@ -169,7 +170,7 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// Checks in the order that reveals least: the token before the stream
-/// list, the stream before the body is read.
+/// list, the stream before the body is judged.
 async fn ingest(
     State(gateway): State<Arc<Gateway>>,
     Path(stream): Path<String>,
@@ -178,7 +179,7 @@ async fn ingest(
 ) -> Response {
     let metrics = gateway.metrics();
     if !gateway.authorized(&headers) {
-        metrics.ingest_request(&stream, "unauthorized", 0, "missing or wrong bearer token");
+        metrics.ingest_request(&stream, &Ingest::Unauthorized);
         return unauthorized();
     }
     let allowed = gateway.ingest_streams();
@@ -187,7 +188,7 @@ async fn ingest(
             "no subscription reads stream `{stream}`; allowed: {}",
             allowed.join(", ")
         );
-        metrics.ingest_request(&stream, "unknown_stream", 0, &why);
+        metrics.ingest_request(&stream, &Ingest::UnknownStream(&why));
         return (
             StatusCode::NOT_FOUND,
             Json(json!({ "error": why, "allowed": allowed })),
@@ -198,12 +199,12 @@ async fn ingest(
         Ok(b) => b,
         Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             let why = format!("Body larger than {} bytes", gateway.max_body_bytes());
-            metrics.ingest_request(&stream, "too_large", 0, &why);
+            metrics.ingest_request(&stream, &Ingest::TooLarge);
             return error(StatusCode::PAYLOAD_TOO_LARGE, &why);
         }
         Err(rejection) => {
             let why = rejection.body_text();
-            metrics.ingest_request(&stream, "malformed", 0, &why);
+            metrics.ingest_request(&stream, &Ingest::Malformed(&why));
             return error(StatusCode::BAD_REQUEST, &why);
         }
     };
@@ -211,7 +212,7 @@ async fn ingest(
         Ok(e) => e,
         Err(e) => {
             let why = e.to_string();
-            metrics.ingest_request(&stream, "malformed", 0, &why);
+            metrics.ingest_request(&stream, &Ingest::Malformed(&why));
             return error(StatusCode::BAD_REQUEST, &why);
         }
     };
@@ -224,7 +225,7 @@ async fn ingest(
     }
     match gateway.send::<Vec<String>>(&pipe).await {
         Ok(ids) => {
-            metrics.ingest_request(&stream, "accepted", ids.len(), "");
+            metrics.ingest_request(&stream, &Ingest::Accepted(ids.len()));
             (
                 StatusCode::OK,
                 Json(json!({ "stream": stream, "ids": ids })),
@@ -232,7 +233,7 @@ async fn ingest(
                 .into_response()
         }
         Err(e) => {
-            metrics.ingest_request(&stream, "unavailable", 0, &e.to_string());
+            metrics.ingest_request(&stream, &Ingest::Unavailable(&e));
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "Could not write the entries (none was written); try again later",
