@@ -1,7 +1,8 @@
 //! `POST /api/v1/ingest/{stream}` against a real Redis and the real binary:
 //! an object, an array and NDJSON, each read back from Redis in Watermill's
 //! envelope and judged by a rule into an alert; hostile bodies, an unknown
-//! stream and a missing token each get their 4xx and write nothing.
+//! stream and a missing token each get their 4xx and write nothing; the
+//! same transaction on a Redis Cluster.
 
 use std::time::Duration;
 
@@ -351,4 +352,50 @@ fn hostile_ingest_requests_get_a_4xx_naming_what_was_wrong_and_write_nothing() {
         "a raw ESC reached the log:\n{}",
         tl.stderr()
     );
+}
+
+#[test]
+fn ingest_writes_all_or_nothing_on_a_redis_cluster_too() {
+    let cluster = RedisCluster::start(3, 0, 5000);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let project = Project::new(
+        &format!(
+            "instance: ingest-{}\nhttp:\n  listen: \"{addr}\"\nshutdown_timeout: 10s\nsubscriptions:\n  - name: t\n    streams: [plain, {{topic: t, shards: 2}}]\n",
+            free_port()
+        ),
+        &[],
+    );
+    let tl = project.start_on(&cluster.addr());
+    let body = b"{\"n\":1}\n{\"n\":2}\n{\"n\":3}\n";
+    let mut con = cluster.conn();
+    // `t:{1}`, URL-encoded; a shard of a topic is a stream like any other.
+    for (stream, path) in [("plain", "plain"), ("t:{1}", "t:%7B1%7D")] {
+        let mut reply = None;
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                reply = http_call(&addr, "POST", &format!("/api/v1/ingest/{path}"), &[], body)
+                    .ok()
+                    .filter(|r| r.status == 200);
+                reply.is_some()
+            }),
+            "ingest never accepted; stderr:\n{}",
+            tl.stderr()
+        );
+        let ids = ids(&reply.unwrap(), stream);
+        let stored: Vec<String> = xrange(&mut con, stream)
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(stored, ids, "{stream}");
+        let bad = http_call(
+            &addr,
+            "POST",
+            &format!("/api/v1/ingest/{path}"),
+            &[],
+            b"{\"n\":4}\n{\"n\":5}\nnope\n",
+        )
+        .unwrap();
+        assert_eq!(bad.status, 400, "{}", bad.text());
+        assert_eq!(xrange(&mut con, stream).len(), 3, "{stream}");
+    }
 }
