@@ -195,10 +195,10 @@ async fn start_http(
             source,
         })?;
     let target = &settings.redis.target;
-    let gateway = config
-        .gateway
-        .as_ref()
-        .map(|g| http::Gateway::new(g, target.clone(), runtime.metrics.clone()));
+    let gateway = config.gateway.as_ref().map(|g| {
+        let streams = consumed_streams(&settings.subscriptions);
+        http::Gateway::new(g, streams, target.clone(), runtime.metrics.clone())
+    });
     let silences = http::silences::SilenceApi::new(target.clone(), config.admin_token.clone());
     let status = Arc::new(status::StatusApi::new(
         settings,

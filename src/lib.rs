@@ -43,6 +43,7 @@
 //! - [`clock`]: wall-clock milliseconds and their RFC 3339 form.
 //! - [`escape`]: control characters in untrusted text made visible, for
 //!   every human-facing output (text logs, console, CLI reports).
+//! - [`version`]: the crate version and the git commit built (`build.rs`).
 //! - [`cli`]: the `run`, `check`, `test`, `replay`, `record`, `simulate`,
 //!   `silence`, `completions` and `man` commands behind `main`.
 
@@ -73,3 +74,4 @@ pub mod sinks;
 pub mod status;
 #[cfg(test)]
 mod test_redis;
+pub mod version;

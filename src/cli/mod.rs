@@ -30,7 +30,7 @@ const REDIS_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Parser)]
 #[command(
     name = "tripline",
-    version,
+    version = crate::version::LONG,
     about = "Rule engine for streaming network telemetry: Redis Streams in, Rhai rules, alerts out.",
     after_help = "Examples:\n  tripline run --config tripline.yaml\n  tripline check\n  tripline test\n  tripline record packet-counter-errors --from 24h -o yesterday.jsonl\n  tripline replay yesterday.jsonl\n  tripline simulate --rate 500 --duration 30s"
 )]

@@ -183,7 +183,7 @@ pub struct HttpConfig {
     /// Turning it off is for tests and one-shot tools, not production.
     pub enabled: bool,
     /// `POST /telemetry-data`, the seed's gateway for collectors that cannot
-    /// speak Redis.
+    /// speak Redis, and `POST /api/v1/ingest/{stream}` for other producers.
     pub gateway: GatewayConfig,
     /// Bearer token the endpoints that change the engine (`POST /-/reload`,
     /// `POST`/`DELETE /api/silences`) require; none means open, which is

@@ -1,6 +1,7 @@
 //! `POST /telemetry-data`, the seed's gateway for collectors that cannot
 //! speak Redis: validates a reading and appends it to a stream in
-//! Watermill's envelope.
+//! Watermill's envelope. Its token, body limit and Redis connection also
+//! serve [`super::ingest`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
-use redis::RedisError;
+use redis::{FromRedisValue, RedisError};
 use serde_json::{Value, json};
 
 use super::auth::{bearer_ok, unauthorized};
@@ -49,11 +50,22 @@ pub struct Gateway {
     conn: tokio::sync::Mutex<Option<RedisConn>>,
     /// Where requests are counted by result.
     metrics: Arc<Metrics>,
+    /// Streams `POST /api/v1/ingest/{stream}` may write: those some
+    /// subscription reads, so nothing is written that no rule will see.
+    ingest_streams: Vec<String>,
 }
 
 impl Gateway {
-    pub fn new(config: &GatewaySettings, target: RedisTarget, metrics: Arc<Metrics>) -> Gateway {
+    /// `ingest_streams`: the streams the subscriptions read.
+    pub fn new(
+        config: &GatewaySettings,
+        ingest_streams: Vec<String>,
+        target: RedisTarget,
+        metrics: Arc<Metrics>,
+    ) -> Gateway {
+        metrics.gateway_serving(&ingest_streams);
         Gateway {
+            ingest_streams,
             stream: config.stream.clone(),
             shards: config.shards,
             token: config.token.clone(),
@@ -64,20 +76,34 @@ impl Gateway {
         }
     }
 
-    /// The `/telemetry-data` route, refusing bodies over `max_body_bytes`
-    /// before they are read.
+    /// The `/telemetry-data` and `/api/v1/ingest/{stream}` routes, refusing
+    /// bodies over `max_body_bytes` before they are read.
     pub fn routes(self: Arc<Self>) -> Router {
         let limit = self.max_body_bytes;
-        Router::new().route(
-            "/telemetry-data",
-            post(telemetry)
-                .with_state(self)
-                .layer(DefaultBodyLimit::max(limit)),
-        )
+        Router::new()
+            .route(
+                "/telemetry-data",
+                post(telemetry)
+                    .with_state(self.clone())
+                    .layer(DefaultBodyLimit::max(limit)),
+            )
+            .merge(super::ingest::routes(self))
     }
 
-    fn authorized(&self, headers: &HeaderMap) -> bool {
+    pub(super) fn authorized(&self, headers: &HeaderMap) -> bool {
         bearer_ok(headers, self.token.as_deref())
+    }
+
+    pub(super) fn max_body_bytes(&self) -> usize {
+        self.max_body_bytes
+    }
+
+    pub(super) fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub(super) fn ingest_streams(&self) -> &[String] {
+        &self.ingest_streams
     }
 
     async fn connection(&self) -> Result<RedisConn, RedisError> {
@@ -94,26 +120,26 @@ impl Gateway {
         *self.conn.lock().await = None;
     }
 
-    /// XADDs one reading; returns the entry id. A connection found dead
-    /// (Redis restarted since the last request) is replaced and the XADD
-    /// sent once more; a timeout is not retried, as Redis may have applied it.
+    /// XADDs one reading; returns the entry id.
     async fn publish(&self, stream: &str, payload: &[u8]) -> Result<String, RedisError> {
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let mut cmd = redis::cmd("XADD");
-        cmd.arg(stream)
-            .arg("*")
-            .arg(WATERMILL_UUID)
-            .arg(&uuid)
-            .arg(WATERMILL_METADATA)
-            .arg(encode_metadata(&[("source", "tripline-gateway")]))
-            .arg(WATERMILL_PAYLOAD)
-            .arg(payload);
-        let first: Result<String, RedisError> =
-            cmd.query_async(&mut self.connection().await?).await;
+        let mut pipe = redis::pipe();
+        pipe.add_command(watermill_xadd(stream, payload, "tripline-gateway"));
+        let (id,): (String,) = self.send(&pipe).await?;
+        Ok(id)
+    }
+
+    /// Sends `pipe` on the shared connection. A connection found dead (Redis
+    /// restarted since the last request) is replaced and `pipe` sent once
+    /// more; a timeout is not retried, as Redis may have applied it.
+    pub(super) async fn send<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T, RedisError> {
+        let first = pipe.query_async(&mut self.connection().await?).await;
         let result = match first {
             Err(e) if e.is_connection_dropped() && !e.is_timeout() => {
                 self.forget_connection().await;
-                cmd.query_async(&mut self.connection().await?).await
+                pipe.query_async(&mut self.connection().await?).await
             }
             other => other,
         };
@@ -124,6 +150,22 @@ impl Gateway {
         }
         result
     }
+}
+
+/// The XADD of one entry in Watermill's envelope, as the seed's Go
+/// publishers write it, so rules see the same `msg` (and `source` in its
+/// metadata says which endpoint took it).
+pub(super) fn watermill_xadd(stream: &str, payload: &[u8], source: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream)
+        .arg("*")
+        .arg(WATERMILL_UUID)
+        .arg(uuid::Uuid::new_v4().to_string())
+        .arg(WATERMILL_METADATA)
+        .arg(encode_metadata(&[("source", source)]))
+        .arg(WATERMILL_PAYLOAD)
+        .arg(payload);
+    cmd
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

@@ -2,8 +2,9 @@
 //! answers), `/readyz` (503 with the reasons while Redis is unreachable, the
 //! engine is starting or shutting down), `POST /-/reload`, and
 //! `POST /telemetry-data`, the seed's gateway for collectors that cannot
-//! speak Redis, and `/api/silences`. One file per concern: [`probes`],
-//! [`metrics`], [`gateway`], [`silences`]; [`auth`] holds the bearer check
+//! speak Redis, `POST /api/v1/ingest/{stream}` for any other producer, and
+//! `/api/silences`. One file per concern: [`probes`], [`metrics`],
+//! [`gateway`], [`ingest`], [`silences`]; [`auth`] holds the bearer check
 //! they share and [`server`] the listener loop.
 //!
 //! Every connection is bounded: its headers must arrive within
@@ -17,6 +18,7 @@
 
 pub mod auth;
 pub mod gateway;
+pub mod ingest;
 pub mod metrics;
 pub mod probes;
 pub mod server;

@@ -65,6 +65,12 @@ pub struct Metrics {
     alerts_silenced: Family<Labels, Counter>,
     /// `POST /telemetry-data` requests by result.
     gateway_requests: Family<Labels, Counter>,
+    /// `POST /api/v1/ingest/{stream}` requests by result: refusals are
+    /// a producer's bug to find, `unavailable` is ours.
+    ingest_requests: Family<Labels, Counter>,
+    /// Entries `POST /api/v1/ingest/{stream}` wrote, by stream: how much
+    /// of a stream's traffic comes in over HTTP.
+    ingest_entries: Family<Labels, Counter>,
     sink_lag: Family<Labels, Gauge>,
     sink_program_exits: Family<Labels, Counter>,
     /// Consumers deleted from a group for being idle with nothing pending.
@@ -110,6 +116,8 @@ impl Metrics {
             sink_silenced: Family::default(),
             alerts_silenced: Family::default(),
             gateway_requests: Family::default(),
+            ingest_requests: Family::default(),
+            ingest_entries: Family::default(),
             sink_lag: Family::default(),
             sink_program_exits: Family::default(),
             consumers_removed: Family::default(),
@@ -182,6 +190,16 @@ impl Metrics {
             "gateway_requests",
             "POST /telemetry-data requests by result (accepted, malformed, invalid, too_large, unauthorized, unavailable)",
             self.gateway_requests.clone(),
+        );
+        registry.register(
+            "ingest_requests",
+            "POST /api/v1/ingest/{stream} requests by result (accepted, malformed, unknown_stream, too_large, unauthorized, unavailable)",
+            self.ingest_requests.clone(),
+        );
+        registry.register(
+            "ingest_entries",
+            "Entries POST /api/v1/ingest/{stream} wrote, by stream",
+            self.ingest_entries.clone(),
         );
     }
 
@@ -271,10 +289,10 @@ impl Metrics {
             "Times Redis was found to have lost tripline's data (alert state, outbox, groups) of a hash tag: restarted without persistence, flushed or evicted, by tag",
             self.redis_state_lost.clone(),
         );
-        let build = prometheus_client::metrics::info::Info::new(vec![(
-            "version",
-            env!("CARGO_PKG_VERSION").to_string(),
-        )]);
+        let build = prometheus_client::metrics::info::Info::new(vec![
+            ("version", crate::version::VERSION.to_string()),
+            ("commit", crate::version::COMMIT.to_string()),
+        ]);
         registry.register("build", "tripline build information", build);
     }
 
@@ -355,6 +373,57 @@ pub struct RuleMetrics {
     seconds: Histogram,
 }
 
+/// Every `result` of `tripline_gateway_requests_total`.
+const GATEWAY_RESULTS: [&str; 6] = [
+    "accepted",
+    "malformed",
+    "invalid",
+    "too_large",
+    "unauthorized",
+    "unavailable",
+];
+
+/// How one `POST /api/v1/ingest/{stream}` ended, as logged and counted.
+#[derive(Debug)]
+pub enum Ingest<'a> {
+    /// Every entry was written; how many.
+    Accepted(usize),
+    /// Not JSON, not objects, or empty: the 400's text.
+    Malformed(&'a str),
+    /// No subscription reads the stream: the 404's text.
+    UnknownStream(&'a str),
+    /// Over the gateway's body limit.
+    TooLarge,
+    /// Missing or wrong bearer token.
+    Unauthorized,
+    /// Redis did not take the entries (none was written).
+    Unavailable(&'a redis::RedisError),
+}
+
+impl Ingest<'_> {
+    /// Every `result` label, in the order of [`Ingest::result`]'s arms.
+    const RESULTS: [&'static str; 6] = [
+        "accepted",
+        "malformed",
+        "unknown_stream",
+        "too_large",
+        "unauthorized",
+        "unavailable",
+    ];
+
+    /// The `result` label of `tripline_ingest_requests_total`.
+    fn result(&self) -> &'static str {
+        Self::RESULTS[match self {
+            Ingest::Accepted(_) => 0,
+            Ingest::Malformed(_) => 1,
+            Ingest::UnknownStream(_) => 2,
+            Ingest::TooLarge => 3,
+            Ingest::Unauthorized => 4,
+            Ingest::Unavailable(_) => 5,
+        }]
+    }
+}
+
 const DECISIONS: [&str; 6] = ["alert", "log", "drop", "pass", "error", "resolve"];
 
 /// What one rule decided about one message, as counted; in the order of
@@ -379,7 +448,7 @@ impl RuleMetrics {
                 ])
                 .clone()
         };
-        RuleMetrics {
+        let handles = RuleMetrics {
             rule: rule.to_string(),
             record: m.record.clone(),
             by_decision: DECISIONS.map(counter),
@@ -391,7 +460,13 @@ impl RuleMetrics {
                 .rule_eval_seconds
                 .get_or_create(&vec![("rule", rule.to_string())])
                 .clone(),
-        }
+        };
+        // At 0 from compile time (start or the reload that added the rule),
+        // so `increase()` sees the first withheld notification.
+        let _created = m
+            .alerts_silenced
+            .get_or_create(&vec![("rule", rule.to_string())]);
+        handles
     }
 
     pub fn observe(&self, decision: Decision, took: Duration) {
@@ -780,22 +855,31 @@ impl Metrics {
         self.retired_unsent.inc_by(alerts.len() as u64);
     }
 
-    /// A subscription starts consuming `stream`: its message counters exist
-    /// (at 0) from now on, so rates and alerts on them work before the first
-    /// dead-letter or error.
+    /// A subscription starts consuming `stream`: its message, consumer
+    /// cleanup and redecision counters exist (at 0) from now on, so rates
+    /// and alerts on them work before the first dead-letter or error.
     pub fn consuming(&self, subscription: &str, stream: &str, group: &str) {
         tracing::info!(target: "tripline::source", subscription, stream, group, "consuming");
         let m = self;
+        let labels = vec![("stream", stream.to_string()), ("group", group.to_string())];
         for outcome in ["processed", "dropped", "dead_lettered", "error"] {
-            let _created = m.messages.get_or_create(&vec![
+            let mut by_outcome = labels.clone();
+            by_outcome.push(("outcome", outcome.to_string()));
+            let _created = m.messages.get_or_create(&by_outcome);
+        }
+        let _created = m.consumers_removed.get_or_create(&labels);
+        for reason in ["stale", "conflict"] {
+            let _created = m.state_redecisions.get_or_create(&vec![
                 ("stream", stream.to_string()),
-                ("group", group.to_string()),
-                ("outcome", outcome.to_string()),
+                ("reason", reason.to_string()),
             ]);
         }
     }
 
-    /// A sink dispatcher started; its counters exist (at 0) from now on.
+    /// A sink dispatcher started (at startup or by the reload that added
+    /// it); its counters exist (at 0) from now on, the program exits too for
+    /// an exec sink. Its lag is not set here: the dispatcher measures it
+    /// first thing, and a 0 before that could hide a backlog.
     pub fn sink_started(&self, sink: &str, kind: &str) {
         tracing::info!(target: "tripline::sinks", sink, kind, "sink started");
         self.record.sink_started(sink, kind);
@@ -806,9 +890,62 @@ impl Metrics {
             &m.sink_failures,
             &m.sink_retries,
             &m.sink_dead,
+            &m.sink_silenced,
         ] {
             let _created = family.get_or_create(&labels);
         }
+        if kind == "exec" {
+            let _created = m.sink_program_exits.get_or_create(&labels);
+        }
+    }
+
+    /// The gateway (and the ingest endpoint with it) serves from now on:
+    /// its request counters exist (at 0), so the first refusal shows in
+    /// `increase()`; so do the entry counters of every stream ingest may
+    /// write.
+    pub fn gateway_serving(&self, ingest_streams: &[String]) {
+        for result in GATEWAY_RESULTS {
+            let _created = self
+                .gateway_requests
+                .get_or_create(&vec![("result", result.to_string())]);
+        }
+        for result in Ingest::RESULTS {
+            let _created = self
+                .ingest_requests
+                .get_or_create(&vec![("result", result.to_string())]);
+        }
+        for stream in ingest_streams {
+            let _created = self
+                .ingest_entries
+                .get_or_create(&vec![("stream", stream.clone())]);
+        }
+    }
+
+    /// One `POST /api/v1/ingest/{stream}` answered. `stream` comes from
+    /// the URL, so entries are counted only once written (to a stream a
+    /// subscription reads), and requests by result alone.
+    pub fn ingest_request(&self, stream: &str, outcome: &Ingest) {
+        let result = outcome.result();
+        match outcome {
+            Ingest::Accepted(entries) => {
+                tracing::debug!(target: "tripline::http", stream, entries, "ingest request written");
+                self.ingest_entries
+                    .get_or_create(&vec![("stream", stream.to_string())])
+                    .inc_by(*entries as u64);
+            }
+            Ingest::Unavailable(e) => {
+                tracing::warn!(target: "tripline::http", stream, "ingest could not write the entries, none was: {e}");
+            }
+            Ingest::Malformed(why) | Ingest::UnknownStream(why) => {
+                tracing::info!(target: "tripline::http", stream, result, "ingest request refused: {why}");
+            }
+            Ingest::TooLarge | Ingest::Unauthorized => {
+                tracing::info!(target: "tripline::http", stream, result, "ingest request refused");
+            }
+        }
+        self.ingest_requests
+            .get_or_create(&vec![("result", result.to_string())])
+            .inc();
     }
 
     fn gateway_request(&self, result: &str) {
@@ -921,6 +1058,11 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("tripline_build_info"));
+        let build = format!(
+            "tripline_build_info{{version=\"{}\",commit=\"{}\"}} 1",
+            crate::version::VERSION,
+            crate::version::COMMIT
+        );
+        assert!(text.contains(&build), "{text}");
     }
 }

@@ -554,3 +554,16 @@ fn http_listen_is_overridden_by_the_environment_and_a_busy_port_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn version_names_the_git_commit_of_the_checkout() {
+    let out = Command::new(bin()).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with(&format!("tripline {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    let expected = checkout_commit().unwrap_or_else(|| "unknown".into());
+    assert!(text.contains(&expected), "{text} should name {expected}");
+}

@@ -2,8 +2,6 @@
 //! gateway (every status code), readiness following Redis, `/metrics`
 //! content after a known set of messages, promtool and a real Prometheus.
 
-use std::collections::BTreeMap;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::util::*;
@@ -404,82 +402,11 @@ fn readyz_follows_redis_from_start_up_on() {
     );
 }
 
-/// Samples of the Prometheus text format as (name, labels, value).
-fn samples(text: &str) -> Vec<(String, BTreeMap<String, String>, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .map(|line| {
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            let value = match value {
-                "+Inf" => f64::INFINITY,
-                v => v.parse().unwrap_or_else(|_| panic!("bad value in {line}")),
-            };
-            let (name, labels) = match series.split_once('{') {
-                Some((n, rest)) => (n, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            let labels = labels
-                .split("\",")
-                .filter(|p| !p.is_empty())
-                .map(|p| {
-                    let (k, v) = p.split_once("=\"").unwrap();
-                    (k.to_string(), v.trim_end_matches('"').to_string())
-                })
-                .collect();
-            (name.to_string(), labels, value)
-        })
-        .collect()
-}
-
-/// The value of the one sample of `name` whose labels include `labels`.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let found: Vec<f64> = samples(text)
-        .into_iter()
-        .filter(|(n, l, _)| {
-            n == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
-        })
-        .map(|(_, _, v)| v)
-        .collect();
-    assert!(found.len() <= 1, "{name} {labels:?} matches {found:?}");
-    found.first().copied()
-}
-
 /// Drops readings from `ignored`, throws on readings from `bad`.
 const GATE_RULE: &str = r#"fn on_message(msg, ctx) {
     if msg.hostname == "ignored" { drop(); }
     if msg.hostname == "bad" { throw "bad host"; }
 }"#;
-
-fn promtool_check(text: &str) -> (bool, String) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect(
-            "promtool must be installed (Debian package `prometheus`; scripts/test installs it)",
-        );
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 #[test]
 fn metrics_after_known_messages_have_every_family_and_pass_promtool() {
