@@ -328,6 +328,20 @@ pub fn encode_metadata(pairs: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// What a JSON value is, in words, for the errors that refuse it ("a
+/// string is not a JSON object").
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -100,17 +100,6 @@ pub fn json_fields(payload: &Value, envelope: Option<(&str, &[(&str, &str)])>) -
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 /// A scalar as the text a stream field would hold.
 fn field_text(v: Value) -> String {
     match v {
@@ -148,7 +137,7 @@ impl Record {
         let value: Value =
             serde_json::from_str(line).map_err(|e| LineError::Json(e.to_string()))?;
         let Value::Object(mut map) = value else {
-            return Err(LineError::NotObject(type_name(&value)));
+            return Err(LineError::NotObject(decode::json_kind(&value)));
         };
         let stream = take_string(&mut map, "stream")?;
         let id = take_string(&mut map, "id")?;

@@ -21,6 +21,7 @@ use serde_json::{Map, Value, json};
 
 use super::auth::unauthorized;
 use super::gateway::{Gateway, watermill_xadd};
+use crate::decode::json_kind;
 use crate::metrics::Ingest;
 
 /// The `/api/v1/ingest/{stream}` route, refusing bodies over the gateway's
@@ -115,7 +116,7 @@ fn entries(body: &[u8], framing: Framing) -> Result<Vec<Map<String, Value>>, Bod
             Value::Object(map) => Ok(map),
             other => Err(BodyError::NotObject {
                 at,
-                found: kind(&other),
+                found: json_kind(&other),
             }),
         })
         .collect()
@@ -152,17 +153,6 @@ fn not_json(at: String, e: &serde_json::Error) -> BodyError {
         None => text,
     };
     BodyError::NotJson { at, why }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn error(status: StatusCode, message: &str) -> Response {

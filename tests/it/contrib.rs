@@ -199,18 +199,7 @@ fn every_grafana_dashboard_query_returns_series_from_a_live_tripline() {
     );
     assert_eq!(code, 0, "silence add: {out}{err}");
     let tl = project.start(&redis);
-    assert!(
-        wait_until(Duration::from_secs(60), || http_call(
-            &addr,
-            "GET",
-            "/readyz",
-            &[],
-            b""
-        )
-        .is_ok_and(|r| r.status == 200)),
-        "never ready:\n{}",
-        tl.stderr()
-    );
+    tl.wait_ready(&addr);
 
     // Traffic until the end of the test: a link goes down and the previous
     // one comes back, and now and then a reading the boom rule fails on.

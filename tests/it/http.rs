@@ -47,22 +47,6 @@ fn post(addr: &str, body: &str) -> HttpReply {
     http_call(addr, "POST", "/telemetry-data", &[], body.as_bytes()).unwrap()
 }
 
-/// Waits for `/readyz` to answer 200.
-fn wait_ready(addr: &str, tl: &Tripline) {
-    assert!(
-        wait_until(Duration::from_secs(30), || http_call(
-            addr,
-            "GET",
-            "/readyz",
-            &[],
-            b""
-        )
-        .is_ok_and(|r| r.status == 200)),
-        "/readyz never answered 200; stderr:\n{}",
-        tl.stderr()
-    );
-}
-
 fn xlen(con: &mut redis::Connection, stream: &str) -> i64 {
     redis::cmd("XLEN").arg(stream).query(con).unwrap()
 }
@@ -73,7 +57,7 @@ fn posted_reading_is_published_in_watermill_envelope_and_ends_as_alert() {
     let addr = local_addr();
     let project = seed_project(&addr, "");
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
 
     let reply = post(
         &addr,
@@ -149,7 +133,7 @@ fn bad_readings_get_the_seeds_400_bodies_and_publish_nothing() {
     let addr = local_addr();
     let project = seed_project(&addr, "");
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
 
     let malformed = [
         "{\"hostname\": \"r1\", \"input_errors\": ",
@@ -225,7 +209,7 @@ fn body_over_64_kib_is_413() {
     let addr = local_addr();
     let project = seed_project(&addr, "");
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
 
     let at_limit = padded_reading(64 * 1024);
     let r = post(&addr, &at_limit);
@@ -257,7 +241,7 @@ fn bearer_token_from_the_environment_guards_the_gateway_only() {
     );
 
     let tl = project.start_with_env(&redis, &["run"], &[("TRIPLINE_GW_TOKEN", "s3cret")]);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
     let body = br#"{"hostname":"r1","interface":"et-0","input_errors":7}"#;
     let call = |headers: &[(&str, &str)]| {
         http_call(&addr, "POST", "/telemetry-data", headers, body).unwrap()
@@ -295,7 +279,7 @@ fn failed_publish_is_503_and_gateway_recovers_with_redis() {
     let addr = local_addr();
     let project = seed_project(&addr, "");
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
     let reading = r#"{"hostname":"r1","interface":"et-0","input_errors":7}"#;
     assert_eq!(post(&addr, reading).status, 200);
 
@@ -373,7 +357,7 @@ fn readyz_follows_redis_from_start_up_on() {
     );
 
     redis.restart();
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
     assert_eq!(readyz(&addr).unwrap().text(), "ready\n");
 
     // No message flows: the health check notices the outage anyway.
@@ -394,7 +378,7 @@ fn readyz_follows_redis_from_start_up_on() {
     assert_eq!(get(&addr, "/healthz").status, 200);
 
     redis.restart();
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
     assert!(
         get(&addr, "/metrics")
             .text()
@@ -450,7 +434,7 @@ fn metrics_after_known_messages_have_every_family_and_pass_promtool() {
         .unwrap()
         .as_secs_f64();
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
 
     let reading = |host: &str, errors: i64| {
         format!(r#"{{"hostname":"{host}","interface":"et-0","input_errors":{errors}}}"#)
@@ -641,7 +625,7 @@ fn real_prometheus_scrapes_tripline() {
     let addr = local_addr();
     let project = seed_project(&addr, "");
     let tl = project.start(&redis);
-    wait_ready(&addr, &tl);
+    tl.wait_ready(&addr);
     let mut con = redis.conn();
     for i in 0..4 {
         xadd_watermill(

@@ -38,18 +38,7 @@ fn start(redis: &RedisServer) -> (Project, Tripline, String) {
         ],
     );
     let tl = project.start(redis);
-    assert!(
-        wait_until(Duration::from_secs(60), || http_call(
-            &addr,
-            "GET",
-            "/readyz",
-            &[],
-            b""
-        )
-        .is_ok_and(|r| r.status == 200)),
-        "never ready; stderr:\n{}",
-        tl.stderr()
-    );
+    tl.wait_ready(&addr);
     (project, tl, addr)
 }
 

@@ -219,9 +219,7 @@ fn silences_from_http_and_cli_mute_matching_notifications_on_every_instance() {
     );
     let tl = project.start(&redis);
     let addr = format!("127.0.0.1:{port}");
-    assert!(wait_until(Duration::from_secs(20), || {
-        http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-    }));
+    tl.wait_ready(&addr);
     let (status, body) = http_request(
         &addr,
         "POST",
@@ -295,13 +293,7 @@ fn admin_token_guards_reload_and_silence_changes_but_not_reads() {
     );
     let tl = project.start_with_env(&redis, &["run"], &[("TRIPLINE_TEST_ADMIN", "adm1n")]);
     let addr = format!("127.0.0.1:{port}");
-    assert!(
-        wait_until(Duration::from_secs(20), || {
-            http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-        }),
-        "{}",
-        tl.stderr()
-    );
+    tl.wait_ready(&addr);
     let silence = br#"{"matchers": ["host=a"], "duration": "1h"}"#;
     let bearer = [("Authorization", "Bearer adm1n")];
     let wrong = [("Authorization", "Bearer nope")];

@@ -31,16 +31,6 @@ fn project(http: &str, streams: &str) -> Project {
     )
 }
 
-fn wait_ready(http: &str, tl: &Tripline) {
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http_call(http, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-        }),
-        "/readyz never answered 200; stderr:\n{}",
-        tl.stderr()
-    );
-}
-
 /// The value of the sample `series` (name and labels exactly as exported)
 /// on `/metrics`.
 fn metric(http: &str, series: &str) -> Option<f64> {
@@ -79,8 +69,8 @@ fn flushed_redis_is_reported_as_lost_state_once_by_each_instance() {
     let (http_a, http_b) = (local_addr(), local_addr());
     let (a, b) = (project(&http_a, "[s]"), project(&http_b, "[s]"));
     let (ta, tb) = (a.start(&redis), b.start(&redis));
-    wait_ready(&http_a, &ta);
-    wait_ready(&http_b, &tb);
+    ta.wait_ready(&http_a);
+    tb.wait_ready(&http_b);
     let mut con = redis.conn();
     assert!(matches!(
         q(&mut con, &["GET", "tripline:marker:{s}"]),
@@ -130,7 +120,7 @@ fn one_outage_logs_one_unreachable_and_one_reachable_line() {
     let http = local_addr();
     let project = project(&http, "[s]");
     let tl = project.start(&redis);
-    wait_ready(&http, &tl);
+    tl.wait_ready(&http);
     xadd(&mut redis.conn(), "s", &[("host", b"before")]);
     assert!(
         wait_until(Duration::from_secs(20), || alerted(&project, "before")),
@@ -143,7 +133,7 @@ fn one_outage_logs_one_unreachable_and_one_reachable_line() {
     // retries a few times meanwhile.
     std::thread::sleep(Duration::from_secs(4));
     redis.restart();
-    wait_ready(&http, &tl);
+    tl.wait_ready(&http);
     // Tasks that were idle through the outage (the lease refreshes every
     // 10 s) find their connection broken only now.
     std::thread::sleep(Duration::from_secs(11));
@@ -173,8 +163,8 @@ fn redis_without_persistence_is_warned_about_and_with_aof_is_not() {
     let (http_bare, http_aof) = (local_addr(), local_addr());
     let (p_bare, p_aof) = (project(&http_bare, "[s]"), project(&http_aof, "[s]"));
     let (t_bare, t_aof) = (p_bare.start(&bare), p_aof.start(&aof));
-    wait_ready(&http_bare, &t_bare);
-    wait_ready(&http_aof, &t_aof);
+    t_bare.wait_ready(&http_bare);
+    t_aof.wait_ready(&http_aof);
 
     let warned = lines_with(&t_bare, NO_PERSISTENCE);
     assert_eq!(warned.len(), 1, "{}", t_bare.stderr());
@@ -211,7 +201,7 @@ fn config_refused_by_an_acl_is_tolerated() {
     let http = local_addr();
     let project = project(&http, "[s]");
     let tl = project.start_on(&format!("redis://noconfig:pw@127.0.0.1:{}/", redis.port));
-    wait_ready(&http, &tl);
+    tl.wait_ready(&http);
 
     let unknown = lines_with(&tl, "cannot tell whether Redis persists");
     assert_eq!(unknown.len(), 1, "{}", tl.stderr());
@@ -242,7 +232,7 @@ fn cluster_nodes_without_persistence_are_named_and_a_flushed_node_loses_its_tags
     let http = local_addr();
     let project = project(&http, "[{topic: t, shards: 3}]");
     let tl = project.start_on(&cluster.addr());
-    wait_ready(&http, &tl);
+    tl.wait_ready(&http);
 
     let warned = lines_with(&tl, NO_PERSISTENCE);
     assert_eq!(warned.len(), 1, "{}", tl.stderr());

@@ -28,13 +28,7 @@ fn project(port: u16, instance: &str) -> Project {
 
 fn start(p: &Project, redis: &RedisServer, addr: &str) -> Tripline {
     let tl = p.start_with_env(redis, &["run"], &[("TRIPLINE_TEST_ADMIN", TOKEN)]);
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http_call(addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-        }),
-        "{}",
-        tl.stderr()
-    );
+    tl.wait_ready(addr);
     tl
 }
 
@@ -264,6 +258,21 @@ fn tripline_status(p: &Project, url: &str) -> String {
 /// A label value built to break out of HTML, attributes and lines.
 const HOSTILE: &str = "<script>alert(1)</script>\"'\n\u{1b}[31mred";
 
+/// Debian's Chromium without a display, bounded to a minute: a sandbox
+/// needs privileges CI containers lack, and /dev/shm is small there.
+fn headless_chromium() -> Command {
+    let mut c = Command::new("timeout");
+    c.args([
+        "60",
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+    ])
+    .arg("--disable-dev-shm-usage");
+    c
+}
+
 #[test]
 fn status_page_in_headless_chromium_shows_labels_rule_error_and_silences() {
     let redis = RedisServer::start();
@@ -308,15 +317,7 @@ fn status_page_in_headless_chromium_shows_labels_rule_error_and_silences() {
     );
 
     let url = format!("http://{addr}/");
-    let dom = run(Command::new("timeout")
-        .args([
-            "60",
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-        ])
-        .args(["--disable-dev-shm-usage", "--dump-dom", &url]));
+    let dom = run(headless_chromium().args(["--dump-dom", &url]));
     // The alert's labels, escaped: text, never markup.
     assert!(dom.contains("host=core-1"), "{dom}");
     assert!(
@@ -334,15 +335,8 @@ fn status_page_in_headless_chromium_shows_labels_rule_error_and_silences() {
     assert!(dom.contains("alert silenced"), "{dom}");
     assert!(dom.contains("<span id=\"firing-count\">2</span>"), "{dom}");
     if let Ok(path) = std::env::var("STATUS_PAGE_SCREENSHOT") {
-        run(Command::new("timeout")
-            .args([
-                "60",
-                "chromium",
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-            ])
-            .args(["--disable-dev-shm-usage", "--hide-scrollbars"])
+        run(headless_chromium()
+            .arg("--hide-scrollbars")
             .arg(format!("--screenshot={path}"))
             .args(["--window-size=1280,900", &url]));
     }
@@ -360,13 +354,7 @@ fn status_on_redis_cluster_lists_alerts_of_every_shard_and_the_nodes() {
         &[("rules/hot.rhai", RULE)],
     );
     let tl = p.start_on(&cluster.addr());
-    assert!(
-        wait_until(Duration::from_secs(30), || {
-            http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-        }),
-        "{}",
-        tl.stderr()
-    );
+    tl.wait_ready(&addr);
     let mut con = cluster.conn();
     for (shard, host) in [("t:{0}", "core-1"), ("t:{1}", "edge-1")] {
         let _: String = redis::cmd("XADD")
@@ -412,14 +400,12 @@ fn status_masks_the_redis_password_everywhere_it_shows_the_endpoint() {
     let addr = format!("127.0.0.1:{port}");
     let p = project(port, "status-masked");
     let url = redis.url();
-    let _tl = p.start_with_env(
+    let tl = p.start_with_env(
         &redis,
         &["run"],
         &[("REDIS_ADDR", url.as_str()), ("TRIPLINE_TEST_ADMIN", TOKEN)],
     );
-    assert!(wait_until(Duration::from_secs(30), || {
-        http_call(&addr, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-    }));
+    tl.wait_ready(&addr);
     let status = get_json(&addr, "/api/v1/status");
     assert_eq!(status["redis"]["reachable"], true, "{status}");
     assert!(

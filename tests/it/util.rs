@@ -470,6 +470,23 @@ impl Tripline {
         Self::read(&self.stderr)
     }
 
+    /// Waits until `/readyz` on `http` answers 200: Redis reachable, rules
+    /// loaded, groups joined.
+    pub fn wait_ready(&self, http: &str) {
+        assert!(
+            wait_until(Duration::from_secs(60), || http_call(
+                http,
+                "GET",
+                "/readyz",
+                &[],
+                b""
+            )
+            .is_ok_and(|r| r.status == 200)),
+            "/readyz on {http} never answered 200; stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Waits until the file watcher runs and HTTP answers on `http`: then a
     /// saved file or a `POST /-/reload` reaches a running engine.
     pub fn wait_watching(&self, http: &str) {
