@@ -963,7 +963,9 @@ fn throughput(a: &ThroughputArgs) -> Summary {
     for rep in 0..a.repeat {
         let mut con = redis.conn();
         let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("FLUSHALL");
+        let xadd_cpu = process_cpu(redis_pid);
         publish_all(&mut con, (0..a.work.messages).map(|i| a.work.payload(i)));
+        let xadd_cpu = process_cpu(redis_pid) - xadd_cpu;
         let (bare, trip) = if rep % 2 == 0 {
             let b = run_bare(&redis, redis_pid, a.groups, a.work.messages, &checks);
             (b, run_tripline(&redis, redis_pid, a))
@@ -977,9 +979,10 @@ fn throughput(a: &ThroughputArgs) -> Summary {
         let ratio = trip.rate / bare.rate;
         let per_msg = trip.cpu / (a.work.messages * a.groups as usize) as f64 * 1e6;
         println!(
-            "  round {} ({} first): bare {:>7.0}/s ({:.2} s, cpu {:.2} s, redis cpu {:.2} s) | tripline {:>7.0}/s ({:.2} s, cpu {:.2} s = {:.1} µs/entry/group, redis cpu {:.2} s, startup {:.0} ms, peak RSS {:.1} MiB, {} alerts, {} rule log lines) | ratio {:.2}",
+            "  round {} ({} first): XADD redis cpu {:.2} s | bare {:>7.0}/s ({:.2} s, cpu {:.2} s, redis cpu {:.2} s) | tripline {:>7.0}/s ({:.2} s, cpu {:.2} s = {:.1} µs/entry/group, redis cpu {:.2} s, startup {:.0} ms, peak RSS {:.1} MiB, {} alerts, {} rule log lines) | ratio {:.2}",
             rep + 1,
             if rep % 2 == 0 { "bare" } else { "tripline" },
+            xadd_cpu,
             bare.rate,
             bare.secs,
             bare.cpu,
@@ -1195,6 +1198,8 @@ fn latency(a: &LatencyArgs) {
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
     let period = Duration::from_nanos(1_000_000_000 / a.rate);
     let cpu = process_cpu(child.id());
+    let redis_pid = redis_pid(&mut con);
+    let redis_cpu = process_cpu(redis_pid);
     for (i, slot) in sent.iter().enumerate() {
         let due = period * i as u32;
         if let Some(wait) = due.checked_sub(base.elapsed()) {
@@ -1225,6 +1230,7 @@ fn latency(a: &LatencyArgs) {
     done.store(true, Ordering::SeqCst);
     let mut lat = watcher.join().expect("watcher");
     let cpu = process_cpu(child.id()) - cpu;
+    let redis_cpu = process_cpu(redis_pid) - redis_cpu;
     let rss = status_mib(child.id(), "VmRSS");
     stop(&mut child);
     lat.sort_by(f64::total_cmp);
@@ -1234,7 +1240,7 @@ fn latency(a: &LatencyArgs) {
         total, a.rate, a.seconds, published_in
     );
     println!(
-        "  XADD → line in the sink's file: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} of {} seen; tripline cpu {:.2} s while publishing, RSS {:.1} MiB)",
+        "  XADD → line in the sink's file: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} of {} seen; tripline cpu {:.2} s while publishing, RSS {:.1} MiB; redis cpu {:.2} s = {:.1} µs per reading, unbatched: XADD, 2 groups' reads and commits, outbox, sink)",
         pct(0.5),
         pct(0.9),
         pct(0.99),
@@ -1243,7 +1249,9 @@ fn latency(a: &LatencyArgs) {
         lat.len(),
         total,
         cpu,
-        rss
+        rss,
+        redis_cpu,
+        redis_cpu / total as f64 * 1e6
     );
 }
 
