@@ -201,6 +201,9 @@ pub struct RuleSet {
     /// The rules' string equalities by field and value: a message looks up
     /// the rules it may match instead of checking every declaration.
     index: when::Index,
+    /// Whether any rule may read its context: if none does, no message
+    /// needs to look through hundreds of rules to find out.
+    any_reads_context: bool,
     /// Unique per loaded set in this process (never reused), so that a
     /// thread's scope copies are never lent to a rule of another set.
     id: u64,
@@ -284,6 +287,7 @@ impl RuleSet {
         if errors.is_empty() {
             Ok(RuleSet {
                 index: when::Index::build(rules.iter().map(Rule::when)),
+                any_reads_context: rules.iter().any(|r| r.reads_context),
                 rules,
                 id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
             })
@@ -292,16 +296,17 @@ impl RuleSet {
         }
     }
 
-    /// Indices of the rules whose relative path matches one of `globs`, in
-    /// path order.
     /// Whether a selected rule that handles `stream` may read the context:
     /// if none does, the caller need not build it.
     pub fn reads_context(&self, selected: &[usize], stream: &str) -> bool {
-        selected
-            .iter()
-            .any(|&i| self.rules[i].reads_context && self.rules[i].handles(stream))
+        self.any_reads_context
+            && selected
+                .iter()
+                .any(|&i| self.rules[i].reads_context && self.rules[i].handles(stream))
     }
 
+    /// Indices of the rules whose relative path matches one of `globs`, in
+    /// path order.
     pub fn select(&self, globs: &[String]) -> Vec<usize> {
         let mut builder = globset::GlobSetBuilder::new();
         for g in globs {
@@ -329,13 +334,18 @@ impl RuleSet {
             id: msg_id,
             now_ms,
         } = msg;
-        let last = selected
-            .iter()
-            .rev()
-            .find(|&&i| self.rules[i].handles(stream) && self.rules[i].reads_context);
+        let last = if self.any_reads_context {
+            selected
+                .iter()
+                .rev()
+                .find(|&&i| self.rules[i].handles(stream) && self.rules[i].reads_context)
+        } else {
+            None
+        };
         let mut ctx = Some(ctx);
         let mut results = Vec::new();
-        let mut candidates = self.index.candidates(body, selected, None);
+        let mut keys = self.index.keys(body);
+        let mut candidates = self.index.candidates(&keys, selected, None);
         let mut k = 0;
         while let Some(&i) = candidates.get(k) {
             k += 1;
@@ -366,9 +376,13 @@ impl RuleSet {
             };
             self.return_scope(i, scope);
             // The rule may have changed a field the index looks up.
-            if let std::borrow::Cow::Owned(_) = candidates {
-                candidates = self.index.candidates(body, selected, Some(i));
-                k = 0;
+            if !keys.is_empty() {
+                let now = self.index.keys(body);
+                if now != keys {
+                    keys = now;
+                    candidates = self.index.candidates(&keys, selected, Some(i));
+                    k = 0;
+                }
             }
             let actions = api::take();
             let outcome = match call {

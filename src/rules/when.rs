@@ -311,12 +311,39 @@ impl Index {
         h.finish()
     }
 
+    /// The message's key in each group: the hash of its values of the
+    /// group's fields, `None` where one is missing or not a string. Empty
+    /// when no rule declares a string equality.
+    pub fn keys(&self, body: &Dynamic) -> Vec<Option<u64>> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        if self.groups.is_empty() {
+            return Vec::new();
+        }
+        let map = body.read_lock::<Map>();
+        self.groups
+            .iter()
+            .map(|g| {
+                let map = map.as_ref()?;
+                let mut h = self.hasher.build_hasher();
+                for f in &g.fields {
+                    map.get(f.as_str())?
+                        .as_immutable_string_ref()
+                        .ok()?
+                        .as_str()
+                        .hash(&mut h);
+                }
+                Some(h.finish())
+            })
+            .collect()
+    }
+
     /// The rules of `selected` (ascending, as [`super::RuleSet::select`]
-    /// returns them) after rule `after` that `body` may match now, in
-    /// order; `selected` itself when no rule declares a string equality.
+    /// returns them) after rule `after` that a message with `keys` (from
+    /// [`Index::keys`]) may match, in order; `selected` itself when no rule
+    /// declares a string equality.
     pub fn candidates<'s>(
         &self,
-        body: &Dynamic,
+        keys: &[Option<u64>],
         selected: &'s [usize],
         after: Option<usize>,
     ) -> std::borrow::Cow<'s, [usize]> {
@@ -326,22 +353,9 @@ impl Index {
             return std::borrow::Cow::Borrowed(&selected[from..]);
         }
         let mut out: Vec<usize> = self.ungated.iter().copied().filter(later).collect();
-        if let Some(map) = body.read_lock::<Map>() {
-            for g in &self.groups {
-                let mut values = Vec::with_capacity(g.fields.len());
-                for f in &g.fields {
-                    match map.get(f.as_str()).map(Dynamic::as_immutable_string_ref) {
-                        Some(Ok(v)) => values.push(v),
-                        _ => break,
-                    }
-                }
-                if values.len() < g.fields.len() {
-                    continue;
-                }
-                let key = self.hash(values.iter().map(|v| v.as_str()));
-                if let Some(rules) = g.rules.get(&key) {
-                    out.extend(rules.iter().copied().filter(later));
-                }
+        for (g, key) in self.groups.iter().zip(keys) {
+            if let Some(rules) = key.and_then(|k| g.rules.get(&k)) {
+                out.extend(rules.iter().copied().filter(later));
             }
         }
         out.sort_unstable();
@@ -437,12 +451,14 @@ mod tests {
         .collect();
         let index = Index::build(ws.iter().map(Option::as_ref));
         let all: Vec<usize> = (0..7).collect();
-        let msg = body(r#"{"site":"b","role":"spine"}"#);
+        let msg = index.keys(&body(r#"{"site":"b","role":"spine"}"#));
         assert_eq!(*index.candidates(&msg, &all, None), [2, 3, 4, 5]);
         assert_eq!(*index.candidates(&msg, &all, Some(3)), [4, 5]);
         assert_eq!(*index.candidates(&msg, &[0, 2, 4], None), [2, 4]);
-        assert_eq!(*index.candidates(&body("7"), &all, None), [3, 4]);
+        let scalar = index.keys(&body("7"));
+        assert_eq!(*index.candidates(&scalar, &all, None), [3, 4]);
         let none = Index::build([None, None].into_iter());
-        assert_eq!(*none.candidates(&msg, &[0, 1], Some(0)), [1]);
+        assert!(none.keys(&body("{}")).is_empty());
+        assert_eq!(*none.candidates(&[], &[0, 1], Some(0)), [1]);
     }
 }
