@@ -62,7 +62,8 @@ struct Workload {
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
     /// Rules tripline runs: `shipped`, `1` or `20` generated threshold
-    /// rules, `200` (the generated 200-rule pack), or `pack:N` (its first N).
+    /// rules, `200` (the generated 200-rule pack), `pack:N` (its first N),
+    /// or `pack:N/M` (its first N, those from M on for absent sites).
     #[arg(long, default_value = "shipped", value_parser = parse_rules)]
     rules: Rules,
     /// Generate the rules without their `WHEN` declaration, so every rule
@@ -85,7 +86,7 @@ impl Workload {
     /// (and [`pack_reading`] for the rule pack).
     fn payload(&self, i: usize) -> String {
         let read = match self.rules {
-            Rules::Pack(_) => pack_reading,
+            Rules::Pack(..) => pack_reading,
             _ => reading,
         };
         read(
@@ -119,8 +120,9 @@ enum Rules {
     Shipped,
     /// N generated threshold rules on `input_errors` ([`write_rules`]).
     Threshold(usize),
-    /// The first N rules of the generated pack ([`pack_rule`]).
-    Pack(usize),
+    /// The first N rules of the generated pack ([`pack_rule`]); those from
+    /// the second number on are for sites no reading comes from.
+    Pack(usize, usize),
 }
 
 impl std::fmt::Display for Rules {
@@ -128,7 +130,12 @@ impl std::fmt::Display for Rules {
         match self {
             Rules::Shipped => write!(f, "shipped"),
             Rules::Threshold(n) => write!(f, "{n} generated threshold"),
-            Rules::Pack(n) => write!(f, "{n} of the generated pack"),
+            Rules::Pack(n, m) if m < n => write!(
+                f,
+                "{n} of the generated pack, {} of them for absent sites",
+                n - m
+            ),
+            Rules::Pack(n, _) => write!(f, "{n} of the generated pack"),
         }
     }
 }
@@ -138,13 +145,21 @@ fn parse_rules(s: &str) -> Result<Rules, String> {
         "shipped" => Ok(Rules::Shipped),
         "1" => Ok(Rules::Threshold(1)),
         "20" => Ok(Rules::Threshold(20)),
-        "200" => Ok(Rules::Pack(PACK_SIZE)),
-        _ => match s.strip_prefix("pack:").map(str::parse::<usize>) {
-            Some(Ok(n)) if (1..=PACK_SIZE).contains(&n) => Ok(Rules::Pack(n)),
-            _ => Err(format!(
-                "`{s}`: expected shipped, 1, 20, 200 or pack:N with N in 1..={PACK_SIZE}"
-            )),
-        },
+        "200" => Ok(Rules::Pack(PACK_SIZE, PACK_SIZE)),
+        _ => {
+            let pack = s.strip_prefix("pack:").map(|p| {
+                let (n, m) = p.split_once('/').unwrap_or((p, p));
+                (n.parse::<usize>(), m.parse::<usize>())
+            });
+            match pack {
+                Some((Ok(n), Ok(m))) if (1..=PACK_SIZE).contains(&n) && m <= n => {
+                    Ok(Rules::Pack(n, m))
+                }
+                _ => Err(format!(
+                    "`{s}`: expected shipped, 1, 20, 200, pack:N or pack:N/M with M <= N <= {PACK_SIZE} (rules from M on are for sites no reading has)"
+                )),
+            }
+        }
     }
 }
 
@@ -240,7 +255,7 @@ fn smoke() {
     judge(&JudgeArgs { work: work(1_000) });
     judge(&JudgeArgs {
         work: Workload {
-            rules: Rules::Pack(20),
+            rules: Rules::Pack(20, 20),
             ..work(1_000)
         },
     });
@@ -316,17 +331,21 @@ fn pack_reading(s: usize, n: usize, alert_share: f64, log_share: f64) -> String 
 }
 
 /// What pack rule `i` is for: (metric, site, role). Rule `i` is metric
-/// `i % 3` of (site, role) pair `i / 3`.
-fn pack_target(i: usize) -> (&'static str, String, &'static str) {
-    let (site, role) = pack_place(i / PACK_METRICS.len());
+/// `i % 3` of (site, role) pair `i / 3`; from rule `matchable` on, of a
+/// site no reading comes from (a rule that cannot match).
+fn pack_target(i: usize, matchable: usize) -> (&'static str, String, &'static str) {
+    let (mut site, role) = pack_place(i / PACK_METRICS.len());
+    if i >= matchable {
+        site = format!("absent-{i:03}");
+    }
     (PACK_METRICS[i % PACK_METRICS.len()], site, role)
 }
 
 /// Pack rule `i`: a threshold on one metric for one device role at one
 /// site. The rule checks its site and role itself (it is correct without
 /// its declaration); its `WHEN` declaration lets the engine skip it natively.
-fn pack_rule(i: usize, declared: bool) -> String {
-    let (metric, site, role) = pack_target(i);
+fn pack_rule(i: usize, matchable: usize, declared: bool) -> String {
+    let (metric, site, role) = pack_target(i, matchable);
     let when = if declared {
         format!(
             "const WHEN = #{{ equals: #{{ site: \"{site}\", role: \"{role}\" }}, fields: [\"{metric}\"] }};\n"
@@ -540,10 +559,10 @@ impl Checks {
         match rules {
             Rules::Shipped => Checks::Shipped,
             Rules::Threshold(n) => Checks::Thresholds(n),
-            Rules::Pack(n) => Checks::Pack(Arc::new(
+            Rules::Pack(n, m) => Checks::Pack(Arc::new(
                 (0..n)
                     .map(|i| {
-                        let (_, site, role) = pack_target(i);
+                        let (_, site, role) = pack_target(i, m);
                         (i % PACK_METRICS.len(), site, role)
                     })
                     .collect(),
@@ -670,12 +689,12 @@ impl Project {
                 &rules_dir,
             ),
             Rules::Threshold(n) => write_rules(&rules_dir, n, !undeclared),
-            Rules::Pack(n) => {
+            Rules::Pack(n, m) => {
                 std::fs::create_dir_all(&rules_dir).expect("rules dir");
                 for i in 0..n {
                     std::fs::write(
                         rules_dir.join(format!("pack_{i:03}.rhai")),
-                        pack_rule(i, !undeclared),
+                        pack_rule(i, m, !undeclared),
                     )
                     .expect("write rule");
                 }
