@@ -325,8 +325,11 @@ impl RuleSet {
     /// Runs the selected rules, in order, on one message. `msg.body` is
     /// shared: rules see each other's changes to it, nothing is copied. A
     /// rule whose `WHEN` the message does not meet (at the moment its turn
-    /// comes) is skipped and has no result.
+    /// comes) is skipped and has no result. `selected` is ascending, as
+    /// [`RuleSet::select`] returns it (the index finds candidates in it by
+    /// binary search).
     pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: Message) -> Vec<RuleResult> {
+        debug_assert!(selected.is_sorted(), "selections are in path order");
         let Message {
             stream,
             body,
