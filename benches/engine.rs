@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use redis::Value;
 use serde::Deserialize;
 use util::{RedisServer, free_port};
@@ -49,6 +49,9 @@ enum Mode {
     /// No Redis: decode + rules + alert lifecycle in this process, one
     /// thread, per subscription (what `perf record` of the hot path wants).
     Judge(JudgeArgs),
+    /// Throughput against the number of rules of the pack (1 to 200), for
+    /// tripline and the bare loop; writes the plot as SVG.
+    Sweep(SweepArgs),
 }
 
 /// The readings a run judges and the rules that judge them, shared by
@@ -58,9 +61,15 @@ struct Workload {
     /// Entries pre-filled into the stream (judged per subscription, for `judge`).
     #[arg(long, default_value_t = 200_000)]
     messages: usize,
-    /// Rules tripline runs: the shipped ones, or 1 or 20 generated threshold rules.
-    #[arg(long, value_enum, default_value_t = Rules::Shipped)]
+    /// Rules tripline runs: `shipped`, `1` or `20` generated threshold
+    /// rules, `200` (the generated 200-rule pack), `pack:N` (its first N),
+    /// or `pack:N/M` (its first N, those from M on for absent sites).
+    #[arg(long, default_value = "shipped", value_parser = parse_rules)]
     rules: Rules,
+    /// Generate the rules without their `WHEN` declaration, so every rule
+    /// runs on every entry (how all rules ran before declarations).
+    #[arg(long)]
+    undeclared: bool,
     /// Share of series whose readings are at or above 10,000 (alerting).
     #[arg(long, default_value_t = 0.0)]
     alert_share: f64,
@@ -73,9 +82,14 @@ struct Workload {
 }
 
 impl Workload {
-    /// The payload of entry `i`: series `i` modulo `series`, see [`reading`].
+    /// The payload of entry `i`: series `i` modulo `series`, see [`reading`]
+    /// (and [`pack_reading`] for the rule pack).
     fn payload(&self, i: usize) -> String {
-        reading(
+        let read = match self.rules {
+            Rules::Pack(..) => pack_reading,
+            _ => reading,
+        };
+        read(
             i % self.series,
             self.series,
             self.alert_share,
@@ -101,13 +115,52 @@ struct ThroughputArgs {
     quiet_rule_logs: bool,
 }
 
-#[derive(Clone, Copy, PartialEq, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Rules {
     Shipped,
-    #[value(name = "1")]
-    One,
-    #[value(name = "20")]
-    Twenty,
+    /// N generated threshold rules on `input_errors` ([`write_rules`]).
+    Threshold(usize),
+    /// The first N rules of the generated pack ([`pack_rule`]); those from
+    /// the second number on are for sites no reading comes from.
+    Pack(usize, usize),
+}
+
+impl std::fmt::Display for Rules {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rules::Shipped => write!(f, "shipped"),
+            Rules::Threshold(n) => write!(f, "{n} generated threshold"),
+            Rules::Pack(n, m) if m < n => write!(
+                f,
+                "{n} of the generated pack, {} of them for absent sites",
+                n - m
+            ),
+            Rules::Pack(n, _) => write!(f, "{n} of the generated pack"),
+        }
+    }
+}
+
+fn parse_rules(s: &str) -> Result<Rules, String> {
+    match s {
+        "shipped" => Ok(Rules::Shipped),
+        "1" => Ok(Rules::Threshold(1)),
+        "20" => Ok(Rules::Threshold(20)),
+        "200" => Ok(Rules::Pack(PACK_SIZE, PACK_SIZE)),
+        _ => {
+            let pack = s.strip_prefix("pack:").map(|p| {
+                let (n, m) = p.split_once('/').unwrap_or((p, p));
+                (n.parse::<usize>(), m.parse::<usize>())
+            });
+            match pack {
+                Some((Ok(n), Ok(m))) if (1..=PACK_SIZE).contains(&n) && m <= n => {
+                    Ok(Rules::Pack(n, m))
+                }
+                _ => Err(format!(
+                    "`{s}`: expected shipped, 1, 20, 200, pack:N or pack:N/M with M <= N <= {PACK_SIZE} (rules from M on are for sites no reading has)"
+                )),
+            }
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -131,6 +184,25 @@ struct MemoryArgs {
 }
 
 #[derive(clap::Args, Clone)]
+struct SweepArgs {
+    /// Rule counts to run, each `--rules pack:N`.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,5,10,20,50,100,200")]
+    counts: Vec<usize>,
+    /// Entries per round.
+    #[arg(long, default_value_t = 50_000)]
+    messages: usize,
+    /// Rounds per count.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// See `throughput --undeclared`.
+    #[arg(long)]
+    undeclared: bool,
+    /// Where the plot goes.
+    #[arg(long, default_value = "docs/rules-throughput.svg")]
+    svg: PathBuf,
+}
+
+#[derive(clap::Args, Clone)]
 struct JudgeArgs {
     #[command(flatten)]
     work: Workload,
@@ -145,10 +217,13 @@ fn main() {
     }
     let args = args.into_iter().filter(|a| a != "--bench");
     match Cli::parse_from(args).mode {
-        Mode::Throughput(a) => throughput(&a),
+        Mode::Throughput(a) => {
+            throughput(&a);
+        }
         Mode::Latency(a) => latency(&a),
         Mode::Memory(a) => memory(&a),
         Mode::Judge(a) => judge(&a),
+        Mode::Sweep(a) => sweep(&a),
     }
 }
 
@@ -158,11 +233,12 @@ fn smoke() {
     let work = |messages| Workload {
         messages,
         rules: Rules::Shipped,
+        undeclared: false,
         alert_share: 0.1,
         log_share: 0.05,
         series: 100,
     };
-    throughput(&ThroughputArgs {
+    let _ = throughput(&ThroughputArgs {
         work: work(2_000),
         groups: 2,
         repeat: 1,
@@ -177,6 +253,20 @@ fn smoke() {
         passes: 2,
     });
     judge(&JudgeArgs { work: work(1_000) });
+    judge(&JudgeArgs {
+        work: Workload {
+            rules: Rules::Pack(20, 20),
+            ..work(1_000)
+        },
+    });
+    let plot = tempfile::tempdir().expect("tempdir");
+    sweep(&SweepArgs {
+        counts: vec![1, 3],
+        messages: 500,
+        repeat: 1,
+        undeclared: false,
+        svg: plot.path().join("sweep.svg"),
+    });
 }
 
 // ---------------------------------------------------------------- payloads
@@ -199,6 +289,89 @@ fn reading(s: usize, n: usize, alert_share: f64, log_share: f64) -> String {
         r#"{{"hostname":"rtr-{:05}","interface":"Ethernet1/{}","input_errors":{errors}}}"#,
         s / 8,
         s % 8
+    )
+}
+
+/// Rules in the generated pack (`--rules 200`).
+const PACK_SIZE: usize = 200;
+/// The pack's metrics: one field of the reading each.
+const PACK_METRICS: [&str; 3] = ["input_errors", "output_errors", "crc_errors"];
+/// Device roles of the pack's readings and rules.
+const PACK_ROLES: [&str; 5] = ["spine", "leaf", "border", "core", "access"];
+/// Sites of the pack's readings and rules: with the roles, 70 (site, role)
+/// pairs; 200 rules over 3 metrics cover 67 of them, so a reading of a
+/// covered pair matches 3 rules (one per metric).
+const PACK_SITES: usize = 14;
+/// The alert threshold of every pack rule.
+const PACK_HIGH: i64 = 10_000;
+
+/// Site and role of router `r` (readings and rules agree on this).
+fn pack_place(r: usize) -> (String, &'static str) {
+    (
+        format!("site-{:02}", r % PACK_SITES),
+        PACK_ROLES[(r / PACK_SITES) % PACK_ROLES.len()],
+    )
+}
+
+/// A reading for the rule pack: [`reading`]'s series with its router's site
+/// and role and two more counters, each in the same band as `input_errors`.
+fn pack_reading(s: usize, n: usize, alert_share: f64, log_share: f64) -> String {
+    let base = reading(s, n, alert_share, log_share);
+    let errors: i64 =
+        serde_json::from_str::<serde_json::Value>(&base).expect("reading")["input_errors"]
+            .as_i64()
+            .expect("input_errors");
+    let (site, role) = pack_place(s / 8);
+    format!(
+        r#"{},"site":"{site}","role":"{role}","output_errors":{},"crc_errors":{}}}"#,
+        base.strip_suffix('}').expect("object"),
+        errors / 2 + errors % 10,
+        errors / 3 + errors % 7
+    )
+}
+
+/// What pack rule `i` is for: (metric, site, role). Rule `i` is metric
+/// `i % 3` of (site, role) pair `i / 3`; from rule `matchable` on, of a
+/// site no reading comes from (a rule that cannot match).
+fn pack_target(i: usize, matchable: usize) -> (&'static str, String, &'static str) {
+    let (mut site, role) = pack_place(i / PACK_METRICS.len());
+    if i >= matchable {
+        site = format!("absent-{i:03}");
+    }
+    (PACK_METRICS[i % PACK_METRICS.len()], site, role)
+}
+
+/// Pack rule `i`: a threshold on one metric for one device role at one
+/// site. The rule checks its site and role itself (it is correct without
+/// its declaration); its `WHEN` declaration lets the engine skip it natively.
+fn pack_rule(i: usize, matchable: usize, declared: bool) -> String {
+    let (metric, site, role) = pack_target(i, matchable);
+    let when = if declared {
+        format!(
+            "const WHEN = #{{ equals: #{{ site: \"{site}\", role: \"{role}\" }}, fields: [\"{metric}\"] }};\n"
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"// Generated by benches/engine.rs: pack rule {i}, {metric} of {role} routers at {site}.
+{when}const HIGH = {PACK_HIGH};
+
+fn on_message(msg, ctx) {{
+    if msg.site != "{site}" || msg.role != "{role}" {{
+        return;
+    }}
+    let value = msg.{metric};
+    if value >= HIGH {{
+        alert(#{{
+            name: "{metric}_high",
+            severity: "major",
+            labels: #{{ hostname: msg.hostname, interface: msg.interface, site: msg.site }},
+            summary: `{metric} on ${{msg.hostname}} ${{msg.interface}}: ${{value}}`,
+        }});
+    }}
+}}
+"#
     )
 }
 
@@ -357,10 +530,92 @@ struct Reading {
     input_errors: i64,
 }
 
-/// The plain consumer: XREADGROUP COUNT 100, decode each payload, check the
-/// threshold, and acknowledge the batch in the same round trip as the next
+/// The rule pack's payload, likewise.
+#[derive(Deserialize)]
+struct PackReading {
+    hostname: String,
+    interface: String,
+    site: String,
+    role: String,
+    input_errors: i64,
+    output_errors: i64,
+    crc_errors: i64,
+}
+
+/// What the bare loop checks per entry: the same checks as tripline's
+/// rules, written as plain Rust.
+#[derive(Clone)]
+enum Checks {
+    /// The shipped rules' seed behaviour: one threshold (the group's).
+    Shipped,
+    /// `n` thresholds at 10,000, 20,000, … (the generated threshold rules).
+    Thresholds(usize),
+    /// The pack's first rules: (metric index, site, role), in rule order.
+    Pack(Arc<Vec<(usize, String, &'static str)>>),
+}
+
+impl Checks {
+    fn of(rules: Rules) -> Checks {
+        match rules {
+            Rules::Shipped => Checks::Shipped,
+            Rules::Threshold(n) => Checks::Thresholds(n),
+            Rules::Pack(n, m) => Checks::Pack(Arc::new(
+                (0..n)
+                    .map(|i| {
+                        let (_, site, role) = pack_target(i, m);
+                        (i % PACK_METRICS.len(), site, role)
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    /// Decodes one payload and runs the checks on it, formatting an alert's
+    /// text where one would fire.
+    fn judge(&self, payload: &[u8], group_threshold: i64) {
+        match self {
+            Checks::Shipped | Checks::Thresholds(_) => {
+                let Ok(r) = serde_json::from_slice::<Reading>(payload) else {
+                    return;
+                };
+                let thresholds: &mut dyn Iterator<Item = i64> = match self {
+                    Checks::Thresholds(n) => &mut (1..=*n as i64).map(|k| k * 10_000),
+                    _ => &mut std::iter::once(group_threshold),
+                };
+                for t in thresholds {
+                    if r.input_errors >= t {
+                        std::hint::black_box(format!(
+                            "ALERT! High Input errors on router: {} interface {}: {}",
+                            r.hostname, r.interface, r.input_errors
+                        ));
+                    }
+                }
+            }
+            Checks::Pack(rules) => {
+                let Ok(r) = serde_json::from_slice::<PackReading>(payload) else {
+                    return;
+                };
+                let values = [r.input_errors, r.output_errors, r.crc_errors];
+                for (metric, site, role) in rules.iter() {
+                    if r.site != *site || r.role != *role {
+                        continue;
+                    }
+                    if values[*metric] >= PACK_HIGH {
+                        std::hint::black_box(format!(
+                            "{} on {} {} at {}: {}",
+                            PACK_METRICS[*metric], r.hostname, r.interface, r.site, values[*metric]
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The plain consumer: XREADGROUP COUNT 100, decode each payload, run the
+/// checks, and acknowledge the batch in the same round trip as the next
 /// read. Returns the CPU seconds it used.
-fn bare_consumer(url: &str, group: &str, threshold: i64) -> f64 {
+fn bare_consumer(url: &str, group: &str, threshold: i64, checks: &Checks) -> f64 {
     let cpu = thread_cpu();
     let mut con = redis::Client::open(url)
         .and_then(|c| c.get_connection())
@@ -405,14 +660,8 @@ fn bare_consumer(url: &str, group: &str, threshold: i64) -> f64 {
                     [Value::BulkString(k), Value::BulkString(v)] if k == b"payload" => Some(v),
                     _ => None,
                 });
-                let Some(Ok(r)) = payload.map(|p| serde_json::from_slice::<Reading>(p)) else {
-                    continue;
-                };
-                if r.input_errors >= threshold {
-                    std::hint::black_box(format!(
-                        "ALERT! High Input errors on router: {} interface {}: {}",
-                        r.hostname, r.interface, r.input_errors
-                    ));
+                if let Some(p) = payload {
+                    checks.judge(p, threshold);
                 }
             }
         }
@@ -431,7 +680,7 @@ struct Project {
 }
 
 impl Project {
-    fn new(rules: Rules, groups: u8) -> Project {
+    fn new(rules: Rules, undeclared: bool, groups: u8) -> Project {
         let dir = tempfile::tempdir().expect("tempdir");
         let rules_dir = dir.path().join("rules");
         match rules {
@@ -439,8 +688,17 @@ impl Project {
                 &Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
                 &rules_dir,
             ),
-            Rules::One => write_rules(&rules_dir, 1),
-            Rules::Twenty => write_rules(&rules_dir, 20),
+            Rules::Threshold(n) => write_rules(&rules_dir, n, !undeclared),
+            Rules::Pack(n, m) => {
+                std::fs::create_dir_all(&rules_dir).expect("rules dir");
+                for i in 0..n {
+                    std::fs::write(
+                        rules_dir.join(format!("pack_{i:03}.rhai")),
+                        pack_rule(i, m, !undeclared),
+                    )
+                    .expect("write rule");
+                }
+            }
         }
         std::fs::create_dir_all(dir.path().join("plugins")).expect("plugins dir");
         std::fs::write(
@@ -539,14 +797,20 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// `n` threshold rules at 10,000, 20,000, …: each reads the reading, most
-/// pass, the alerting share raises one alert per rule it crosses.
-fn write_rules(dir: &Path, n: usize) {
+/// pass, the alerting share raises one alert per rule it crosses. Declared,
+/// each tells the engine it is only for readings at or above its threshold.
+fn write_rules(dir: &Path, n: usize, declared: bool) {
     std::fs::create_dir_all(dir).expect("rules dir");
     for i in 0..n {
+        let when = if declared {
+            "const WHEN = #{ min: #{ input_errors: HIGH } };\n"
+        } else {
+            ""
+        };
         let rule = format!(
             r#"// Generated by benches/engine.rs: threshold {i} of {n}.
 const HIGH = {high};
-
+{when}
 fn on_message(msg, ctx) {{
     let errors = msg.input_errors;
     if errors >= HIGH {{
@@ -603,7 +867,13 @@ struct Phase {
     log_lines: usize,
 }
 
-fn run_bare(redis: &RedisServer, redis_pid: u32, groups: u8, total: usize) -> Phase {
+fn run_bare(
+    redis: &RedisServer,
+    redis_pid: u32,
+    groups: u8,
+    total: usize,
+    checks: &Checks,
+) -> Phase {
     let mut con = redis.conn();
     let names: Vec<String> = (0..groups).map(|g| format!("bare-{g}")).collect();
     for n in &names {
@@ -621,8 +891,8 @@ fn run_bare(redis: &RedisServer, redis_pid: u32, groups: u8, total: usize) -> Ph
         .iter()
         .zip(GROUPS)
         .map(|(name, (_, threshold))| {
-            let (url, name) = (redis.url(), name.clone());
-            std::thread::spawn(move || bare_consumer(&url, &name, threshold))
+            let (url, name, checks) = (redis.url(), name.clone(), checks.clone());
+            std::thread::spawn(move || bare_consumer(&url, &name, threshold, &checks))
         })
         .collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -646,7 +916,7 @@ fn run_bare(redis: &RedisServer, redis_pid: u32, groups: u8, total: usize) -> Ph
 }
 
 fn run_tripline(redis: &RedisServer, redis_pid: u32, a: &ThroughputArgs) -> Phase {
-    let project = Project::new(a.work.rules, a.groups);
+    let project = Project::new(a.work.rules, a.work.undeclared, a.groups);
     let mut con = redis.conn();
     let redis_cpu = process_cpu(redis_pid);
     let start = Instant::now();
@@ -672,19 +942,30 @@ fn run_tripline(redis: &RedisServer, redis_pid: u32, a: &ThroughputArgs) -> Phas
     }
 }
 
-fn throughput(a: &ThroughputArgs) {
+/// Medians of one `throughput` run's rounds.
+struct Summary {
+    bare: f64,
+    tripline: f64,
+    ratio: f64,
+    /// tripline's CPU per entry and group, µs.
+    cpu_us: f64,
+}
+
+fn throughput(a: &ThroughputArgs) -> Summary {
     let redis = RedisServer::start();
     let redis_pid = redis_pid(&mut redis.conn());
+    let checks = Checks::of(a.work.rules);
     println!(
-        "throughput: {} entries, {} series, alert share {}, log share {}, rules {}, {} group(s){}",
+        "throughput: {} entries, {} series, alert share {}, log share {}, rules {}{}, {} group(s){}",
         a.work.messages,
         a.work.series,
         a.work.alert_share,
         a.work.log_share,
-        match a.work.rules {
-            Rules::Shipped => "shipped",
-            Rules::One => "1 generated",
-            Rules::Twenty => "20 generated",
+        a.work.rules,
+        if a.work.undeclared {
+            " (undeclared)"
+        } else {
+            ""
         },
         a.groups,
         if a.quiet_rule_logs {
@@ -697,24 +978,30 @@ fn throughput(a: &ThroughputArgs) {
         "  rates are stream entries/s, first read → all groups drained; each group reads every entry"
     );
     let mut ratios = Vec::new();
-    let (mut bares, mut trips) = (Vec::new(), Vec::new());
+    let (mut bares, mut trips, mut cpus) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..a.repeat {
         let mut con = redis.conn();
         let _: () = redis::cmd("FLUSHALL").query(&mut con).expect("FLUSHALL");
+        let xadd_cpu = process_cpu(redis_pid);
         publish_all(&mut con, (0..a.work.messages).map(|i| a.work.payload(i)));
+        let xadd_cpu = process_cpu(redis_pid) - xadd_cpu;
         let (bare, trip) = if rep % 2 == 0 {
-            let b = run_bare(&redis, redis_pid, a.groups, a.work.messages);
+            let b = run_bare(&redis, redis_pid, a.groups, a.work.messages, &checks);
             (b, run_tripline(&redis, redis_pid, a))
         } else {
             let t = run_tripline(&redis, redis_pid, a);
-            (run_bare(&redis, redis_pid, a.groups, a.work.messages), t)
+            (
+                run_bare(&redis, redis_pid, a.groups, a.work.messages, &checks),
+                t,
+            )
         };
         let ratio = trip.rate / bare.rate;
         let per_msg = trip.cpu / (a.work.messages * a.groups as usize) as f64 * 1e6;
         println!(
-            "  round {} ({} first): bare {:>7.0}/s ({:.2} s, cpu {:.2} s, redis cpu {:.2} s) | tripline {:>7.0}/s ({:.2} s, cpu {:.2} s = {:.1} µs/entry/group, redis cpu {:.2} s, startup {:.0} ms, peak RSS {:.1} MiB, {} alerts, {} rule log lines) | ratio {:.2}",
+            "  round {} ({} first): XADD redis cpu {:.2} s | bare {:>7.0}/s ({:.2} s, cpu {:.2} s, redis cpu {:.2} s) | tripline {:>7.0}/s ({:.2} s, cpu {:.2} s = {:.1} µs/entry/group, redis cpu {:.2} s, startup {:.0} ms, peak RSS {:.1} MiB, {} alerts, {} rule log lines) | ratio {:.2}",
             rep + 1,
             if rep % 2 == 0 { "bare" } else { "tripline" },
+            xadd_cpu,
             bare.rate,
             bare.secs,
             bare.cpu,
@@ -733,12 +1020,155 @@ fn throughput(a: &ThroughputArgs) {
         ratios.push(ratio);
         bares.push(bare.rate);
         trips.push(trip.rate);
+        cpus.push(per_msg);
     }
     let (r, b, t) = (spread(&mut ratios), spread(&mut bares), spread(&mut trips));
     println!(
         "  RESULT bare {:.0}/s [{:.0}..{:.0}]  tripline {:.0}/s [{:.0}..{:.0}]  ratio {:.2} [{:.2}..{:.2}] (median [min..max] of {} rounds)",
         b.0, b.1, b.2, t.0, t.1, t.2, r.0, r.1, r.2, a.repeat
     );
+    Summary {
+        bare: b.0,
+        tripline: t.0,
+        ratio: r.0,
+        cpu_us: spread(&mut cpus).0,
+    }
+}
+
+// ---------------------------------------------------------------- sweep
+
+/// `throughput --rules pack:N` for each count, then the plot.
+fn sweep(a: &SweepArgs) {
+    let mut points = Vec::new();
+    for &n in &a.counts {
+        let s = throughput(&ThroughputArgs {
+            work: Workload {
+                messages: a.messages,
+                rules: parse_rules(&format!("pack:{n}")).expect("rule count in 1..=200"),
+                undeclared: a.undeclared,
+                alert_share: 0.0,
+                log_share: 0.05,
+                series: 1000,
+            },
+            groups: 2,
+            repeat: a.repeat,
+            quiet_rule_logs: false,
+        });
+        points.push((n, s));
+    }
+    println!(
+        "sweep{}: rules | bare /s | tripline /s | ratio | tripline µs per entry and group",
+        if a.undeclared { " (undeclared)" } else { "" }
+    );
+    for (n, s) in &points {
+        println!(
+            "  {n:>4} | {:>8.0} | {:>8.0} | {:.2} | {:.2}",
+            s.bare, s.tripline, s.ratio, s.cpu_us
+        );
+    }
+    let at = |n: usize| points.iter().find(|(k, _)| *k == n).map(|(_, s)| s.cpu_us);
+    if let (Some(c20), Some(c200)) = (at(20), at(200)) {
+        println!(
+            "  marginal tripline CPU per added rule, 20 → 200 rules: {:.1} ns per entry and group",
+            (c200 - c20) * 1000.0 / 180.0
+        );
+    }
+    let title = format!(
+        "Stream entries/s against rules per group ({} entries, 2 groups, pack rules{})",
+        a.messages,
+        if a.undeclared { ", undeclared" } else { "" }
+    );
+    std::fs::write(&a.svg, plot_svg(&title, &points)).expect("write the SVG");
+    println!("  plot: {}", a.svg.display());
+}
+
+/// A line plot of both rates against the rule count, log-scaled x axis,
+/// as a standalone SVG (no plotting library on the machine, none needed).
+fn plot_svg(title: &str, points: &[(usize, Summary)]) -> String {
+    let (w, h, left, right, top, bottom) = (720.0, 420.0, 80.0, 20.0, 40.0, 60.0);
+    let max_n = points.iter().map(|(n, _)| *n).max().unwrap_or(1).max(2) as f64;
+    let max_rate = points
+        .iter()
+        .map(|(_, s)| s.bare.max(s.tripline))
+        .fold(1.0, f64::max);
+    // Round the y range up to a multiple of 50k entries/s.
+    let y_max = (max_rate / 50_000.0).ceil() * 50_000.0;
+    let x = |n: f64| left + (n.ln() / max_n.ln()) * (w - left - right);
+    let y = |r: f64| top + (1.0 - r / y_max) * (h - top - bottom);
+    let mut svg = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{h}" fill="white"/>
+<text x="{}" y="20" text-anchor="middle" font-size="14">{title}</text>
+"#,
+        w / 2.0
+    );
+    let mut tick = 0.0;
+    while tick <= y_max {
+        svg += &format!(
+            "<line x1=\"{left}\" x2=\"{}\" y1=\"{y0:.1}\" y2=\"{y0:.1}\" stroke=\"#ddd\"/><text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}k</text>\n",
+            w - right,
+            left - 6.0,
+            y(tick) + 4.0,
+            tick / 1000.0,
+            y0 = y(tick)
+        );
+        tick += 50_000.0;
+    }
+    for (n, _) in points {
+        let xn = x(*n as f64);
+        svg += &format!(
+            "<line x1=\"{xn:.1}\" x2=\"{xn:.1}\" y1=\"{top}\" y2=\"{}\" stroke=\"#eee\"/><text x=\"{xn:.1}\" y=\"{}\" text-anchor=\"middle\">{n}</text>\n",
+            h - bottom,
+            h - bottom + 18.0
+        );
+    }
+    svg += &format!(
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">rules per group (log scale)</text>\n<text x=\"18\" y=\"{}\" text-anchor=\"middle\" transform=\"rotate(-90 18 {})\">stream entries/s</text>\n",
+        left + (w - left - right) / 2.0,
+        h - 16.0,
+        top + (h - top - bottom) / 2.0,
+        top + (h - top - bottom) / 2.0
+    );
+    let bare: fn(&Summary) -> f64 = |s| s.bare;
+    for (name, colour, rate) in [
+        ("bare loop", "#888", bare),
+        ("tripline", "#c0392b", |s| s.tripline),
+    ] {
+        let line: Vec<String> = points
+            .iter()
+            .map(|(n, s)| format!("{:.1},{:.1}", x(*n as f64), y(rate(s))))
+            .collect();
+        svg += &format!(
+            "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>\n",
+            line.join(" ")
+        );
+        for (n, s) in points {
+            svg += &format!(
+                "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"><title>{name}, {n} rules: {:.0}/s</title></circle>\n",
+                x(*n as f64),
+                y(rate(s)),
+                rate(s)
+            );
+        }
+    }
+    for (k, (name, colour)) in [
+        ("bare loop (same checks in Rust)", "#888"),
+        ("tripline", "#c0392b"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let ly = top + 14.0 + 18.0 * k as f64;
+        svg += &format!(
+            "<line x1=\"{}\" x2=\"{}\" y1=\"{ly}\" y2=\"{ly}\" stroke=\"{colour}\" stroke-width=\"2\"/><text x=\"{}\" y=\"{}\">{name}</text>\n",
+            w - right - 230.0,
+            w - right - 205.0,
+            w - right - 200.0,
+            ly + 4.0
+        );
+    }
+    svg += "</svg>\n";
+    svg
 }
 
 /// (median, min, max).
@@ -770,7 +1200,7 @@ fn wait_ready(con: &mut redis::Connection) {
 /// sees the alert line naming that reading's unique host.
 fn latency(a: &LatencyArgs) {
     let redis = RedisServer::start();
-    let project = Project::new(Rules::Shipped, 2);
+    let project = Project::new(Rules::Shipped, false, 2);
     let mut child = project.start(&redis, false);
     let mut con = redis.conn();
     wait_ready(&mut con);
@@ -787,6 +1217,8 @@ fn latency(a: &LatencyArgs) {
     let meta = tripline::decode::encode_metadata(&[("source", "bench")]);
     let period = Duration::from_nanos(1_000_000_000 / a.rate);
     let cpu = process_cpu(child.id());
+    let redis_pid = redis_pid(&mut con);
+    let redis_cpu = process_cpu(redis_pid);
     for (i, slot) in sent.iter().enumerate() {
         let due = period * i as u32;
         if let Some(wait) = due.checked_sub(base.elapsed()) {
@@ -817,6 +1249,7 @@ fn latency(a: &LatencyArgs) {
     done.store(true, Ordering::SeqCst);
     let mut lat = watcher.join().expect("watcher");
     let cpu = process_cpu(child.id()) - cpu;
+    let redis_cpu = process_cpu(redis_pid) - redis_cpu;
     let rss = status_mib(child.id(), "VmRSS");
     stop(&mut child);
     lat.sort_by(f64::total_cmp);
@@ -826,7 +1259,7 @@ fn latency(a: &LatencyArgs) {
         total, a.rate, a.seconds, published_in
     );
     println!(
-        "  XADD → line in the sink's file: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} of {} seen; tripline cpu {:.2} s while publishing, RSS {:.1} MiB)",
+        "  XADD → line in the sink's file: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms  ({} of {} seen; tripline cpu {:.2} s while publishing, RSS {:.1} MiB; redis cpu {:.2} s = {:.1} µs per reading, unbatched: XADD, 2 groups' reads and commits, outbox, sink)",
         pct(0.5),
         pct(0.9),
         pct(0.99),
@@ -835,7 +1268,9 @@ fn latency(a: &LatencyArgs) {
         lat.len(),
         total,
         cpu,
-        rss
+        rss,
+        redis_cpu,
+        redis_cpu / total as f64 * 1e6
     );
 }
 
@@ -883,7 +1318,7 @@ fn watch_file(path: &Path, sent: &[AtomicU64], base: Instant, done: &AtomicBool)
 
 fn memory(a: &MemoryArgs) {
     let redis = RedisServer::start();
-    let project = Project::new(Rules::Shipped, 2);
+    let project = Project::new(Rules::Shipped, false, 2);
     let mut child = project.start(&redis, false);
     let mut con = redis.conn();
     wait_ready(&mut con);
@@ -923,8 +1358,8 @@ fn memory(a: &MemoryArgs) {
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
 fn judge(a: &JudgeArgs) {
-    use tripline::process::{Input, LoadedRules, Processor};
-    let project = Project::new(a.work.rules, 2);
+    use tripline::process::{Input, LoadedRules, Processor, Verdict};
+    let project = Project::new(a.work.rules, a.work.undeclared, 2);
     let config =
         tripline::config::Settings::load(Some(&project.path("tripline.yaml"))).expect("config");
     let runtime = tripline::runtime::Runtime::new();
@@ -967,7 +1402,7 @@ fn judge(a: &JudgeArgs) {
         .filter(|s| s.streams.iter().any(|s| s == STREAM))
     {
         let start = Instant::now();
-        let (mut actions, mut notified) = (0, 0);
+        let (mut actions, mut notified, mut errors, mut undecodable) = (0, 0, 0, 0);
         for batch in entries.chunks(100) {
             let mut acts = Vec::new();
             for (id, fields) in batch {
@@ -983,6 +1418,11 @@ fn judge(a: &JudgeArgs) {
                         now_ms: 1_700_000_000_000,
                     },
                 );
+                errors += out.errors.len();
+                undecodable += usize::from(matches!(out.verdict, Verdict::Undecodable(_)));
+                if let Some((rule, e)) = out.errors.first().filter(|_| errors == 1) {
+                    println!("  first rule error: {rule}: {e}");
+                }
                 acts.extend(out.actions);
             }
             actions += acts.len();
@@ -995,11 +1435,14 @@ fn judge(a: &JudgeArgs) {
         }
         let took = start.elapsed().as_secs_f64();
         println!(
-            "  {:<22} {:.2} µs/entry ({} actions, {} notifications)",
+            "  {:<22} {:.2} µs/entry ({} rules, {} actions, {} notifications, {} rule errors, {} undecodable)",
             sub.name,
             took / a.work.messages as f64 * 1e6,
+            loaded.selections.get(&sub.name).map_or(0, Vec::len),
             actions,
-            notified
+            notified,
+            errors,
+            undecodable
         );
     }
 }

@@ -65,6 +65,14 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
             );
         }
     }
+    // What each declaring rule is for: a declaration that is too narrow
+    // silently skips messages, so `check` shows it.
+    for rule in &prepared.rules.set.rules {
+        if let Some(when) = rule.when() {
+            let line = format!("  rule {} runs only when: {when}", rule.name);
+            println!("{}", escape(&line));
+        }
+    }
     if enabled == 0 {
         eprintln!(
             "warning: no sink is enabled in {}: alerts are raised but go nowhere (set `enabled: true` in a manifest)",

@@ -9,6 +9,7 @@ pub mod api;
 mod budget;
 pub mod lint;
 pub mod state;
+pub mod when;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
@@ -169,6 +170,9 @@ pub struct Rule {
     reads_context: bool,
     /// Streams this rule handles; `None` means all of its subscription's.
     topics: Option<Vec<String>>,
+    /// Which messages the rule is for (its `WHEN`): the others skip it
+    /// without a call into Rhai.
+    when: Option<when::When>,
     /// Shadow mode: alerts are counted and logged, never sent.
     pub shadow: bool,
     metrics: RuleMetrics,
@@ -178,6 +182,11 @@ impl Rule {
     /// The streams listed in the rule's `TOPICS`, if it has one.
     pub fn topics(&self) -> Option<&[String]> {
         self.topics.as_deref()
+    }
+
+    /// The rule's `WHEN` declaration, if it has one.
+    pub fn when(&self) -> Option<&when::When> {
+        self.when.as_ref()
     }
 
     /// Whether the rule sees entries of `stream`; a shard `S:{n}` counts
@@ -193,6 +202,12 @@ impl Rule {
 /// A whole, successfully compiled rules directory.
 pub struct RuleSet {
     pub rules: Vec<Rule>,
+    /// The rules' string equalities by field and value: a message looks up
+    /// the rules it may match instead of checking every declaration.
+    index: when::Index,
+    /// Whether any rule may read its context: if none does, no message
+    /// needs to look through hundreds of rules to find out.
+    any_reads_context: bool,
     /// Unique per loaded set in this process (never reused), so that a
     /// thread's scope copies are never lent to a rule of another set.
     id: u64,
@@ -275,6 +290,8 @@ impl RuleSet {
         }
         if errors.is_empty() {
             Ok(RuleSet {
+                index: when::Index::build(rules.iter().map(Rule::when)),
+                any_reads_context: rules.iter().any(|r| r.reads_context),
                 rules,
                 id: NEXT_SET_ID.fetch_add(1, Ordering::Relaxed),
             })
@@ -283,16 +300,17 @@ impl RuleSet {
         }
     }
 
-    /// Indices of the rules whose relative path matches one of `globs`, in
-    /// path order.
     /// Whether a selected rule that handles `stream` may read the context:
     /// if none does, the caller need not build it.
     pub fn reads_context(&self, selected: &[usize], stream: &str) -> bool {
-        selected
-            .iter()
-            .any(|&i| self.rules[i].reads_context && self.rules[i].handles(stream))
+        self.any_reads_context
+            && selected
+                .iter()
+                .any(|&i| self.rules[i].reads_context && self.rules[i].handles(stream))
     }
 
+    /// Indices of the rules whose relative path matches one of `globs`, in
+    /// path order.
     pub fn select(&self, globs: &[String]) -> Vec<usize> {
         let mut builder = globset::GlobSetBuilder::new();
         for g in globs {
@@ -309,8 +327,13 @@ impl RuleSet {
     }
 
     /// Runs the selected rules, in order, on one message. `msg.body` is
-    /// shared: rules see each other's changes to it, nothing is copied.
+    /// shared: rules see each other's changes to it, nothing is copied. A
+    /// rule whose `WHEN` the message does not meet (at the moment its turn
+    /// comes) is skipped and has no result. `selected` is ascending, as
+    /// [`RuleSet::select`] returns it (the index finds candidates in it by
+    /// binary search).
     pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: Message) -> Vec<RuleResult> {
+        debug_assert!(selected.is_sorted(), "selections are in path order");
         let Message {
             stream,
             body,
@@ -318,19 +341,28 @@ impl RuleSet {
             id: msg_id,
             now_ms,
         } = msg;
-        let last = selected
-            .iter()
-            .rposition(|&i| self.rules[i].handles(stream) && self.rules[i].reads_context);
+        let last = if self.any_reads_context {
+            selected
+                .iter()
+                .rev()
+                .find(|&&i| self.rules[i].handles(stream) && self.rules[i].reads_context)
+        } else {
+            None
+        };
         let mut ctx = Some(ctx);
-        let mut results = Vec::with_capacity(selected.len());
-        for (n, &i) in selected.iter().enumerate() {
+        let mut results = Vec::new();
+        let mut keys = self.index.keys(body);
+        let mut candidates = self.index.candidates(&keys, selected, None);
+        let mut k = 0;
+        while let Some(&i) = candidates.get(k) {
+            k += 1;
             let rule = &self.rules[i];
-            if !rule.handles(stream) {
+            if !rule.handles(stream) || rule.when.as_ref().is_some_and(|w| !w.admits(body)) {
                 continue;
             }
             let ctx = if !rule.reads_context {
                 Dynamic::UNIT
-            } else if Some(n) == last {
+            } else if Some(&i) == last {
                 ctx.take().unwrap_or_default()
             } else {
                 ctx.clone().unwrap_or_default()
@@ -350,6 +382,15 @@ impl RuleSet {
                 )
             };
             self.return_scope(i, scope);
+            // The rule may have changed a field the index looks up.
+            if !keys.is_empty() {
+                let now = self.index.keys(body);
+                if now != keys {
+                    keys = now;
+                    candidates = self.index.candidates(&keys, selected, Some(i));
+                    k = 0;
+                }
+            }
             let actions = api::take();
             let outcome = match call {
                 Ok(_) => Ok(actions),
@@ -570,6 +611,10 @@ fn compile_rule(
             )
         })?,
     };
+    let when = match scope.get(when::WHEN_CONST) {
+        None => None,
+        Some(v) => Some(when::When::parse(v).map_err(|e| error(rhai::Position::NONE, e))?),
+    };
     let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
     let constants_only = scope.iter_raw().all(|(_, constant, _)| constant);
     let reads_context = reads_context(&ast, source);
@@ -585,6 +630,7 @@ fn compile_rule(
         reads_context,
         scope,
         topics,
+        when,
     })
 }
 
@@ -729,6 +775,84 @@ mod tests {
         assert!(run(&set, "b", r#"{"v": 11}"#).is_empty());
         assert_eq!(run(&set, "a:{3}", r#"{"v": 11}"#).len(), 1, "a shard of a");
         assert!(run(&set, "b:{3}", r#"{"v": 11}"#).is_empty());
+    }
+
+    #[test]
+    fn a_declared_rule_runs_only_on_the_messages_it_declares() {
+        let rule =
+            |when: &str| format!("const WHEN = {when};\n fn on_message(m, c) {{ log(\"ran\"); }}");
+        let (_d, set) = set_of(&[
+            (
+                "a_site.rhai",
+                &rule(r#"#{ equals: #{ site: "ams", role: "leaf" } }"#),
+            ),
+            (
+                "b_other_site.rhai",
+                &rule(r#"#{ equals: #{ site: "fra" } }"#),
+            ),
+            ("c_threshold.rhai", &rule("#{ min: #{ errors: 10 } }")),
+            ("d_undeclared.rhai", "fn on_message(m, c) { log(\"ran\"); }"),
+        ]);
+        let set = set.unwrap();
+        let ran = |body: &str| -> Vec<usize> {
+            run(&set, "s", body).into_iter().map(|r| r.rule).collect()
+        };
+        assert_eq!(
+            ran(r#"{"site":"ams","role":"leaf","errors":10}"#),
+            [0, 2, 3]
+        );
+        assert_eq!(ran(r#"{"site":"ams","role":"spine","errors":9}"#), [3]);
+        assert_eq!(ran(r#"{"site":"fra","errors":11.5}"#), [1, 2, 3]);
+        assert_eq!(ran("[]"), [3]);
+    }
+
+    #[test]
+    fn a_rule_that_changes_a_declared_field_decides_which_later_rules_run() {
+        let (_d, set) = set_of(&[
+            ("a_rename.rhai", "fn on_message(m, c) { m.site = \"fra\"; }"),
+            (
+                "b_ams.rhai",
+                "const WHEN = #{ equals: #{ site: \"ams\" } };\n fn on_message(m, c) {}",
+            ),
+            (
+                "c_fra.rhai",
+                "const WHEN = #{ equals: #{ site: \"fra\" } };\n fn on_message(m, c) {}",
+            ),
+        ]);
+        let set = set.unwrap();
+        let engine = build_engine(&Limits::default());
+        let body = serde_json::from_str::<Dynamic>(r#"{"site":"ams"}"#)
+            .unwrap()
+            .into_shared();
+        let ran: Vec<usize> = set
+            .evaluate(
+                &engine,
+                &[0, 1, 2],
+                Message {
+                    stream: "s",
+                    body: &body,
+                    ctx: Dynamic::UNIT,
+                    id: "1-0",
+                    now_ms: 0,
+                },
+            )
+            .into_iter()
+            .map(|r| r.rule)
+            .collect();
+        assert_eq!(ran, [0, 2]);
+    }
+
+    #[test]
+    fn a_bad_declaration_fails_the_load_naming_the_rule() {
+        let (_d, set) = set_of(&[(
+            "w.rhai",
+            "const WHEN = #{ min: #{ errors: \"high\" } };\n fn on_message(m, c) {}",
+        )]);
+        let err = set.err().unwrap().to_string();
+        assert!(
+            err.contains("w.rhai: `WHEN.min.errors` must be a number, not string"),
+            "{err}"
+        );
     }
 
     #[test]

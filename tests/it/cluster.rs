@@ -613,3 +613,47 @@ fn idle_consumers_without_pending_entries_are_removed() {
         "the instance's own consumer went too: {left:?}"
     );
 }
+
+/// Connections open on `node` besides the one asking (`CLIENT LIST`).
+fn clients_on(node: &ClusterNode) -> usize {
+    let mut con = node.try_conn().expect("connect to a node");
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query(&mut con)
+        .expect("CLIENT LIST");
+    list.lines().count() - 1
+}
+
+/// What one instance holds on each node caps how many instances a
+/// Cluster's `maxclients` admits (docs/scaling.md). Measured with `CLIENT
+/// LIST` once the instance has read and delivered through every shard; the
+/// figure is printed (`--nocapture`), and it must stay within what
+/// scale-out.md documents: `2 × (tags + sink lanes) + 10` per node.
+#[test]
+fn one_instance_holds_a_bounded_number_of_connections_per_cluster_node() {
+    let cluster = RedisCluster::start(3, 0, 5000);
+    let before: Vec<usize> = cluster.nodes.iter().map(clients_on).collect();
+    let project = seq_project();
+    let (_tl, _) = start_instance(&project, &cluster.addr());
+    assert_eq!(Publisher::start(urls(&cluster), 0, Some(60)).finish(), 60);
+    assert!(
+        wait_until(Duration::from_secs(60), || all_delivered(&project, 0..60)),
+        "missing {:?}",
+        missing(&project, 0..60)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let held: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .zip(&before)
+        .map(|(n, b)| clients_on(n).saturating_sub(*b))
+        .collect();
+    eprintln!(
+        "connections per node held by one instance ({SHARDS} shards, one sink, 3 masters): {held:?}"
+    );
+    let documented = 2 * (SHARDS as usize + SHARDS as usize) + 10;
+    assert!(
+        held.iter().all(|n| (1..=documented).contains(n)),
+        "{held:?}, documented at most {documented}"
+    );
+}
