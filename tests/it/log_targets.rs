@@ -14,14 +14,6 @@ const RULE: &str = r#"fn on_message(msg, ctx) {
     alert(#{ name: "Seen", severity: "warning", labels: #{ host: `${msg.host}` }, summary: "seen" });
 }"#;
 
-fn wait_for(tl: &Tripline, text: &str) {
-    assert!(
-        wait_until(Duration::from_secs(20), || tl.stderr().contains(text)),
-        "no `{text}` in stderr:\n{}",
-        tl.stderr()
-    );
-}
-
 #[test]
 fn rust_log_selects_events_by_their_module() {
     let redis = RedisServer::start();
@@ -37,7 +29,7 @@ fn rust_log_selects_events_by_their_module() {
             "warn,tripline::reload=info,tripline::sinks=info",
         )],
     );
-    wait_for(&tl, "watching rules and plugins for changes");
+    tl.wait_for_log("watching rules and plugins for changes");
     xadd(&mut redis.conn(), "s", &[("host", b"r1")]);
     assert!(
         wait_until(Duration::from_secs(20), || !project
@@ -47,7 +39,7 @@ fn rust_log_selects_events_by_their_module() {
         tl.stderr()
     );
     project.write("rules/seen.rhai", &format!("{RULE}\n// edited\n"));
-    wait_for(&tl, "rules reloaded");
+    tl.wait_for_log("rules reloaded");
 
     let lines: Vec<serde_json::Value> = tl
         .stderr()
@@ -87,13 +79,13 @@ fn reload_error_stays_on_one_log_line() {
     let redis = RedisServer::start();
     let project = Project::new(&config(SUBS), &[("rules/seen.rhai", RULE)]);
     let tl = project.start(&redis);
-    wait_for(&tl, "watching rules and plugins for changes");
+    tl.wait_for_log("watching rules and plugins for changes");
     project.write(
         "rules/broken_a.rhai",
         "fn on_message(msg, ctx) {\n  let = ;\n}\n",
     );
     project.write("rules/broken_b.rhai", "fn on_message(msg, ctx) {\n  x +\n");
-    wait_for(&tl, "reload failed");
+    tl.wait_for_log("reload failed");
     assert!(
         wait_until(Duration::from_secs(10), || tl
             .stderr()

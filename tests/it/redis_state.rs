@@ -48,14 +48,6 @@ fn lines_with(tl: &Tripline, text: &str) -> Vec<String> {
         .collect()
 }
 
-fn wait_for_line(tl: &Tripline, text: &str) {
-    assert!(
-        wait_until(Duration::from_secs(20), || tl.stderr().contains(text)),
-        "no line with `{text}`; stderr:\n{}",
-        tl.stderr()
-    );
-}
-
 fn alerted(project: &Project, host: &str) -> bool {
     project
         .json_lines("alerts.jsonl")
@@ -85,8 +77,8 @@ fn flushed_redis_is_reported_as_lost_state_once_by_each_instance() {
     }
 
     q(&mut con, &["FLUSHALL"]);
-    wait_for_line(&ta, LOST);
-    wait_for_line(&tb, LOST);
+    ta.wait_for_log(LOST);
+    tb.wait_for_log(LOST);
     std::thread::sleep(Duration::from_secs(2));
     for (tl, http) in [(&ta, &http_a), (&tb, &http_b)] {
         let lost = lines_with(tl, LOST);
@@ -223,7 +215,7 @@ fn config_refused_by_an_acl_is_tolerated() {
 
     // The markers need no CONFIG: lost state is still detected.
     q(&mut con, &["FLUSHALL"]);
-    wait_for_line(&tl, LOST);
+    tl.wait_for_log(LOST);
 }
 
 #[test]
@@ -244,7 +236,7 @@ fn cluster_nodes_without_persistence_are_named_and_a_flushed_node_loses_its_tags
     // Only the node holding shard 0's marker loses its data.
     let port = cluster.master_of("tripline:marker:{0}");
     q(&mut cluster.node(port).try_conn().unwrap(), &["FLUSHALL"]);
-    wait_for_line(&tl, LOST);
+    tl.wait_for_log(LOST);
     std::thread::sleep(Duration::from_secs(2));
     let lost = lines_with(&tl, LOST);
     assert_eq!(lost.len(), 1, "{}", tl.stderr());

@@ -230,13 +230,7 @@ fn pipeline_runs_over_rediss_with_a_private_ca_and_refuses_another_ca() {
     // The same server, trusting another CA: refused, and the log says why.
     let wrong = tls_project(certs.path().join("other.pem").to_str().unwrap());
     let tl = wrong.start_on(&redis.url());
-    assert!(
-        wait_until(Duration::from_secs(20), || tl
-            .stderr()
-            .contains("invalid peer certificate")),
-        "{}",
-        tl.stderr()
-    );
+    tl.wait_for_log("invalid peer certificate");
     assert!(tl.stderr().contains("UnknownIssuer"), "{}", tl.stderr());
     assert!(wrong.json_lines("alerts.jsonl").is_empty());
 
@@ -246,13 +240,7 @@ fn pipeline_runs_over_rediss_with_a_private_ca_and_refuses_another_ca() {
         &[("rules/tls.rhai", RULE)],
     );
     let tl = plain.start_on(&redis.url());
-    assert!(
-        wait_until(Duration::from_secs(20), || tl
-            .stderr()
-            .contains("invalid peer certificate")),
-        "{}",
-        tl.stderr()
-    );
+    tl.wait_for_log("invalid peer certificate");
 }
 
 #[test]

@@ -487,6 +487,15 @@ impl Tripline {
         );
     }
 
+    /// Waits (20 s at most) until the log holds `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        assert!(
+            wait_until(Duration::from_secs(20), || self.stderr().contains(text)),
+            "no `{text}` in stderr:\n{}",
+            self.stderr()
+        );
+    }
+
     /// Waits until the file watcher runs and HTTP answers on `http`: then a
     /// saved file or a `POST /-/reload` reaches a running engine.
     pub fn wait_watching(&self, http: &str) {
