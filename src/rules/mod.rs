@@ -1326,20 +1326,7 @@ mod tests {
                 "fn on_message(m, c) { require(m, \"x\"); alert(#{}); }",
             ),
         ]);
-        let set = set.unwrap();
-        let engine = build_engine(&Limits::default());
-        let body: Dynamic = serde_json::from_str(r#"{"x": 1, "interface": null}"#).unwrap();
-        let r = set.evaluate(
-            &engine,
-            &[0, 1],
-            Message {
-                stream: "s",
-                body: &body,
-                ctx: Dynamic::UNIT,
-                id: "1-0",
-                now_ms: 0,
-            },
-        );
+        let r = run(&set.unwrap(), "s", r#"{"x": 1, "interface": null}"#);
         let e = r[0].outcome.as_ref().unwrap_err();
         assert!(
             e.starts_with("a.rhai:2:3: ")
