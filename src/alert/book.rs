@@ -176,13 +176,13 @@ impl AlertBook {
         gates.entry(tag.to_string()).or_default().clone()
     }
 
-    /// Partitions this instance holds state of.
     /// Where the lifecycle counts what silences withheld, and what the
     /// store that settles its decisions counts too.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
+    /// Partitions this instance holds state of.
     pub fn tags(&self) -> Vec<String> {
         let parts = self.parts.lock().expect("alert book poisoned");
         parts.keys().cloned().collect()
@@ -424,11 +424,17 @@ impl AlertBook {
         });
     }
 
-    /// Replaces everything cached for partition `tag` with `snapshot`, what
+    /// Replaces what is cached for partition `tag` with `snapshot`, what
     /// Redis holds there: picks up alerts other instances raised (so this
     /// instance's timers cover them) and forgets deleted ones. `generation`
     /// is the partition's generation if nothing wrote while it was read.
-    /// Returns the old entries, for the caller to drop outside its locks.
+    /// Without it the snapshot may predate a commit of this instance's (a
+    /// deadman watch created meanwhile would be forgotten, and fire only
+    /// after the next full read, 15 s late): a cached entry the snapshot
+    /// lacks or holds at a lower version is kept. The partition is then
+    /// unsynced, so every commit checks the versions of what it decided on
+    /// and a kept entry another instance deleted is corrected there.
+    /// Returns the replaced entries, for the caller to drop outside its locks.
     pub fn load_partition(
         &self,
         tag: &str,
@@ -438,15 +444,24 @@ impl AlertBook {
         let mut entries = snapshot.0;
         self.with_part(tag, |p| {
             p.synced = generation;
-            // What this instance judged but did not write outlives the read.
-            for (fp, old) in &p.entries {
-                if old.touched > 0
-                    && let Some(c) = entries.get_mut(fp)
-                {
-                    c.touched = old.touched;
+            let mut replaced = HashMap::new();
+            for (fp, old) in std::mem::take(&mut p.entries) {
+                match entries.get_mut(&fp) {
+                    Some(c) if generation.is_some() || c.version >= old.version => {
+                        // What this instance judged but did not write outlives the read.
+                        c.touched = old.touched;
+                        replaced.insert(fp, old);
+                    }
+                    _ if generation.is_some() => {
+                        replaced.insert(fp, old);
+                    }
+                    _ => {
+                        entries.insert(fp, old);
+                    }
                 }
             }
-            Snapshot(std::mem::replace(&mut p.entries, entries))
+            p.entries = entries;
+            Snapshot(replaced)
         })
     }
 
@@ -589,6 +604,22 @@ mod tests {
         assert_eq!(book.due(10 * MIN).notifications[0].status, Status::Firing);
         assert!(book.due(11 * MIN).notifications.is_empty());
         assert_eq!(notes(&book, watch(12 * MIN)), [Status::Resolved]);
+    }
+
+    #[test]
+    fn a_full_read_that_raced_a_commit_keeps_the_watch_the_commit_created() {
+        let book = Runtime::new().alert_book(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        // Read before the watch was committed, generation moved meanwhile.
+        let stale = Snapshot::default();
+        notes(&book, watch(0));
+        drop(book.load_partition("s", stale, None));
+        assert_eq!(book.due(10 * MIN).notifications[0].status, Status::Firing);
+        // A read nothing raced is what Redis holds: the watch is gone there.
+        let book = Runtime::new().alert_book(policy());
+        notes(&book, watch(0));
+        drop(book.load_partition("s", Snapshot::default(), Some(7)));
+        assert!(book.due(10 * MIN).notifications.is_empty());
     }
 
     #[test]
