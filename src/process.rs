@@ -13,7 +13,7 @@ use rhai::{Dynamic, Map};
 use crate::alert::{Action, ActionKind, Alert, AlertBook, Origin, Status, fingerprint};
 use crate::decode;
 use crate::rules::api::Deadman;
-use crate::rules::{Actions, LogLevel, Message, RawAlert, Rule, RuleEngine, RuleSet, raw_alert};
+use crate::rules::{Actions, LogLevel, Message, RawAlert, Rule, RuleEngine, RuleSet};
 
 /// A compiled rule set plus, per subscription, which of its rules apply.
 /// Swapped whole on reload, so a batch sees one consistent version.
@@ -242,7 +242,7 @@ impl Processor {
             let alert = if watched {
                 None
             } else {
-                match raw_alert("deadman", &d.alert) {
+                match d.alert.build() {
                     Ok(raw) => Some(build_alert(&rule.name, raw, origin()).1),
                     Err(text) => {
                         errors += 1;

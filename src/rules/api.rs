@@ -6,6 +6,7 @@
 //! thread-local [`Actions`]. That keeps the registered functions free of
 //! locks and the `Engine` shareable and frozen.
 
+use std::any::TypeId;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
 
+use super::kind::AlertKind;
 use super::state::RuleState;
 use crate::alert::{Fingerprint, Severity};
 
@@ -91,14 +93,33 @@ pub struct Actions {
 }
 
 /// `deadman(alert, after)`: fire `alert` if this series stays silent for
-/// `after_ms`. The alert map is kept as the rule built it (already checked)
-/// and parsed only when the watch needs it: nearly every call re-confirms
-/// a fresh watch ([`crate::alert::AlertBook::is_watched`]).
+/// `after_ms`. The alert is kept as the rule gave it (already checked) and
+/// built only when the watch needs it: nearly every call re-confirms a
+/// fresh watch ([`crate::alert::AlertBook::is_watched`]).
 #[derive(Debug, Clone)]
 pub struct Deadman {
     pub fp: u64,
     pub after_ms: u64,
-    pub alert: Map,
+    pub alert: DeadmanAlert,
+}
+
+/// The alert a deadman watch fires, as the rule gave it.
+#[derive(Debug, Clone)]
+pub enum DeadmanAlert {
+    /// `deadman(map, after)`.
+    Map(Map),
+    /// `KIND.deadman(msg, after)`: the kind and the message's values of
+    /// its label fields.
+    Kind(AlertKind, Vec<Dynamic>),
+}
+
+impl DeadmanAlert {
+    pub fn build(&self) -> Result<RawAlert, String> {
+        match self {
+            DeadmanAlert::Map(map) => raw_alert("deadman", map),
+            DeadmanAlert::Kind(kind, values) => Ok(kind.build(values, None, None)),
+        }
+    }
 }
 
 impl Actions {
@@ -137,7 +158,7 @@ pub(crate) fn begin(rule: &str, now_ms: u64) {
     });
 }
 
-fn running<T>(f: impl FnOnce(&str, u64) -> T) -> T {
+pub(super) fn running<T>(f: impl FnOnce(&str, u64) -> T) -> T {
     RUNNING.with(|r| {
         let r = r.borrow();
         f(&r.rule, r.now_ms)
@@ -149,13 +170,13 @@ pub(crate) fn take() -> Actions {
     ACTIONS.with(|a| std::mem::take(&mut *a.borrow_mut()))
 }
 
-fn record(f: impl FnOnce(&mut Actions)) {
+pub(super) fn record(f: impl FnOnce(&mut Actions)) {
     ACTIONS.with(|a| f(&mut a.borrow_mut()));
 }
 
-type Res<T> = Result<T, Box<EvalAltResult>>;
+pub(super) type Res<T> = Result<T, Box<EvalAltResult>>;
 
-fn fail<T>(ctx: &NativeCallContext, text: String) -> Res<T> {
+pub(super) fn fail<T>(ctx: &NativeCallContext, text: String) -> Res<T> {
     Err(Box::new(EvalAltResult::ErrorRuntime(
         text.into(),
         ctx.call_position(),
@@ -164,9 +185,13 @@ fn fail<T>(ctx: &NativeCallContext, text: String) -> Res<T> {
 
 const ALERT_KEYS: &str =
     "name, severity, labels, summary, description, annotations, value, for_duration, resolve_after";
+/// What `alert_kind` reads: an alert map's keys but `value`, which each
+/// reading gives.
+pub(super) const ALERT_KIND_KEYS: &str =
+    "name, severity, labels, summary, description, annotations, for_duration, resolve_after";
 
 /// A duration given as `"5m"`/`"30s"` or as a number of seconds.
-fn duration_ms(func: &str, key: &str, v: &Dynamic) -> Result<u64, String> {
+pub(super) fn duration_ms(func: &str, key: &str, v: &Dynamic) -> Result<u64, String> {
     if let Ok(i) = v.as_int() {
         if i >= 0 {
             return Ok(i as u64 * 1000);
@@ -185,7 +210,7 @@ fn duration_ms(func: &str, key: &str, v: &Dynamic) -> Result<u64, String> {
     ))
 }
 
-fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
+pub(super) fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
     if let Ok(i) = v.as_int() {
         Ok(i as f64)
     } else if let Ok(f) = v.as_float() {
@@ -200,12 +225,12 @@ fn number(ctx: &NativeCallContext, func: &str, v: &Dynamic) -> Res<f64> {
 
 /// A value as text, the way Rhai prints it. Strings (nearly every label and
 /// annotation) are copied directly rather than through the formatter.
-fn text(v: &Dynamic) -> String {
+pub(super) fn text(v: &Dynamic) -> String {
     with_text(v, str::to_owned)
 }
 
 /// `f` of the value as text, without copying a string value.
-fn with_text<T>(v: &Dynamic, f: impl FnOnce(&str) -> T) -> T {
+pub(super) fn with_text<T>(v: &Dynamic, f: impl FnOnce(&str) -> T) -> T {
     match v.read_lock::<rhai::ImmutableString>() {
         Some(s) => f(s.as_str()),
         None => f(&v.to_string()),
@@ -355,16 +380,51 @@ fn resolve_map(ctx: &NativeCallContext, func: &str, map: &Map, own_text: bool) -
 
 /// Fires when `fire`, resolves when `clear`, and between the two leaves the
 /// alert as it is: the band that stops an alert flapping on a threshold.
-fn band(ctx: &NativeCallContext, func: &str, map: Map, fire: bool, clear: bool) -> Res<()> {
+fn band(ctx: &NativeCallContext, func: &str, map: &Map, fire: bool, clear: bool) -> Res<()> {
     if fire {
-        let a = parse_alert(ctx, func, &map)?;
+        let a = parse_alert(ctx, func, map)?;
         record(|acts| acts.alerts.push(a));
         Ok(())
     } else if clear {
         // The map describes the firing side: its text would not fit a resolve.
-        resolve_map(ctx, func, &map, false)
+        resolve_map(ctx, func, map, false)
     } else {
-        check_alert(func, &map).or_else(|e| fail(ctx, e))
+        check_alert(func, map).or_else(|e| fail(ctx, e))
+    }
+}
+
+/// Which side of a hysteresis band `value` is on: (fires, clears). Rising
+/// bands fire above `fire` and clear below `clear`; falling ones mirror
+/// that. Fails on thresholds the wrong way round.
+pub(super) fn band_sides(
+    ctx: &NativeCallContext,
+    func: &str,
+    rising: bool,
+    value: f64,
+    fire: &Dynamic,
+    clear: &Dynamic,
+) -> Res<(bool, bool)> {
+    let (fire, clear) = (number(ctx, func, fire)?, number(ctx, func, clear)?);
+    if (rising && clear > fire) || (!rising && clear < fire) {
+        let side = if rising { "above" } else { "below" };
+        return fail(
+            ctx,
+            format!("{func}(): clear threshold {clear} is {side} fire threshold {fire}"),
+        );
+    }
+    Ok(if rising {
+        (value > fire, value < clear)
+    } else {
+        (value < fire, value > clear)
+    })
+}
+
+/// The silence of a deadman watch, in ms: a duration longer than 0.
+pub(super) fn deadman_after(ctx: &NativeCallContext, after: &Dynamic) -> Res<u64> {
+    match duration_ms("deadman", "after", after) {
+        Ok(0) => fail(ctx, "deadman(): the silence must be longer than 0".into()),
+        Ok(ms) => Ok(ms),
+        Err(e) => fail(ctx, e),
     }
 }
 
@@ -421,11 +481,40 @@ fn export(
 
 const NO_SLEEP: &str = "rules cannot sleep (sandbox): a rule call holds its message's batch; use for_duration or deadman to wait";
 
+/// Registers `f` as `name` once for every combination of the types each
+/// parameter may have (`slots`, one list per parameter).
+pub(super) fn typed(
+    engine: &mut Engine,
+    name: &'static str,
+    slots: &[&[TypeId]],
+    f: impl Fn(&NativeCallContext, &mut [&mut Dynamic]) -> Res<()> + Send + Sync + 'static,
+) {
+    let f = Arc::new(f);
+    let mut signatures: Vec<Vec<TypeId>> = vec![Vec::new()];
+    for slot in slots {
+        signatures = signatures
+            .into_iter()
+            .flat_map(|sig| {
+                slot.iter().map(move |t| {
+                    let mut s = sig.clone();
+                    s.push(*t);
+                    s
+                })
+            })
+            .collect();
+    }
+    for sig in signatures {
+        let f = f.clone();
+        engine.register_raw_fn(name, sig, move |ctx, args| f(&ctx, args));
+    }
+}
+
 /// Registers the rule API on an engine that is about to be frozen. The
 /// stateful helpers (`rate`, `delta`, `metric`) keep their series in
 /// `state`, this engine's own.
 pub fn register(engine: &mut Engine, state: &Arc<RuleState>) {
     register_alerting(engine);
+    super::kind::register(engine);
     register_series(engine, state);
     register_output(engine);
     register_sandbox(engine);
@@ -455,51 +544,33 @@ fn register_alerting(engine: &mut Engine) {
         record(|acts| acts.resolves.push((fp, None)));
     });
     // Rising thresholds: fire above, clear below; falling ones the mirror.
+    // Typed for numbers (found at once), `Dynamic` for the errors (see
+    // `kind::register`).
+    let numbers = [TypeId::of::<rhai::INT>(), TypeId::of::<rhai::FLOAT>()];
+    let any = [TypeId::of::<Dynamic>()];
+    let map = [TypeId::of::<Map>()];
     for (name, rising) in [("hysteresis_above", true), ("hysteresis_below", false)] {
-        engine.register_fn(
-            name,
-            move |ctx: NativeCallContext,
-                  map: Map,
-                  value: Dynamic,
-                  fire: Dynamic,
-                  clear: Dynamic|
-                  -> Res<()> {
-                let (v, fire, clear) = (
-                    number(&ctx, name, &value)?,
-                    number(&ctx, name, &fire)?,
-                    number(&ctx, name, &clear)?,
-                );
-                if (rising && clear > fire) || (!rising && clear < fire) {
-                    let side = if rising { "above" } else { "below" };
-                    return fail(
-                        &ctx,
-                        format!(
-                            "{name}(): clear threshold {clear} is {side} fire threshold {fire}"
-                        ),
-                    );
-                }
-                if rising {
-                    band(&ctx, name, map, v > fire, v < clear)
-                } else {
-                    band(&ctx, name, map, v < fire, v > clear)
-                }
-            },
-        );
+        let f = move |ctx: &NativeCallContext, args: &mut [&mut Dynamic]| -> Res<()> {
+            let v = number(ctx, name, args[1])?;
+            let (fires, clears) = band_sides(ctx, name, rising, v, args[2], args[3])?;
+            // By reference: a map held in a variable is read in place.
+            let map = args[0].read_lock::<Map>().expect("registered for maps");
+            band(ctx, name, &map, fires, clears)
+        };
+        typed(engine, name, &[&map, &numbers, &numbers, &numbers], f);
+        typed(engine, name, &[&map, &any, &any, &any], f);
     }
     engine.register_fn(
         "deadman",
         |ctx: NativeCallContext, map: Map, after: Dynamic| -> Res<()> {
-            let after_ms = duration_ms("deadman", "after", &after).or_else(|e| fail(&ctx, e))?;
-            if after_ms == 0 {
-                return fail(&ctx, "deadman(): the silence must be longer than 0".into());
-            }
+            let after_ms = deadman_after(&ctx, &after)?;
             check_alert("deadman", &map).or_else(|e| fail(&ctx, e))?;
             let fp = running(|rule, _| identity(rule, &map));
             record(|acts| {
                 acts.deadmen.push(Deadman {
                     fp,
                     after_ms,
-                    alert: map,
+                    alert: DeadmanAlert::Map(map),
                 })
             });
             Ok(())
@@ -509,22 +580,35 @@ fn register_alerting(engine: &mut Engine) {
 
 /// `rate`, `delta` and `metric`: the helpers that keep series in `state`.
 fn register_series(engine: &mut Engine, state: &Arc<RuleState>) {
-    let s = state.clone();
-    engine.register_fn(
-        "rate",
-        move |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
-            let v = number(&ctx, "rate", &value)?;
-            Ok(running(|rule, now| s.rate(rule, key, v, now)))
-        },
-    );
-    let s = state.clone();
-    engine.register_fn(
-        "delta",
-        move |ctx: NativeCallContext, key: &str, value: Dynamic| -> Res<f64> {
-            let v = number(&ctx, "delta", &value)?;
-            Ok(running(|rule, now| s.delta(rule, key, v, now)))
-        },
-    );
+    // Typed for numbers (found at once), `Dynamic` for the errors (see
+    // `kind::register`).
+    for name in ["rate", "delta"] {
+        let s = state.clone();
+        let series = move |ctx: &NativeCallContext, key: &str, value: &Dynamic| -> Res<f64> {
+            let v = number(ctx, name, value)?;
+            Ok(running(|rule, now| {
+                if name == "rate" {
+                    s.rate(rule, key, v, now)
+                } else {
+                    s.delta(rule, key, v, now)
+                }
+            }))
+        };
+        let f = series.clone();
+        engine.register_fn(
+            name,
+            move |ctx: NativeCallContext, key: &str, v: rhai::INT| f(&ctx, key, &v.into()),
+        );
+        let f = series.clone();
+        engine.register_fn(
+            name,
+            move |ctx: NativeCallContext, key: &str, v: rhai::FLOAT| f(&ctx, key, &v.into()),
+        );
+        engine.register_fn(
+            name,
+            move |ctx: NativeCallContext, key: &str, v: Dynamic| series(&ctx, key, &v),
+        );
+    }
     let s = state.clone();
     engine.register_fn(
         "metric",

@@ -7,6 +7,7 @@
 
 pub mod api;
 mod budget;
+pub mod kind;
 pub mod lint;
 pub mod state;
 pub mod when;
@@ -21,7 +22,7 @@ use rhai::{AST, CallFnOptions, Dynamic, Engine, EvalAltResult, Position, Scope};
 
 use crate::config::Limits;
 use crate::metrics::{Decision, Metrics, RuleMetrics};
-pub use api::{Actions, LogLevel, RawAlert, raw_alert};
+pub use api::{Actions, LogLevel, RawAlert};
 use state::RuleState;
 
 /// Name of the function every rule defines.
@@ -709,6 +710,7 @@ fn decision(outcome: &Result<Actions, String>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::alert::Severity;
     use crate::runtime::Runtime;
 
     thread_local! {
@@ -929,6 +931,105 @@ mod tests {
                 .with(|rt| rt.metrics.encode())
                 .contains("tripline_rules_test_value{host=\"r1\"} 100")
         );
+    }
+
+    const KINDS: &str = r#"
+        const HOT = alert_kind(#{ name: "Hot", severity: "major", labels: ["if", "host"],
+            summary: "{{host}} {{if}}: {{value}}", for_duration: "1m" });
+        const GONE = alert_kind(#{ name: "Gone", labels: ["host"] });
+        fn on_message(m, c) {
+            switch m.op {
+                "fire" => HOT.fire(m, m.v, "critical"),
+                "fire1" => HOT.fire(m),
+                "resolve" => HOT.resolve(m),
+                "watch" => GONE.deadman(m, "10m"),
+                "band" => HOT.hysteresis_above(m, m.v, 100, 50.0),
+                "not_a_map" => HOT.fire(42),
+                "bad_level" => HOT.fire(m, 1, "urgent"),
+                "bad_value" => HOT.hysteresis_above(m, "x", 100, 50),
+            }
+        }"#;
+
+    #[test]
+    fn alert_kinds_take_their_labels_from_the_message() {
+        let (_d, set) = set_of(&[("k.rhai", KINDS)]);
+        let set = set.unwrap();
+        let acts = |body: &str| run(&set, "s", body).remove(0).outcome.unwrap();
+        let fired = acts(r#"{"op": "fire", "host": "r1", "if": "et-0", "v": 7, "x": 1}"#);
+        let a = &fired.alerts[0];
+        assert_eq!(a.name.as_deref(), Some("Hot"));
+        assert_eq!(a.severity, Severity::Critical);
+        assert_eq!(a.value.as_deref(), Some("7"));
+        assert_eq!(a.for_ms, 60_000);
+        assert_eq!(a.annotations["summary"], "{{host}} {{if}}: {{value}}");
+        let labels: Vec<String> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        assert_eq!(labels, ["host=r1", "if=et-0"], "only the declared fields");
+        let fp = crate::alert::fingerprint("k", "Hot", &a.labels);
+        let plain = acts(r#"{"op": "fire1", "host": "r1", "if": "et-0"}"#);
+        assert_eq!(plain.alerts[0].severity, Severity::Major);
+        assert_eq!(plain.alerts[0].value, None);
+        let resolved = acts(r#"{"op": "resolve", "host": "r1", "if": "et-0"}"#);
+        assert_eq!(resolved.resolves[0].0, fp, "the alert fire() raised");
+        let watched = acts(r#"{"op": "watch", "host": "r1"}"#);
+        let gone = watched.deadmen[0].alert.build().unwrap();
+        assert_eq!(watched.deadmen[0].after_ms, 600_000);
+        assert_eq!(
+            watched.deadmen[0].fp,
+            crate::alert::fingerprint("k", "Gone", &gone.labels)
+        );
+        let band = |v: f64| {
+            acts(&format!(
+                r#"{{"op": "band", "host": "r1", "if": "et-0", "v": {v}}}"#
+            ))
+        };
+        assert_eq!(band(150.5).alerts[0].value.as_deref(), Some("150.5"));
+        let held = band(70.0);
+        assert!(held.alerts.is_empty() && held.resolves.is_empty());
+        assert_eq!(band(10.0).resolves[0].0, fp);
+    }
+
+    #[test]
+    fn an_alert_kind_names_what_is_wrong_with_a_call() {
+        let (_d, set) = set_of(&[("k.rhai", KINDS)]);
+        let set = set.unwrap();
+        let error = |body: &str| run(&set, "s", body).remove(0).outcome.unwrap_err();
+        let e = error(r#"{"op": "fire", "v": 1, "host": "r1"}"#);
+        assert!(
+            e.contains("label field of alert Hot missing from the message: `if`"),
+            "{e}"
+        );
+        let e = error(r#"{"op": "watch", "host": null}"#);
+        assert!(e.contains("missing from the message: `host`"), "{e}");
+        let e = error(r#"{"op": "not_a_map"}"#);
+        assert!(e.contains("must be the message (a map), got i64"), "{e}");
+        let e = error(r#"{"op": "bad_level", "host": "r1", "if": "x"}"#);
+        assert!(e.contains("severity `urgent`"), "{e}");
+        let e = error(r#"{"op": "bad_value", "host": "r1", "if": "x"}"#);
+        assert!(e.contains("expected a number, got string"), "{e}");
+        let (_d, bad) = set_of(&[(
+            "d.rhai",
+            "const K = alert_kind(#{ name: \"K\", labels: #{ host: 1 } });\n fn on_message(m, c) {}",
+        )]);
+        let e = bad.err().unwrap().to_string();
+        assert!(
+            e.contains("d.rhai") && e.contains("`labels` must list"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_band_on_a_map_in_a_variable_leaves_the_variable_as_it_was() {
+        let (_d, set) = set_of(&[(
+            "b.rhai",
+            r#"fn on_message(m, c) {
+                let a = #{ name: "Hot", labels: #{ host: "r1" } };
+                hysteresis_above(a, m.v, 100, 50);
+                hysteresis_above(a, 1.5, 100.0, 50);
+                if a.name != "Hot" { throw "the band took the map"; }
+            }"#,
+        )]);
+        let r = run(&set.unwrap(), "s", r#"{"v": 500}"#);
+        assert_eq!(r[0].outcome.as_ref().unwrap().alerts.len(), 1);
     }
 
     #[test]
