@@ -981,6 +981,7 @@ impl StateMarkers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_redis::TestRedis;
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
@@ -1076,6 +1077,113 @@ mod tests {
         assert_eq!(nodes.iter().min(), Some(&Persistence::None));
         let nodes = [Persistence::Aof, Persistence::Rdb, Persistence::Unknown];
         assert_eq!(nodes.iter().min(), Some(&Persistence::Unknown));
+    }
+
+    /// Connections the server has besides the test's own.
+    fn clients(con: &mut redis::Connection) -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
+        list.lines().count() - 1
+    }
+
+    async fn ping(conn: &mut LazyConn) -> Result<String, RedisError> {
+        redis::cmd("PING").query_async(conn.get().await?).await
+    }
+
+    /// `n` tasks, each with its own [`LazyConn`], PING at once.
+    async fn ping_together(target: &RedisTarget, n: usize) -> Vec<Result<String, RedisError>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let mut conn = LazyConn::new(target.clone());
+            tasks.spawn(async move { ping(&mut conn).await });
+        }
+        tasks.join_all().await
+    }
+
+    #[tokio::test]
+    async fn every_task_of_an_instance_shares_one_connection() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        for pong in ping_together(&target, 20).await {
+            assert_eq!(pong.unwrap(), "PONG");
+        }
+        assert_eq!(clients(&mut redis.conn()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_shared_connection_is_reopened_for_every_user() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        let (mut a, mut b) = (LazyConn::new(target.clone()), LazyConn::new(target));
+        ping(&mut a).await.unwrap();
+        ping(&mut b).await.unwrap();
+        // B holds the old connection, as a task in the middle of its work.
+        let mut stale = b.get().await.unwrap().clone();
+        let mut con = redis.conn();
+        let _: Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut con)
+            .unwrap();
+        assert!(ping(&mut a).await.is_err());
+        a.reset();
+        // B never saw the error, and gets the new connection.
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        // An error on the old connection, noticed late, keeps the new one.
+        let late: Result<String, RedisError> = redis::cmd("PING").query_async(&mut stale).await;
+        assert!(late.is_err());
+        b.reset();
+        assert_eq!(ping(&mut a).await.unwrap(), "PONG");
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        drop(stale);
+        assert_eq!(clients(&mut con), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_command_of_one_user_leaves_the_others_working() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        let (mut a, mut b) = (LazyConn::new(target.clone()), LazyConn::new(target.clone()));
+        let mut con = redis.conn();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("text")
+            .query(&mut con)
+            .unwrap();
+        let refused: Result<i64, RedisError> = redis::cmd("INCR")
+            .arg("k")
+            .query_async(a.get().await.unwrap())
+            .await;
+        assert!(refused.is_err());
+        a.reset();
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        assert_eq!(ping(&mut a).await.unwrap(), "PONG");
+        // A reply that does not come in time fails that caller only; the
+        // late reply (WAIT for a replica there is not) is not taken for
+        // anyone else's.
+        let slow = target.with_shared(Duration::from_millis(100), async |c| {
+            redis::cmd("WAIT")
+                .arg(1)
+                .arg(500)
+                .query_async::<Value>(c)
+                .await
+        });
+        let (slow, pong) = tokio::join!(slow, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ping(&mut b).await
+        });
+        assert!(slow.unwrap_err().is_timeout());
+        assert_eq!(pong.unwrap(), "PONG");
+    }
+
+    #[tokio::test]
+    async fn users_waiting_on_a_dead_redis_make_one_attempt_together() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        drop(redis);
+        let failed = ping_together(&target, 10).await;
+        assert!(failed.iter().all(Result::is_err));
+        assert_eq!(target.shared.failures.load(Ordering::SeqCst), 1);
     }
 
     #[test]
