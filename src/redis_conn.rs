@@ -350,17 +350,20 @@ impl RedisTarget {
 
     /// Address of the master serving `key`'s hash slot, as the shared
     /// Cluster connection knows it (from its own view of the slots, which it
-    /// refreshes after MOVED and failed nodes). `None` on a single server.
-    async fn master_of(&self, key: &str) -> Result<Option<(String, u16)>, RedisError> {
+    /// refreshes after MOVED and failed nodes).
+    async fn master_of(&self, key: &str) -> Result<(String, u16), RedisError> {
         let (generation, conn) = self.shared().await?;
-        let RedisConn::Cluster(mut cluster) = conn else {
-            return Ok(None);
+        let found = match conn {
+            RedisConn::Cluster(mut cluster) => master_serving(&mut cluster, key).await,
+            RedisConn::Single(_) => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a single Redis server has no hash slots",
+            ))),
         };
-        let found = master_serving(&mut cluster, key).await;
         if found.as_ref().is_err_and(|e| !is_refusal(e)) {
             self.forget_shared(generation);
         }
-        found.map(Some)
+        found
     }
 
     /// A synchronous connection, for the command-line tools that read in a
@@ -539,9 +542,7 @@ impl BlockingConn {
         let TargetKind::Cluster(seeds) = &self.target.kind else {
             return self.target.connect(self.response_timeout).await;
         };
-        let Some((host, port)) = self.target.master_of(&self.key).await? else {
-            return self.target.connect(self.response_timeout).await;
-        };
+        let (host, port) = self.target.master_of(&self.key).await?;
         let info = node_info(&seeds[0], host, port)?;
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.target.connect_timeout))
