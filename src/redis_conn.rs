@@ -3,28 +3,38 @@
 //! its data. Reading streams through a consumer group is
 //! [`crate::group_reader`]'s.
 //!
-//! redis-rs times out every reply after 500 ms by default, BLOCK included, so
-//! each blocking reader gets its own connection with a timeout above its block
-//! time; writes (XACK, XADD, claims) use another connection.
+//! A blocking read (XREADGROUP BLOCK) holds up every command behind it on its
+//! socket, so each blocking reader gets a connection of its own
+//! ([`BlockingConn`]) with a reply timeout above its block time. Everything
+//! else an instance sends (commits, acks, claims, timers, outbox writes,
+//! lease, cleanup, status reads) shares one multiplexed connection per
+//! [`RedisTarget`] ([`LazyConn`]), except the health check, which must not
+//! wait behind that traffic ([`watch_health`]). The connections an instance
+//! holds on a server are its blocking readers plus two, however many hash
+//! tags it works on (docs/scaling.md).
 //!
-//! On Redis Cluster a connection ([`RedisConn::Cluster`]) routes each command
-//! by its key's hash slot, follows MOVED/ASK and reconnects to failed-over
-//! nodes by itself. A command over several keys must stay in one slot, so a
-//! blocking read covers only the streams of one hash tag
-//! ([`RedisTarget::read_groups`]).
+//! On Redis Cluster the shared connection ([`RedisConn::Cluster`]) holds one
+//! socket per node, routes each command by its key's hash slot, follows
+//! MOVED/ASK and reconnects to failed-over nodes by itself. A command over
+//! several keys must stay in one slot, so a blocking read covers only the
+//! streams of one hash tag ([`RedisTarget::read_groups`]), and its connection
+//! goes to the one node serving that slot.
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline,
-    RedisError, RedisFuture, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, ErrorKind,
+    IntoConnectionInfo, Pipeline, RedisError, RedisFuture, TlsCertificates, Value,
 };
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -34,6 +44,11 @@ use crate::metrics::{self, Metrics, NodePersistence, Persistence};
 
 /// Scheme of a Cluster address: `redis+cluster://host:port,host:port`.
 const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// Reply timeout of the shared connection. On Cluster it also bounds the
+/// retries of a command while a failover moves its slot. Callers that must
+/// answer sooner (HTTP requests, the health check) bound their own wait.
+const SHARED_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where Redis is, as the user wrote it: one server, or seed nodes of a
 /// Redis Cluster (the rest of the cluster is discovered from them).
@@ -152,6 +167,26 @@ pub struct RedisTarget {
     /// Bound of one connection attempt (per node on Cluster), so a dead
     /// address fails fast into the caller's backoff.
     connect_timeout: Duration,
+    /// The connection every clone of this target shares for its
+    /// non-blocking commands, so their number does not grow with the tasks.
+    shared: Arc<SharedSlot>,
+}
+
+/// The shared connection of a [`RedisTarget`], opened on first use and
+/// replaced after an error.
+#[derive(Default)]
+struct SharedSlot {
+    /// The open connection and its generation (which opening it came from),
+    /// if any. Locked only to clone or swap it, never across an await.
+    current: Mutex<Option<(u64, RedisConn)>>,
+    /// Held while opening; counts the openings, which numbers generations.
+    /// Tasks that find no connection wait for one attempt instead of each
+    /// opening a connection of their own.
+    opening: tokio::sync::Mutex<u64>,
+    /// Failed openings so far: a task that waited through another task's
+    /// failed attempt returns at once into its backoff rather than try
+    /// again right away (each attempt may take the whole connect timeout).
+    failures: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -181,6 +216,7 @@ impl RedisTarget {
         Ok(RedisTarget {
             kind,
             connect_timeout,
+            shared: Arc::default(),
         })
     }
 
@@ -201,7 +237,8 @@ impl RedisTarget {
         let client = Client::build_with_tls(client.get_connection_info().clone(), certificates)?;
         Ok(RedisTarget {
             kind: TargetKind::Single(Box::new(client)),
-            ..self
+            connect_timeout: self.connect_timeout,
+            shared: Arc::default(),
         })
     }
 
@@ -246,6 +283,87 @@ impl RedisTarget {
                 Ok(RedisConn::Cluster(conn))
             }
         }
+    }
+
+    /// The shared connection and its generation, opened if there is none.
+    /// Hand the generation to [`RedisTarget::forget_shared`] after an
+    /// error, so the next user opens a new one.
+    pub async fn shared(&self) -> Result<(u64, RedisConn), RedisError> {
+        if let Some(held) = self.current_shared() {
+            return Ok(held);
+        }
+        let failures = self.shared.failures.load(Ordering::SeqCst);
+        let mut openings = self.shared.opening.lock().await;
+        if let Some(held) = self.current_shared() {
+            return Ok(held);
+        }
+        if self.shared.failures.load(Ordering::SeqCst) != failures {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "connecting to Redis failed just now",
+            )));
+        }
+        match self.connect(SHARED_REPLY_TIMEOUT).await {
+            Ok(conn) => {
+                *openings += 1;
+                let held = (*openings, conn);
+                *self.shared.current.lock().expect("not poisoned") = Some(held.clone());
+                Ok(held)
+            }
+            Err(e) => {
+                self.shared.failures.fetch_add(1, Ordering::SeqCst);
+                Err(e)
+            }
+        }
+    }
+
+    fn current_shared(&self) -> Option<(u64, RedisConn)> {
+        self.shared.current.lock().expect("not poisoned").clone()
+    }
+
+    /// Drops the shared connection of `generation` after an error: its state
+    /// is unknown. A newer one (another user's error came first) is kept.
+    /// Commands in flight on the old one still get their replies.
+    pub fn forget_shared(&self, generation: u64) {
+        let mut current = self.shared.current.lock().expect("not poisoned");
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+        }
+    }
+
+    /// Runs `f` on the shared connection, waiting at most `limit` (less than
+    /// the connection's own reply timeout: someone waits for the answer).
+    /// An error other than Redis refusing the command drops the connection
+    /// for every user.
+    pub async fn with_shared<T>(
+        &self,
+        limit: Duration,
+        f: impl AsyncFnOnce(&mut RedisConn) -> Result<T, RedisError>,
+    ) -> Result<T, RedisError> {
+        let (generation, mut conn) = self.shared().await?;
+        let result = within(limit, f(&mut conn)).await;
+        if result.as_ref().is_err_and(|e| !is_refusal(e)) {
+            self.forget_shared(generation);
+        }
+        result
+    }
+
+    /// Address of the master serving `key`'s hash slot, as the shared
+    /// Cluster connection knows it (from its own view of the slots, which it
+    /// refreshes after MOVED and failed nodes).
+    async fn master_of(&self, key: &str) -> Result<(String, u16), RedisError> {
+        let (generation, conn) = self.shared().await?;
+        let found = match conn {
+            RedisConn::Cluster(mut cluster) => master_serving(&mut cluster, key).await,
+            RedisConn::Single(_) => Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a single Redis server has no hash slots",
+            ))),
+        };
+        if found.as_ref().is_err_and(|e| !is_refusal(e)) {
+            self.forget_shared(generation);
+        }
+        found
     }
 
     /// A synchronous connection, for the command-line tools that read in a
@@ -360,34 +478,147 @@ impl Backoff {
     }
 }
 
-/// A connection opened on first use and dropped after an error, so the next
-/// use reconnects.
+/// One task's use of its target's shared connection ([`RedisTarget::shared`]):
+/// opened on first use, and after an error dropped for every user, so the
+/// next use (this task's or another's) reconnects. Never for a blocking
+/// command, which would hold up everyone else's ([`BlockingConn`]).
 pub struct LazyConn {
     target: RedisTarget,
-    response_timeout: Duration,
-    conn: Option<RedisConn>,
+    /// The connection handed out last, with its generation.
+    conn: Option<(u64, RedisConn)>,
 }
 
 impl LazyConn {
-    pub fn new(target: RedisTarget, response_timeout: Duration) -> LazyConn {
-        LazyConn {
+    pub fn new(target: RedisTarget) -> LazyConn {
+        LazyConn { target, conn: None }
+    }
+
+    /// The shared connection now: a newer one than last time if another
+    /// user replaced it meanwhile.
+    pub async fn get(&mut self) -> Result<&mut RedisConn, RedisError> {
+        let (_, conn) = self.conn.insert(self.target.shared().await?);
+        Ok(conn)
+    }
+
+    /// Forget the connection after an error; its state is unknown.
+    pub fn reset(&mut self) {
+        if let Some((generation, _)) = self.conn.take() {
+            self.target.forget_shared(generation);
+        }
+    }
+}
+
+/// A blocking reader's own connection, opened on first use and dropped after
+/// an error. On Cluster it goes to the one master serving `key`'s hash slot
+/// (every key of one blocking read shares it), found again after every
+/// error, so a failover or a moved slot sends it to the new master.
+pub struct BlockingConn {
+    target: RedisTarget,
+    /// Above the reads' block time.
+    response_timeout: Duration,
+    /// A key the reads name, for the slot on Cluster.
+    key: String,
+    conn: Option<RedisConn>,
+}
+
+impl BlockingConn {
+    pub fn new(target: RedisTarget, response_timeout: Duration, key: String) -> BlockingConn {
+        BlockingConn {
             target,
             response_timeout,
+            key,
             conn: None,
         }
     }
 
     pub async fn get(&mut self) -> Result<&mut RedisConn, RedisError> {
         if self.conn.is_none() {
-            self.conn = Some(self.target.connect(self.response_timeout).await?);
+            self.conn = Some(self.open().await?);
         }
         Ok(self.conn.as_mut().expect("just set"))
+    }
+
+    async fn open(&self) -> Result<RedisConn, RedisError> {
+        let TargetKind::Cluster(seeds) = &self.target.kind else {
+            return self.target.connect(self.response_timeout).await;
+        };
+        let (host, port) = self.target.master_of(&self.key).await?;
+        let info = node_info(&seeds[0], host, port)?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.target.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let conn = Client::open(info)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        Ok(RedisConn::Single(conn))
     }
 
     /// Forget the connection after an error; its state is unknown.
     pub fn reset(&mut self) {
         self.conn = None;
     }
+}
+
+/// The master serving `key`'s slot: `CLUSTER MYID` of the node the
+/// connection routes the slot to, matched against that of every master (the
+/// reply names each by the address the connection uses for it).
+async fn master_serving(
+    conn: &mut ClusterConnection,
+    key: &str,
+) -> Result<(String, u16), RedisError> {
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(key)
+        .query_async(conn)
+        .await?;
+    let mut myid = redis::cmd("CLUSTER");
+    myid.arg("MYID");
+    let owner = Route::new(slot, SlotAddr::Master);
+    let id = conn
+        .route_command(
+            myid.clone(),
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(owner)),
+        )
+        .await?;
+    let mut all = RedisConn::Cluster(conn.clone());
+    for (node, reply) in ask_every_node(&mut all, &myid).await? {
+        if reply.ok().and_then(text) == text(id.clone())
+            && let Some((host, port)) = node.rsplit_once(':')
+            && let Ok(port) = port.parse()
+        {
+            return Ok((host.to_string(), port));
+        }
+    }
+    Err(RedisError::from((
+        ErrorKind::ClusterConnectionNotFound,
+        "no master known for the slot of a stream",
+        key.to_string(),
+    )))
+}
+
+/// The address of a Cluster node with the credentials and TLS settings of a
+/// seed, as the Cluster connection itself connects to nodes.
+fn node_info(seed: &ConnectionInfo, host: String, port: u16) -> Result<ConnectionInfo, RedisError> {
+    let addr = match seed.addr() {
+        ConnectionAddr::Tcp(..) => ConnectionAddr::Tcp(host, port),
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host,
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => {
+            return Err(RedisError::from((
+                ErrorKind::InvalidClientConfig,
+                "a Redis Cluster node must be reached over TCP",
+            )));
+        }
+    };
+    Ok(seed.clone().set_addr(addr))
 }
 
 /// Sleeps for the next backoff delay; false if shutdown came first.
@@ -493,10 +724,17 @@ pub async fn watch_health(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut conn = LazyConn::new(target, every);
+    // Its own connection, not the shared one: a check must not wait behind
+    // this instance's own commits, or a busy instance would look like a
+    // Redis that stopped answering.
+    let mut conn: Option<RedisConn> = None;
     loop {
-        let reconnect = conn.conn.is_none();
-        let checked = match conn.get().await {
+        let reconnect = conn.is_none();
+        let checked = match &mut conn {
+            Some(c) => Ok(c),
+            None => target.connect(every).await.map(|c| conn.insert(c)),
+        };
+        let checked = match checked {
             Ok(c) => check_health(c, reconnect, &mut markers, &metrics).await,
             Err(e) => Err(e),
         };
@@ -504,7 +742,7 @@ pub async fn watch_health(
             Ok(()) => metrics.redis_reachable(),
             Err(e) => {
                 metrics.redis_unreachable("health check", &e);
-                conn.reset();
+                conn = None;
             }
         }
         tokio::select! {
@@ -512,6 +750,20 @@ pub async fn watch_health(
             _ = CHECK_NOW.notified() => tokio::time::sleep(MIN_CHECK_GAP).await,
             _ = shutdown.cancelled() => return,
         }
+    }
+}
+
+/// `f`'s result, or a timeout error (`is_timeout()`) after `limit`.
+async fn within<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, RedisError>>,
+) -> Result<T, RedisError> {
+    match tokio::time::timeout(limit, f).await {
+        Ok(result) => result,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "Redis did not reply in time",
+        ))),
     }
 }
 
@@ -730,6 +982,7 @@ impl StateMarkers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_redis::TestRedis;
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
@@ -825,6 +1078,113 @@ mod tests {
         assert_eq!(nodes.iter().min(), Some(&Persistence::None));
         let nodes = [Persistence::Aof, Persistence::Rdb, Persistence::Unknown];
         assert_eq!(nodes.iter().min(), Some(&Persistence::Unknown));
+    }
+
+    /// Connections the server has besides the test's own.
+    fn clients(con: &mut redis::Connection) -> usize {
+        let list: String = redis::cmd("CLIENT").arg("LIST").query(con).unwrap();
+        list.lines().count() - 1
+    }
+
+    async fn ping(conn: &mut LazyConn) -> Result<String, RedisError> {
+        redis::cmd("PING").query_async(conn.get().await?).await
+    }
+
+    /// `n` tasks, each with its own [`LazyConn`], PING at once.
+    async fn ping_together(target: &RedisTarget, n: usize) -> Vec<Result<String, RedisError>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let mut conn = LazyConn::new(target.clone());
+            tasks.spawn(async move { ping(&mut conn).await });
+        }
+        tasks.join_all().await
+    }
+
+    #[tokio::test]
+    async fn every_task_of_an_instance_shares_one_connection() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        for pong in ping_together(&target, 20).await {
+            assert_eq!(pong.unwrap(), "PONG");
+        }
+        assert_eq!(clients(&mut redis.conn()), 1);
+    }
+
+    #[tokio::test]
+    async fn a_broken_shared_connection_is_reopened_for_every_user() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        let (mut a, mut b) = (LazyConn::new(target.clone()), LazyConn::new(target));
+        ping(&mut a).await.unwrap();
+        ping(&mut b).await.unwrap();
+        // B holds the old connection, as a task in the middle of its work.
+        let mut stale = b.get().await.unwrap().clone();
+        let mut con = redis.conn();
+        let _: Value = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .query(&mut con)
+            .unwrap();
+        assert!(ping(&mut a).await.is_err());
+        a.reset();
+        // B never saw the error, and gets the new connection.
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        // An error on the old connection, noticed late, keeps the new one.
+        let late: Result<String, RedisError> = redis::cmd("PING").query_async(&mut stale).await;
+        assert!(late.is_err());
+        b.reset();
+        assert_eq!(ping(&mut a).await.unwrap(), "PONG");
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        drop(stale);
+        assert_eq!(clients(&mut con), 1);
+    }
+
+    #[tokio::test]
+    async fn a_refused_command_of_one_user_leaves_the_others_working() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        let (mut a, mut b) = (LazyConn::new(target.clone()), LazyConn::new(target.clone()));
+        let mut con = redis.conn();
+        let _: () = redis::cmd("SET")
+            .arg("k")
+            .arg("text")
+            .query(&mut con)
+            .unwrap();
+        let refused: Result<i64, RedisError> = redis::cmd("INCR")
+            .arg("k")
+            .query_async(a.get().await.unwrap())
+            .await;
+        assert!(refused.is_err());
+        a.reset();
+        assert_eq!(ping(&mut b).await.unwrap(), "PONG");
+        assert_eq!(ping(&mut a).await.unwrap(), "PONG");
+        // A reply that does not come in time fails that caller only; the
+        // late reply (WAIT for a replica there is not) is not taken for
+        // anyone else's.
+        let slow = target.with_shared(Duration::from_millis(100), async |c| {
+            redis::cmd("WAIT")
+                .arg(1)
+                .arg(500)
+                .query_async::<Value>(c)
+                .await
+        });
+        let (slow, pong) = tokio::join!(slow, async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ping(&mut b).await
+        });
+        assert!(slow.unwrap_err().is_timeout());
+        assert_eq!(pong.unwrap(), "PONG");
+    }
+
+    #[tokio::test]
+    async fn users_waiting_on_a_dead_redis_make_one_attempt_together() {
+        let redis = TestRedis::start();
+        let target = redis.target();
+        drop(redis);
+        let failed = ping_together(&target, 10).await;
+        assert!(failed.iter().all(Result::is_err));
+        assert_eq!(target.shared.failures.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -267,7 +267,7 @@ impl Reloader {
     /// instance changes the same alerts) up to [`RETIRE_WRITE_DEADLINE`].
     async fn write_resolved(&self, removed: &[String]) -> Vec<Alert> {
         let deadline = tokio::time::Instant::now() + RETIRE_WRITE_DEADLINE;
-        let mut conn = LazyConn::new(self.target.clone(), Duration::from_secs(5));
+        let mut conn = LazyConn::new(self.target.clone());
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let mut sent = Vec::new();
         'attempt: loop {

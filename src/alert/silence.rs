@@ -234,7 +234,7 @@ pub async fn refresh_loop(
     shutdown: CancellationToken,
 ) {
     crate::redis_conn::every(
-        LazyConn::new(target, Duration::from_secs(5)),
+        LazyConn::new(target),
         every,
         shutdown,
         "reading silences",

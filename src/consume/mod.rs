@@ -24,9 +24,6 @@ use crate::process::{Input, LoadedRules, Processor, Verdict};
 use crate::redis_conn::{self, Backoff, LazyConn, RedisTarget, note_error, pause};
 use crate::runtime::Runtime;
 
-/// Reply timeout of connections that never block.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// What every loop of every subscription shares.
 pub struct Shared {
     pub processor: Processor,
@@ -117,7 +114,7 @@ impl Worker {
                 sub.batch_size,
                 sub.block,
             ),
-            write: LazyConn::new(shared.target.clone(), WRITE_TIMEOUT),
+            write: LazyConn::new(shared.target.clone()),
             groups_ready: false,
             shared,
             sub,
@@ -365,7 +362,7 @@ pub async fn run_claimer(
     shutdown: CancellationToken,
 ) {
     let member = member_of(&sub, consumer);
-    let mut write = LazyConn::new(shared.target.clone(), WRITE_TIMEOUT);
+    let mut write = LazyConn::new(shared.target.clone());
     loop {
         tokio::select! {
             _ = tokio::time::sleep(sub.claim_interval) => {}
@@ -420,7 +417,7 @@ pub async fn run_position_reporter(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let mut conn = LazyConn::new(target, WRITE_TIMEOUT);
+    let mut conn = LazyConn::new(target);
     loop {
         for sub in &subs {
             for stream in &sub.streams {

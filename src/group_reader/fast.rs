@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::reply::{self as value, Batches, StreamEntry};
-use crate::redis_conn::{LazyConn, RedisTarget};
+use crate::redis_conn::{BlockingConn, RedisTarget};
 
 /// An entry's field/value pairs, as [`StreamEntry::fields`] holds them.
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -48,14 +48,19 @@ pub enum ReadConn {
     /// One server over TCP or a Unix socket.
     Raw(StreamReader),
     /// TLS or Cluster: redis-rs, with its `Value` tree.
-    Client(LazyConn),
+    Client(BlockingConn),
 }
 
 impl ReadConn {
-    pub fn new(target: &RedisTarget, response_timeout: Duration) -> ReadConn {
+    /// `key`: one of the streams read, which on Cluster picks the node.
+    pub fn new(target: &RedisTarget, response_timeout: Duration, key: &str) -> ReadConn {
         match StreamReader::for_target(target, response_timeout) {
             Some(reader) => ReadConn::Raw(reader),
-            None => ReadConn::Client(LazyConn::new(target.clone(), response_timeout)),
+            None => ReadConn::Client(BlockingConn::new(
+                target.clone(),
+                response_timeout,
+                key.to_string(),
+            )),
         }
     }
 
@@ -1021,7 +1026,7 @@ mod tests {
         let endpoint = RedisEndpoint::parse("redis+cluster://127.0.0.1:1").unwrap();
         let target = RedisTarget::new(&endpoint, Duration::from_secs(1)).unwrap();
         assert!(matches!(
-            ReadConn::new(&target, Duration::from_secs(1)),
+            ReadConn::new(&target, Duration::from_secs(1), "s"),
             ReadConn::Client(_)
         ));
     }

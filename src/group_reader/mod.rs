@@ -69,12 +69,17 @@ impl GroupReader {
         // connection.
         let read_timeout = block + Duration::from_secs(2).max(block / 2);
         let draining = all_from_start(&streams);
+        let conn = ReadConn::new(
+            target,
+            read_timeout,
+            streams.first().map_or("", String::as_str),
+        );
         GroupReader {
             member,
             streams,
             count,
             block,
-            conn: ReadConn::new(target, read_timeout),
+            conn,
             draining,
             ahead: None,
         }

@@ -20,11 +20,11 @@ use super::auth::{bearer_ok, unauthorized};
 use crate::config::GatewaySettings;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
 use crate::metrics::Metrics;
-use crate::redis_conn::{RedisConn, RedisTarget};
+use crate::redis_conn::RedisTarget;
 use crate::shard::stream_for;
 
-/// Reply timeout of the gateway's Redis connection: a collector waits for
-/// our answer, so a stuck Redis must turn into a 503 quickly.
+/// How long the gateway waits for Redis: a collector waits for our answer,
+/// so a stuck Redis must turn into a 503 quickly.
 const GATEWAY_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The exact bodies of the seed's 400 answers; collectors may match on them.
@@ -42,12 +42,8 @@ pub struct Gateway {
     token: Option<String>,
     /// Body size limit in bytes.
     max_body_bytes: usize,
-    /// Where to publish.
+    /// Where to publish, over the instance's shared connection.
     target: RedisTarget,
-    /// One multiplexed connection shared by all requests, opened on first
-    /// use and dropped after a connection error so the next request
-    /// reconnects. The lock is held only to open or clone it.
-    conn: tokio::sync::Mutex<Option<RedisConn>>,
     /// Where requests are counted by result.
     metrics: Arc<Metrics>,
     /// Streams `POST /api/v1/ingest/{stream}` may write: those some
@@ -71,7 +67,6 @@ impl Gateway {
             token: config.token.clone(),
             max_body_bytes: config.max_body_bytes,
             target,
-            conn: tokio::sync::Mutex::new(None),
             metrics,
         }
     }
@@ -106,20 +101,6 @@ impl Gateway {
         &self.ingest_streams
     }
 
-    async fn connection(&self) -> Result<RedisConn, RedisError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.target.connect(GATEWAY_REPLY_TIMEOUT).await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn forget_connection(&self) {
-        *self.conn.lock().await = None;
-    }
-
     /// XADDs one reading; returns the entry id.
     async fn publish(&self, stream: &str, payload: &[u8]) -> Result<String, RedisError> {
         let mut pipe = redis::pipe();
@@ -135,20 +116,15 @@ impl Gateway {
         &self,
         pipe: &redis::Pipeline,
     ) -> Result<T, RedisError> {
-        let first = pipe.query_async(&mut self.connection().await?).await;
-        let result = match first {
-            Err(e) if e.is_connection_dropped() && !e.is_timeout() => {
-                self.forget_connection().await;
-                pipe.query_async(&mut self.connection().await?).await
-            }
-            other => other,
+        let send = async || {
+            self.target
+                .with_shared(GATEWAY_REPLY_TIMEOUT, async |c| pipe.query_async(c).await)
+                .await
         };
-        if let Err(e) = &result
-            && e.code().is_none()
-        {
-            self.forget_connection().await;
+        match send().await {
+            Err(e) if e.is_connection_dropped() && !e.is_timeout() => send().await,
+            other => other,
         }
-        result
     }
 }
 

@@ -25,13 +25,13 @@ use crate::alert::silence::{self, Matcher, Silence};
 use crate::clock::{now_ms, rfc3339};
 use crate::redis_conn::{RedisConn, RedisTarget};
 
-/// Where silences are stored; one connection shared by all requests.
+/// Where silences are stored, read and written over the instance's shared
+/// connection.
 pub struct SilenceApi {
     target: RedisTarget,
     /// Bearer token adding or ending a silence requires
     /// (`http.admin_token`); listing is open, like `/metrics`.
     admin_token: Option<String>,
-    conn: tokio::sync::Mutex<Option<RedisConn>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -51,7 +51,6 @@ impl SilenceApi {
         SilenceApi {
             target,
             admin_token,
-            conn: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -62,24 +61,15 @@ impl SilenceApi {
             .with_state(self)
     }
 
-    async fn connection(&self) -> Result<RedisConn, Response> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        match self.target.connect(Duration::from_secs(2)).await {
-            Ok(c) => {
-                *slot = Some(c.clone());
-                Ok(c)
-            }
-            Err(e) => Err(unavailable(&e)),
-        }
-    }
-
-    /// Drops the connection after a failure so the next request reconnects.
-    async fn failed(&self, e: redis::RedisError) -> Response {
-        *self.conn.lock().await = None;
-        unavailable(&e)
+    /// Runs `f` on the shared connection ([`RedisTarget::with_shared`]).
+    async fn redis<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut RedisConn) -> redis::RedisResult<T>,
+    ) -> Result<T, Response> {
+        self.target
+            .with_shared(Duration::from_secs(2), f)
+            .await
+            .map_err(|e| unavailable(&e))
     }
 }
 
@@ -96,13 +86,9 @@ fn bad_request(message: String) -> Response {
 }
 
 async fn list(State(api): State<Arc<SilenceApi>>) -> Response {
-    let mut conn = match api.connection().await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match silence::list(&mut conn, now_ms()).await {
+    match api.redis(async |c| silence::list(c, now_ms()).await).await {
         Ok(all) => Json(all.iter().map(silence_view).collect::<Vec<_>>()).into_response(),
-        Err(e) => api.failed(e).await,
+        Err(r) => r,
     }
 }
 
@@ -136,16 +122,12 @@ async fn add(
         Ok(s) => s,
         Err(e) => return bad_request(e),
     };
-    let mut conn = match api.connection().await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match silence::add(&mut conn, &s).await {
+    match api.redis(async |c| silence::add(c, &s).await).await {
         Ok(()) => {
             tracing::info!(id = %s.id, ends_at = %rfc3339(s.ends_ms), "silence added over HTTP");
             Json(silence_view(&s)).into_response()
         }
-        Err(e) => api.failed(e).await,
+        Err(r) => r,
     }
 }
 
@@ -158,11 +140,7 @@ async fn expire(
         tracing::warn!("DELETE /api/silences refused: missing or wrong bearer token");
         return unauthorized();
     }
-    let mut conn = match api.connection().await {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    match silence::expire(&mut conn, &id).await {
+    match api.redis(async |c| silence::expire(c, &id).await).await {
         Ok(true) => {
             tracing::info!(id, "silence expired over HTTP");
             Json(json!({ "expired": id })).into_response()
@@ -172,7 +150,7 @@ async fn expire(
             Json(json!({ "error": format!("no silence with id {id}") })),
         )
             .into_response(),
-        Err(e) => api.failed(e).await,
+        Err(r) => r,
     }
 }
 /// A silence with RFC 3339 times, the one shape every API answers with.

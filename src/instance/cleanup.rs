@@ -63,7 +63,7 @@ pub async fn run(
     if policy.max_idle.is_zero() {
         return;
     }
-    let mut conn = LazyConn::new(target, Duration::from_secs(5));
+    let mut conn = LazyConn::new(target);
     let script = redis::Script::new(CLEANUP_SCRIPT);
     loop {
         tokio::select! {

@@ -42,7 +42,7 @@ pub async fn acquire(
     shutdown: &CancellationToken,
 ) -> Option<(String, String)> {
     let token = uuid::Uuid::new_v4().to_string();
-    let mut conn = LazyConn::new(target.clone(), Duration::from_secs(5));
+    let mut conn = LazyConn::new(target.clone());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         match try_acquire(&mut conn, base, &token).await {
@@ -90,7 +90,7 @@ async fn try_acquire(
 
 /// Keeps the lease alive until shutdown, then releases it.
 pub async fn keep(target: RedisTarget, name: String, token: String, shutdown: CancellationToken) {
-    let mut conn = LazyConn::new(target, Duration::from_secs(5));
+    let mut conn = LazyConn::new(target);
     let script = redis::Script::new(REFRESH_SCRIPT);
     loop {
         tokio::select! {

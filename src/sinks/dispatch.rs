@@ -69,7 +69,7 @@ pub async fn run(
         target,
         runtime,
     } = placement;
-    let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
+    let mut write = LazyConn::new(target.clone());
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let created = match write.get().await {
@@ -112,7 +112,7 @@ pub async fn run(
             sink: sink.clone(),
             manifest: manifest.clone(),
             reader: GroupReader::new(&target, member, lane_outboxes, manifest.batch_size, BLOCK),
-            write: LazyConn::new(target.clone(), Duration::from_secs(5)),
+            write: LazyConn::new(target.clone()),
             runtime: runtime.clone(),
         };
         lanes.spawn(lane.run(shutdown.clone()));
@@ -274,7 +274,7 @@ async fn report_lag(
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
-    let mut conn = LazyConn::new(target, Duration::from_secs(5));
+    let mut conn = LazyConn::new(target);
     loop {
         let mut total = 0;
         let mut complete = true;
@@ -470,7 +470,7 @@ pub(crate) mod tests {
         runtime.silences.set(vec![silence]);
         let outbox = "tripline:outbox:{errors}".to_string();
         let group = sink_group(&manifest.name);
-        let mut write = LazyConn::new(target.clone(), Duration::from_secs(5));
+        let mut write = LazyConn::new(target.clone());
         ensure_groups(
             write.get().await.unwrap(),
             &manifest.name,

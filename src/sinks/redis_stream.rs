@@ -11,12 +11,11 @@
 //! follows a half-written batch.
 
 use serde::Deserialize;
-use tokio::sync::Mutex;
 
 use super::{BuildContext, DeliverFuture, Sink, SinkError, SinkSettings};
 use crate::alert::Alert;
 use crate::decode::{WATERMILL_METADATA, WATERMILL_PAYLOAD, WATERMILL_UUID, encode_metadata};
-use crate::redis_conn::{RedisConn, RedisEndpoint, RedisTarget};
+use crate::redis_conn::{RedisEndpoint, RedisTarget};
 
 /// How an alert is laid out in the stream entry.
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
@@ -85,7 +84,6 @@ impl SinkSettings for RedisStreamSettings {
         };
         Ok(Box::new(RedisStreamSink {
             target,
-            conn: Mutex::new(None),
             settings: self,
             timeout: cx.timeout,
         }))
@@ -93,12 +91,12 @@ impl SinkSettings for RedisStreamSettings {
 }
 
 pub struct RedisStreamSink {
+    /// Written over its shared connection: tripline's own Redis shares the
+    /// instance's (one MULTI/EXEC pipeline is sent in one piece, so other
+    /// users' commands never land inside it).
     target: RedisTarget,
-    /// Kept between batches; taken out while in use, so a cancelled
-    /// delivery drops a connection in an unknown state instead of reusing it.
-    conn: Mutex<Option<RedisConn>>,
     settings: RedisStreamSettings,
-    /// Reply timeout of the connection, reported in timeout errors.
+    /// How long a delivery waits for Redis, reported in timeout errors.
     timeout: std::time::Duration,
 }
 
@@ -141,15 +139,6 @@ fn entry_fields(format: Format, a: &Alert) -> Vec<(&'static str, Vec<u8>)> {
 impl Sink for RedisStreamSink {
     fn deliver<'a>(&'a self, alerts: &'a [Alert]) -> DeliverFuture<'a> {
         Box::pin(async move {
-            let taken = self.conn.lock().await.take();
-            let mut conn = match taken {
-                Some(c) => c,
-                None => self
-                    .target
-                    .connect(self.timeout)
-                    .await
-                    .map_err(|e| self.error(e))?,
-            };
             let mut pipe = redis::pipe();
             pipe.atomic();
             for a in alerts {
@@ -163,12 +152,10 @@ impl Sink for RedisStreamSink {
                 }
                 cmd.ignore();
             }
-            let _: () = pipe
-                .query_async(&mut conn)
+            self.target
+                .with_shared(self.timeout, async |c| pipe.query_async::<()>(c).await)
                 .await
-                .map_err(|e| self.error(e))?;
-            *self.conn.lock().await = Some(conn);
-            Ok(())
+                .map_err(|e| self.error(e))
         })
     }
 }

@@ -51,9 +51,6 @@ pub struct StatusApi {
     streams: Vec<String>,
     /// Bearer token the mutating Alertmanager endpoints require.
     admin_token: Option<String>,
-    /// One connection shared by all requests, opened on first use and
-    /// dropped after a failure so the next request reconnects.
-    conn: tokio::sync::Mutex<Option<RedisConn>>,
     /// The counters `/api/v1/rules` reads back, what the events recorded,
     /// and the gauge of active alerts.
     metrics: Arc<Metrics>,
@@ -83,7 +80,6 @@ impl StatusApi {
             subscriptions,
             streams,
             admin_token: settings.http.as_ref().and_then(|h| h.admin_token.clone()),
-            conn: tokio::sync::Mutex::new(None),
             metrics,
             config_file: settings.origin.clone(),
             started: std::time::Instant::now(),
@@ -104,35 +100,21 @@ impl StatusApi {
             .merge(am_v2::routes(self))
     }
 
-    async fn connection(&self) -> Result<RedisConn, redis::RedisError> {
-        let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = self.target.connect(Duration::from_secs(2)).await?;
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-
-    /// Runs `f` on the shared connection; a failure drops it.
+    /// Runs `f` on the instance's shared connection
+    /// ([`RedisTarget::with_shared`]).
     async fn redis<T>(
         &self,
         f: impl AsyncFnOnce(&mut RedisConn) -> redis::RedisResult<T>,
     ) -> Result<T, Response> {
-        let result = match self.connection().await {
-            Ok(mut c) => f(&mut c).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(v) => Ok(v),
-            Err(e) => {
-                *self.conn.lock().await = None;
-                Err(error(
+        self.target
+            .with_shared(Duration::from_secs(2), f)
+            .await
+            .map_err(|e| {
+                error(
                     StatusCode::SERVICE_UNAVAILABLE,
                     format!("Redis unavailable: {e}"),
-                ))
-            }
-        }
+                )
+            })
     }
 
     /// Every pending and firing alert matching `filter`, with the silences
