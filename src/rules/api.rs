@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use std::sync::Arc;
 
-use rhai::{Dynamic, Engine, EvalAltResult, Map, NativeCallContext, Position};
+use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, Map, NativeCallContext, Position};
 
 use super::kind::AlertKind;
 use super::state::RuleState;
@@ -483,11 +483,11 @@ const NO_SLEEP: &str = "rules cannot sleep (sandbox): a rule call holds its mess
 
 /// Registers `f` as `name` once for every combination of the types each
 /// parameter may have (`slots`, one list per parameter).
-pub(super) fn typed(
+pub(super) fn typed<T: rhai::Variant + Clone>(
     engine: &mut Engine,
     name: &'static str,
     slots: &[&[TypeId]],
-    f: impl Fn(&NativeCallContext, &mut [&mut Dynamic]) -> Res<()> + Send + Sync + 'static,
+    f: impl Fn(&NativeCallContext, &mut [&mut Dynamic]) -> Res<T> + Send + Sync + 'static,
 ) {
     let f = Arc::new(f);
     let mut signatures: Vec<Vec<TypeId>> = vec![Vec::new()];
@@ -507,6 +507,30 @@ pub(super) fn typed(
         let f = f.clone();
         engine.register_raw_fn(name, sig, move |ctx, args| f(&ctx, args));
     }
+}
+
+/// `rate` or `delta` (`func`) of `value` on the series `key` of the running
+/// rule, at the message's time.
+fn series(
+    state: &RuleState,
+    ctx: &NativeCallContext,
+    func: &str,
+    key: &str,
+    value: &Dynamic,
+) -> Res<f64> {
+    let v = number(ctx, func, value)?;
+    Ok(running(|rule, now| {
+        if func == "rate" {
+            state.rate(rule, key, v, now)
+        } else {
+            state.delta(rule, key, v, now)
+        }
+    }))
+}
+
+/// The types a number argument may have, for [`typed`].
+pub(super) fn numbers() -> [TypeId; 2] {
+    [TypeId::of::<rhai::INT>(), TypeId::of::<rhai::FLOAT>()]
 }
 
 /// Registers the rule API on an engine that is about to be frozen. The
@@ -546,7 +570,7 @@ fn register_alerting(engine: &mut Engine) {
     // Rising thresholds: fire above, clear below; falling ones the mirror.
     // Typed for numbers (found at once), `Dynamic` for the errors (see
     // `kind::register`).
-    let numbers = [TypeId::of::<rhai::INT>(), TypeId::of::<rhai::FLOAT>()];
+    let numbers = numbers();
     let any = [TypeId::of::<Dynamic>()];
     let map = [TypeId::of::<Map>()];
     for (name, rising) in [("hysteresis_above", true), ("hysteresis_below", false)] {
@@ -584,30 +608,16 @@ fn register_series(engine: &mut Engine, state: &Arc<RuleState>) {
     // `kind::register`).
     for name in ["rate", "delta"] {
         let s = state.clone();
-        let series = move |ctx: &NativeCallContext, key: &str, value: &Dynamic| -> Res<f64> {
-            let v = number(ctx, name, value)?;
-            Ok(running(|rule, now| {
-                if name == "rate" {
-                    s.rate(rule, key, v, now)
-                } else {
-                    s.delta(rule, key, v, now)
-                }
-            }))
+        let f = move |ctx: &NativeCallContext, args: &mut [&mut Dynamic]| -> Res<f64> {
+            let key = args[0]
+                .read_lock::<ImmutableString>()
+                .expect("registered for strings");
+            series(&s, ctx, name, &key, args[1])
         };
-        let f = series.clone();
-        engine.register_fn(
-            name,
-            move |ctx: NativeCallContext, key: &str, v: rhai::INT| f(&ctx, key, &v.into()),
-        );
-        let f = series.clone();
-        engine.register_fn(
-            name,
-            move |ctx: NativeCallContext, key: &str, v: rhai::FLOAT| f(&ctx, key, &v.into()),
-        );
-        engine.register_fn(
-            name,
-            move |ctx: NativeCallContext, key: &str, v: Dynamic| series(&ctx, key, &v),
-        );
+        let string = [TypeId::of::<ImmutableString>()];
+        let any = [TypeId::of::<Dynamic>()];
+        typed(engine, name, &[&string, &numbers()], f.clone());
+        typed(engine, name, &[&string, &any], f);
     }
     let s = state.clone();
     engine.register_fn(
