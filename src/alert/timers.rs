@@ -30,7 +30,8 @@ pub async fn run(
     housekeeping: impl Fn(u64),
     shutdown: CancellationToken,
 ) {
-    let mut conn = LazyConn::new(target);
+    // Its own connection: the full read is the largest reply tripline asks for.
+    let mut conn = LazyConn::own(target, Duration::from_secs(5));
     let mut last_refresh: Option<Instant> = None;
     // The first full read happens at once: until it, every commit checks a
     // version per alert (see `alert::book`).

@@ -7,7 +7,7 @@
 //! `alert::book`); only the parts shown here are read, so fields the
 //! lifecycle adds later do not break the listing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
@@ -108,19 +108,49 @@ fn decode(raw: &str) -> Option<AlertView> {
 /// by name and labels. Streams sharing a hash tag share one state hash,
 /// read once.
 pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<AlertView>> {
+    let mut out = views(&read_raw(conn, streams).await?);
+    out.sort_by(|a, b| {
+        (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
+    });
+    Ok(out)
+}
+
+/// The stored values of every state hash of `streams`, undecoded: with tens
+/// of thousands of alerts, decoding takes long enough that it belongs on a
+/// blocking thread ([`views`]). Read by HSCAN, a thousand fields at a time:
+/// one HGETALL of a hash with a deadman watch per router held Redis (every
+/// client of it) for 40–100 ms.
+pub async fn read_raw(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<String>> {
     let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
     keys.sort();
     keys.dedup();
     let mut out = Vec::new();
     for key in keys {
-        let fields: Vec<(String, String)> =
-            redis::cmd("HGETALL").arg(&key).query_async(conn).await?;
-        out.extend(fields.iter().filter_map(|(_, raw)| decode(raw)));
+        // HSCAN may return a field twice (while the hash grows).
+        let mut seen: HashMap<String, String> = HashMap::new();
+        let mut cursor = 0_u64;
+        loop {
+            let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+                .arg(&key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            seen.extend(pairs);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        out.extend(seen.into_values());
     }
-    out.sort_by(|a, b| {
-        (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
-    });
     Ok(out)
+}
+
+/// The pending and firing alerts among stored values, unsorted.
+pub fn views(raw: &[String]) -> Vec<AlertView> {
+    raw.iter().filter_map(|r| decode(r)).collect()
 }
 
 /// Label matchers in the silences' syntax (`label=value`, `label=~regex`;
