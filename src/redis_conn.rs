@@ -650,6 +650,32 @@ fn node_info(seed: &ConnectionInfo, host: String, port: u16) -> Result<Connectio
     Ok(seed.clone().set_addr(addr))
 }
 
+/// Every field and value of hash `key`, by HSCAN a thousand fields at a
+/// time: one HGETALL of a large hash (a deadman watch per router) holds
+/// Redis, and every client of it, for tens of milliseconds. A field may
+/// come twice if the hash changes meanwhile.
+pub async fn scan_hash(
+    conn: &mut RedisConn,
+    key: &str,
+) -> Result<Vec<(String, String)>, RedisError> {
+    let mut cursor = 0u64;
+    let mut fields = Vec::new();
+    loop {
+        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        fields.extend(page);
+        if next == 0 {
+            return Ok(fields);
+        }
+        cursor = next;
+    }
+}
+
 /// Sleeps for the next backoff delay; false if shutdown came first.
 pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
     tokio::select! {

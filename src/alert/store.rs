@@ -27,7 +27,7 @@ use super::{Action, Alert, AlertBook, Decision, Snapshot, Write};
 use crate::clock::now_ms;
 use crate::keys::{dead_key, gen_key, hash_tag, outbox_key, state_key};
 use crate::metrics::Metrics;
-use crate::redis_conn::{LazyConn, RedisConn};
+use crate::redis_conn::{LazyConn, RedisConn, scan_hash};
 
 /// How often a batch retries its lifecycle decisions when other instances
 /// keep changing the same alerts, before giving up (the batch then stays
@@ -259,7 +259,7 @@ impl Store {
         let book = &self.book;
         for (tag, stream) in partitions(streams) {
             let before = read_gen(conn.get().await?, &stream).await?;
-            let fields = read_partition(conn.get().await?, &stream).await?;
+            let fields = scan_hash(conn.get().await?, &state_key(&stream)).await?;
             let snapshot = Snapshot::decode(&fields);
             drop(fields);
             let gate = book.gate(&tag);
@@ -492,27 +492,4 @@ async fn read_state(
         .query_async(conn)
         .await?;
     Ok(fields.iter().cloned().zip(values).collect())
-}
-
-/// Every field of the alert state of `stream`'s partition, as stored.
-async fn read_partition(
-    conn: &mut RedisConn,
-    stream: &str,
-) -> Result<Vec<(String, String)>, RedisError> {
-    let mut cursor = 0u64;
-    let mut fields = Vec::new();
-    loop {
-        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(state_key(stream))
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
-        fields.extend(page);
-        if next == 0 {
-            return Ok(fields);
-        }
-        cursor = next;
-    }
 }

@@ -15,7 +15,7 @@ use crate::alert::Alert;
 use crate::alert::silence::{Matcher, Silence, Silences};
 use crate::clock::rfc3339;
 use crate::keys::state_key;
-use crate::redis_conn::RedisConn;
+use crate::redis_conn::{RedisConn, scan_hash};
 
 /// The parts of a stored lifecycle entry the listing needs.
 #[derive(Debug, Deserialize)]
@@ -117,32 +117,17 @@ pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResul
 
 /// The stored values of every state hash of `streams`, undecoded: with tens
 /// of thousands of alerts, decoding takes long enough that it belongs on a
-/// blocking thread ([`views`]). Read by HSCAN, a thousand fields at a time:
-/// one HGETALL of a hash with a deadman watch per router held Redis (every
-/// client of it) for 40–100 ms.
+/// blocking thread ([`views`]). Read by [`scan_hash`]: one HGETALL of a
+/// hash with a deadman watch per router held Redis (every client of it) for
+/// 40–100 ms.
 pub async fn read_raw(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<String>> {
     let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
     keys.sort();
     keys.dedup();
     let mut out = Vec::new();
     for key in keys {
-        // HSCAN may return a field twice (while the hash grows).
-        let mut seen: HashMap<String, String> = HashMap::new();
-        let mut cursor = 0_u64;
-        loop {
-            let (next, pairs): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-                .arg(&key)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
-            seen.extend(pairs);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        // A field may come twice (while the hash grows).
+        let seen: HashMap<String, String> = scan_hash(conn, &key).await?.into_iter().collect();
         out.extend(seen.into_values());
     }
     Ok(out)
