@@ -241,14 +241,14 @@ fn label_fields(value: &Dynamic) -> Result<Vec<ImmutableString>, String> {
 
 /// `alert_kind(map)` and the methods of the kinds it returns.
 ///
-/// Every method is registered twice. Once per combination of the argument
-/// types it is meant for (a map, numbers as `INT` or `FLOAT`, strings),
-/// which Rhai finds by one hash lookup and calls with the arguments in
-/// place (the message is read where it is, not copied). And once with
-/// `Dynamic` arguments, found only when no typed one matches: Rhai tries
-/// every combination of typed and `Dynamic` parameters to find it, which
-/// costs more than the call itself, but it is what turns a wrong argument
-/// into an error naming it instead of "function not found".
+/// Every method is registered for each combination of the argument types
+/// it is meant for (a map, numbers as `INT` or `FLOAT`, strings), which
+/// Rhai finds by one hash lookup and calls with the arguments as they are
+/// (the message is read in place, not converted to a map copy); and with
+/// `Dynamic` arguments, found only when no typed version matches: Rhai
+/// tries every combination of typed and `Dynamic` parameters to find it,
+/// which costs more than the call itself, but it is what turns a wrong
+/// argument into an error naming it instead of "function not found".
 pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<AlertKind>("AlertKind");
     engine.register_fn(
@@ -264,7 +264,7 @@ pub fn register(engine: &mut Engine) {
     let string = TypeId::of::<ImmutableString>();
     let dynamic = TypeId::of::<Dynamic>();
     let numbers = [int, float];
-    let values = [int, float, string, TypeId::of::<bool>()];
+    let values = [int, float, string, TypeId::of::<bool>(), dynamic];
     let fire = |ctx: &NativeCallContext, args: &mut [&mut Dynamic]| -> Res<()> {
         let k = receiver(args);
         let severity = match args.get(3) {
