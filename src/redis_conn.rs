@@ -651,9 +651,9 @@ fn node_info(seed: &ConnectionInfo, host: String, port: u16) -> Result<Connectio
 }
 
 /// Every field and value of hash `key`, by HSCAN a thousand fields at a
-/// time: one HGETALL of a large hash (a deadman watch per router) holds
-/// Redis, and every client of it, for tens of milliseconds. A field may
-/// come twice if the hash changes meanwhile.
+/// time ([`scan_page`]): one HGETALL of a large hash (a deadman watch per
+/// router) holds Redis, and every client of it, for tens of milliseconds.
+/// A field may come twice if the hash changes meanwhile.
 pub async fn scan_hash(
     conn: &mut RedisConn,
     key: &str,
@@ -661,13 +661,7 @@ pub async fn scan_hash(
     let mut cursor = 0u64;
     let mut fields = Vec::new();
     loop {
-        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
-            .arg(key)
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
+        let (next, page) = scan_page(conn, key, cursor).await?;
         fields.extend(page);
         if next == 0 {
             return Ok(fields);
@@ -676,7 +670,22 @@ pub async fn scan_hash(
     }
 }
 
-/// Sleeps for the next backoff delay; false if shutdown came first.
+/// One HSCAN call of up to a thousand fields from `cursor` (0 to start);
+/// the next cursor is 0 at the end.
+pub async fn scan_page(
+    conn: &mut RedisConn,
+    key: &str,
+    cursor: u64,
+) -> Result<(u64, Vec<(String, String)>), RedisError> {
+    redis::cmd("HSCAN")
+        .arg(key)
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(1000)
+        .query_async(conn)
+        .await
+}
+
 pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(backoff.next_delay()) => true,

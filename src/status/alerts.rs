@@ -7,7 +7,7 @@
 //! `alert::book`); only the parts shown here are read, so fields the
 //! lifecycle adds later do not break the listing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,7 @@ use crate::alert::Alert;
 use crate::alert::silence::{Matcher, Silence, Silences};
 use crate::clock::rfc3339;
 use crate::keys::state_key;
-use crate::redis_conn::{RedisConn, scan_hash};
+use crate::redis_conn::{RedisConn, scan_hash, scan_page};
 
 /// The parts of a stored lifecycle entry the listing needs.
 #[derive(Debug, Deserialize)]
@@ -108,34 +108,57 @@ fn decode(raw: &str) -> Option<AlertView> {
 /// by name and labels. Streams sharing a hash tag share one state hash,
 /// read once.
 pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<AlertView>> {
-    let mut out = views(&read_raw(conn, streams).await?);
-    out.sort_by(|a, b| {
-        (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
-    });
-    Ok(out)
-}
-
-/// The stored values of every state hash of `streams`, undecoded: with tens
-/// of thousands of alerts, decoding takes long enough that it belongs on a
-/// blocking thread ([`views`]). Read by [`scan_hash`]: one HGETALL of a
-/// hash with a deadman watch per router held Redis (every client of it) for
-/// 40–100 ms.
-pub async fn read_raw(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<String>> {
     let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
     keys.sort();
     keys.dedup();
     let mut out = Vec::new();
     for key in keys {
         // A field may come twice (while the hash grows).
-        let seen: HashMap<String, String> = scan_hash(conn, &key).await?.into_iter().collect();
-        out.extend(seen.into_values());
+        let fields: HashMap<String, String> = scan_hash(conn, &key).await?.into_iter().collect();
+        out.extend(fields.values().filter_map(|r| decode(r)));
     }
+    out.sort_by(|a, b| {
+        (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
+    });
     Ok(out)
 }
 
-/// The pending and firing alerts among stored values, unsorted.
-pub fn views(raw: &[String]) -> Vec<AlertView> {
-    raw.iter().filter_map(|r| decode(r)).collect()
+/// Counts by (state, severity, rule) of the pending and firing alerts of
+/// `streams`, for the `tripline_alerts_active` gauge. A page of
+/// [`scan_page`] at a time, decoded on a blocking thread and dropped: the
+/// whole state at once (a deadman watch per router) held Redis for
+/// 40–100 ms in one HGETALL, and decoding it all at once doubled the
+/// process's peak memory.
+pub async fn count(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Counts> {
+    let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
+    keys.sort();
+    keys.dedup();
+    let mut counts = Counts::new();
+    for key in keys {
+        // A field may come twice (while the hash grows).
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut cursor = 0;
+        loop {
+            let (next, page) = scan_page(conn, &key, cursor).await?;
+            let fresh: Vec<String> = page
+                .into_iter()
+                .filter_map(|(field, raw)| seen.insert(field).then_some(raw))
+                .collect();
+            let views = tokio::task::spawn_blocking(move || {
+                fresh.iter().filter_map(|r| decode(r)).collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default();
+            for a in views {
+                *counts.entry((a.state, a.severity, a.rule)).or_insert(0) += 1;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(counts)
 }
 
 /// Label matchers in the silences' syntax (`label=value`, `label=~regex`;
@@ -191,14 +214,8 @@ pub fn mark_silenced(alerts: &mut [AlertView], silences: &[Silence], now_ms: u64
     }
 }
 
-/// Counts by (state, severity, rule), for the `tripline_alerts_active` gauge.
-pub fn counts(alerts: &[AlertView]) -> BTreeMap<(&'static str, &'static str, String), i64> {
-    let mut c = BTreeMap::new();
-    for a in alerts {
-        *c.entry((a.state, a.severity, a.rule.clone())).or_insert(0) += 1;
-    }
-    c
-}
+/// Alerts by (state, severity, rule).
+pub type Counts = BTreeMap<(&'static str, &'static str, String), i64>;
 
 #[cfg(test)]
 mod tests {
@@ -265,6 +282,39 @@ mod tests {
             ("pending", None)
         );
         assert!(decode("3|not json").is_none());
+    }
+
+    /// More alerts than one HSCAN page holds, of two states and rules: the
+    /// gauge counts each once, page after page.
+    #[tokio::test]
+    async fn the_gauge_counts_every_alert_across_scan_pages() {
+        let redis = crate::test_redis::TestRedis::start();
+        let mut con = redis.conn();
+        let key = state_key("s");
+        let mut pipe = redis::pipe();
+        for i in 0..2500_u64 {
+            let raw = written(if i % 5 == 0 { 60_000 } else { 0 }, 1_700_000_000_000);
+            let raw = if i % 2 == 0 {
+                raw
+            } else {
+                raw.replace("packet_errors/alert", "other/rule")
+            };
+            pipe.hset(&key, format!("{i:016x}"), raw).ignore();
+        }
+        pipe.hset(&key, "not-ours", "3|not json").ignore();
+        let () = pipe.query(&mut con).unwrap();
+        let mut conn = redis
+            .target()
+            .connect(std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        let counts = count(&mut conn, &["s".to_string()]).await.unwrap();
+        let got = |state, rule: &str| counts[&(state, "major", rule.to_string())];
+        assert_eq!(got("firing", "packet_errors/alert"), 1000);
+        assert_eq!(got("pending", "packet_errors/alert"), 250);
+        assert_eq!(got("firing", "other/rule"), 1000);
+        assert_eq!(got("pending", "other/rule"), 250);
+        assert_eq!(counts.values().sum::<i64>(), 2500);
     }
 
     #[test]

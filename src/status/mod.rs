@@ -331,21 +331,16 @@ async fn v1_status(State(api): State<Arc<StatusApi>>) -> Response {
 /// commit and ack queued behind it, and decoding it on a reactor thread held
 /// up every task there (measured at 5,000 alerting readings/s with 50,000
 /// alerts: gaps of 100–250 ms every 5 s in the processing of both groups).
+/// [`alerts::count`] reads and decodes it a page at a time.
 pub async fn gauge_loop(api: Arc<StatusApi>, every: Duration, stop: CancellationToken) {
     let mut conn = LazyConn::own(api.target.clone(), Duration::from_secs(10));
     loop {
-        let raw = match conn.get().await {
-            Ok(c) => alerts::read_raw(c, &api.streams).await,
+        let counted = match conn.get().await {
+            Ok(c) => alerts::count(c, &api.streams).await,
             Err(e) => Err(e),
         };
-        match raw {
-            Ok(raw) => {
-                let counted =
-                    tokio::task::spawn_blocking(move || alerts::counts(&alerts::views(&raw)));
-                if let Ok(counts) = counted.await {
-                    api.metrics.alerts_active(&counts);
-                }
-            }
+        match counted {
+            Ok(counts) => api.metrics.alerts_active(&counts),
             Err(_) => conn.reset(),
         }
         tokio::select! {
