@@ -7,7 +7,7 @@
 //! `alert::book`); only the parts shown here are read, so fields the
 //! lifecycle adds later do not break the listing.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -15,7 +15,7 @@ use crate::alert::Alert;
 use crate::alert::silence::{Matcher, Silence, Silences};
 use crate::clock::rfc3339;
 use crate::keys::state_key;
-use crate::redis_conn::{RedisConn, scan_hash, scan_page};
+use crate::redis_conn::{RedisConn, scan_page};
 
 /// The parts of a stored lifecycle entry the listing needs.
 #[derive(Debug, Deserialize)]
@@ -108,15 +108,8 @@ fn decode(raw: &str) -> Option<AlertView> {
 /// by name and labels. Streams sharing a hash tag share one state hash,
 /// read once.
 pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Vec<AlertView>> {
-    let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
-    keys.sort();
-    keys.dedup();
     let mut out = Vec::new();
-    for key in keys {
-        // A field may come twice (while the hash grows).
-        let fields: HashMap<String, String> = scan_hash(conn, &key).await?.into_iter().collect();
-        out.extend(fields.values().filter_map(|r| decode(r)));
-    }
+    scan_views(conn, streams, |views| out.extend(views)).await?;
     out.sort_by(|a, b| {
         (a.state, &a.name, &a.labels, &a.rule).cmp(&(b.state, &b.name, &b.labels, &b.rule))
     });
@@ -124,16 +117,31 @@ pub async fn read(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResul
 }
 
 /// Counts by (state, severity, rule) of the pending and firing alerts of
-/// `streams`, for the `tripline_alerts_active` gauge. A page of
-/// [`scan_page`] at a time, decoded on a blocking thread and dropped: the
-/// whole state at once (a deadman watch per router) held Redis for
-/// 40–100 ms in one HGETALL, and decoding it all at once doubled the
-/// process's peak memory.
+/// `streams`, for the `tripline_alerts_active` gauge.
 pub async fn count(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResult<Counts> {
+    let mut counts = Counts::new();
+    scan_views(conn, streams, |views| {
+        for a in views {
+            *counts.entry((a.state, a.severity, a.rule)).or_insert(0) += 1;
+        }
+    })
+    .await?;
+    Ok(counts)
+}
+
+/// Hands `each` the pending and firing alerts of the state hashes of
+/// `streams`, a page of [`scan_page`] at a time, each page decoded on a
+/// blocking thread: the whole state at once (a deadman watch per router)
+/// held Redis for 40–100 ms in one HGETALL, and decoding it all at once
+/// stalled a reactor thread and doubled the process's peak memory.
+async fn scan_views(
+    conn: &mut RedisConn,
+    streams: &[String],
+    mut each: impl FnMut(Vec<AlertView>),
+) -> redis::RedisResult<()> {
     let mut keys: Vec<String> = streams.iter().map(|s| state_key(s)).collect();
     keys.sort();
     keys.dedup();
-    let mut counts = Counts::new();
     for key in keys {
         // A field may come twice (while the hash grows).
         let mut seen: HashSet<String> = HashSet::new();
@@ -149,17 +157,18 @@ pub async fn count(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResu
             })
             .await
             .unwrap_or_default();
-            for a in views {
-                *counts.entry((a.state, a.severity, a.rule)).or_insert(0) += 1;
-            }
+            each(views);
             if next == 0 {
                 break;
             }
             cursor = next;
         }
     }
-    Ok(counts)
+    Ok(())
 }
+
+/// Alerts by (state, severity, rule).
+pub type Counts = BTreeMap<(&'static str, &'static str, String), i64>;
 
 /// Label matchers in the silences' syntax (`label=value`, `label=~regex`;
 /// `alertname`, `severity` and `rule` match the alert's own fields).
@@ -213,9 +222,6 @@ pub fn mark_silenced(alerts: &mut [AlertView], silences: &[Silence], now_ms: u64
             .collect();
     }
 }
-
-/// Alerts by (state, severity, rule).
-pub type Counts = BTreeMap<(&'static str, &'static str, String), i64>;
 
 #[cfg(test)]
 mod tests {
