@@ -16,9 +16,9 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
-/// `text` with C0 and C1 controls (ESC, CR, LF, tab included), DEL and the
-/// Unicode line and paragraph separators escaped: `\n`, `\r`, `\t`, `\x1b`,
-/// `\x7f`, `\u{85}`, `\u{2028}`. Everything else, non-ASCII included, is
+/// `text` with C0 and C1 controls (ESC, CR, LF, tab included), DEL, the
+/// Unicode line and paragraph separators and the bidirectional overrides
+/// escaped: `\n`, `\r`, `\t`, `\x1b`, `\x7f`, `\u{85}`, `\u{2028}`, `\u{202e}`. Everything else, non-ASCII included, is
 /// kept. Borrows when there is nothing to escape, which is nearly always.
 pub fn escape(text: &str) -> Cow<'_, str> {
     let Some(first) = text.find(needs_escape) else {
@@ -43,9 +43,18 @@ pub fn escape(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The characters a terminal or a line-oriented reader acts on.
+/// The characters a terminal or a line-oriented reader acts on, and the
+/// bidirectional embeddings, overrides and isolates (U+202A–U+202E,
+/// U+2066–U+2069): displayed, they reorder the text after them, so a label
+/// could make a line read differently from the bytes it holds ("Trojan
+/// Source", CVE-2021-42574). Right-to-left text itself (Arabic, Hebrew) and
+/// the plain direction marks are kept.
 fn needs_escape(c: char) -> bool {
-    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+    c.is_control()
+        || c == '\u{2028}'
+        || c == '\u{2029}'
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
 #[cfg(test)]
@@ -66,6 +75,19 @@ mod tests {
             r"r1\n2026-01-01T00:00:00.000000Z ERROR tripline::app: FORGED"
         );
         assert_eq!(escape("a\r\nb\tc"), r"a\r\nb\tc");
+    }
+
+    #[test]
+    fn bidi_overrides_are_escaped_and_right_to_left_text_is_kept() {
+        // Displayed raw, U+202E makes "router-1 txt.exe" read "router-1 exe.txt".
+        assert_eq!(
+            escape("router-1 \u{202e}txt.exe\u{202c}"),
+            r"router-1 \u{202e}txt.exe\u{202c}"
+        );
+        assert_eq!(escape("\u{2066}a\u{2069}"), r"\u{2066}a\u{2069}");
+        for kept in ["נתב-1", "موجه-1", "a\u{200f}b"] {
+            assert!(matches!(escape(kept), Cow::Borrowed(_)), "{kept}");
+        }
     }
 
     #[test]

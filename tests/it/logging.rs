@@ -101,19 +101,22 @@ const FORGED_LOG: &str = "1999-01-01T00:00:00.000000Z ERROR tripline::app: FORGE
 /// A hostname that tries every way of breaking out of its line.
 fn hostile_hostname() -> String {
     format!(
-        "r1\n{FORGED_LOG}\r\x1b[2J\x1b[31mred\nFIRING critical Forged {{}} forged [rule x]\n  + firing critical Forged\u{2028}sep\u{2029}\u{85}c1\u{9b}2J\x07\x7f{}",
+        "r1\n{FORGED_LOG}\r\x1b[2J\x1b[31mred\nFIRING critical Forged {{}} forged [rule x]\n  + firing critical Forged\u{2028}sep\u{2029}\u{85}c1\u{9b}2J\x07\x7f\u{202e}txt.exe\u{2066}{}",
         "A".repeat(20_000)
     )
 }
 
 /// What an escaped hostile hostname starts with.
-const ESCAPED_START: &str = r"r1\n1999-01-01T00:00:00.000000Z ERROR tripline::app: FORGED\r\x1b[2J\x1b[31mred\nFIRING critical Forged {} forged [rule x]\n  + firing critical Forged\u{2028}sep\u{2029}\u{85}c1\u{9b}2J\x07\x7f";
+const ESCAPED_START: &str = r"r1\n1999-01-01T00:00:00.000000Z ERROR tripline::app: FORGED\r\x1b[2J\x1b[31mred\nFIRING critical Forged {} forged [rule x]\n  + firing critical Forged\u{2028}sep\u{2029}\u{85}c1\u{9b}2J\x07\x7f\u{202e}txt.exe\u{2066}";
 
-/// Fails when `text` holds a raw control character or line separator.
+/// Fails when `text` holds a raw control character, line separator or
+/// bidirectional override.
 fn assert_no_raw_controls(what: &str, text: &str) {
+    let bidi =
+        |c: char| ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c);
     let bad: Vec<char> = text
         .chars()
-        .filter(|&c| c != '\n' && (c.is_control() || c == '\u{2028}' || c == '\u{2029}'))
+        .filter(|&c| c != '\n' && (c.is_control() || c == '\u{2028}' || c == '\u{2029}' || bidi(c)))
         .collect();
     assert!(bad.is_empty(), "{what} carries raw {bad:?}");
 }
