@@ -72,6 +72,11 @@ pub fn check(config_path: Option<&Path>) -> anyhow::Result<()> {
             let line = format!("  rule {} runs only when: {when}", rule.name);
             println!("{}", escape(&line));
         }
+        let kinds = rule.alert_kinds();
+        if !kinds.is_empty() {
+            let line = format!("  rule {} declares alerts: {}", rule.name, kinds.join(", "));
+            println!("{}", escape(&line));
+        }
     }
     if enabled == 0 {
         eprintln!(

@@ -102,6 +102,23 @@ impl AlertKind {
         Ok(AlertKind(Arc::new(d)))
     }
 
+    /// `Name (severity; label, label)`, for `tripline check`; the name is
+    /// the rule's when the declaration has none.
+    pub fn describe(&self, rule: &str) -> String {
+        let d = &self.0;
+        let labels: Vec<&str> = d.labels.iter().map(ImmutableString::as_str).collect();
+        format!(
+            "{} ({}; {})",
+            self.name(rule),
+            d.severity.as_str(),
+            if labels.is_empty() {
+                "no labels".to_string()
+            } else {
+                labels.join(", ")
+            }
+        )
+    }
+
     fn name<'a>(&'a self, rule: &'a str) -> &'a str {
         self.0.name.as_deref().unwrap_or(rule)
     }

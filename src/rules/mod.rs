@@ -190,6 +190,22 @@ impl Rule {
         self.when.as_ref()
     }
 
+    /// The alert kinds the rule declares at its top level, described
+    /// ([`kind::AlertKind::describe`]), in declaration order.
+    pub fn alert_kinds(&self) -> Vec<String> {
+        self.scope
+            .iter_raw()
+            .filter_map(|(_, _, v)| {
+                v.read_lock::<kind::AlertKind>()
+                    .map(|k| k.describe(&self.name))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            // The scope lists the latest declaration first.
+            .rev()
+            .collect()
+    }
+
     /// Whether the rule sees entries of `stream`; a shard `S:{n}` counts
     /// as its topic `S` too.
     pub fn handles(&self, stream: &str) -> bool {
@@ -986,6 +1002,23 @@ mod tests {
         let held = band(70.0);
         assert!(held.alerts.is_empty() && held.resolves.is_empty());
         assert_eq!(band(10.0).resolves[0].0, fp);
+    }
+
+    #[test]
+    fn check_lists_a_rules_alert_kinds_in_declaration_order() {
+        let (_d, set) = set_of(&[
+            ("net/k.rhai", KINDS),
+            (
+                "plain.rhai",
+                "const N = 1;\nconst K = alert_kind(#{ severity: \"critical\" });\n fn on_message(m, c) {}",
+            ),
+        ]);
+        let set = set.unwrap();
+        assert_eq!(
+            set.rules[0].alert_kinds(),
+            ["Hot (major; host, if)", "Gone (warning; host)"]
+        );
+        assert_eq!(set.rules[1].alert_kinds(), ["plain (critical; no labels)"]);
     }
 
     #[test]

@@ -430,6 +430,10 @@ fn config_without_subscriptions_gets_the_seeds_in_check_and_test() {
         out.contains("rule packet_errors/log runs only when: input_errors >= 500"),
         "{out}"
     );
+    assert!(
+        out.contains("rule packet_errors/alert declares alerts: RouterSilent (warning; hostname), HighInputErrors (major; hostname, interface), InputErrorRate (major; hostname, interface)"),
+        "{out}"
+    );
     assert!(!err.contains("warning"), "{err}");
     let (code, out, err) = project.command(&["test"], None);
     assert_eq!(code, 0, "{out}\n{err}");
