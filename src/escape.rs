@@ -18,8 +18,9 @@ use std::fmt::Write;
 
 /// `text` with C0 and C1 controls (ESC, CR, LF, tab included), DEL, the
 /// Unicode line and paragraph separators and the bidirectional overrides
-/// escaped: `\n`, `\r`, `\t`, `\x1b`, `\x7f`, `\u{85}`, `\u{2028}`, `\u{202e}`. Everything else, non-ASCII included, is
-/// kept. Borrows when there is nothing to escape, which is nearly always.
+/// escaped: `\n`, `\r`, `\t`, `\x1b`, `\x7f`, `\u{85}`, `\u{2028}`,
+/// `\u{202e}`. Everything else, non-ASCII included, is kept. Borrows when
+/// there is nothing to escape, which is nearly always.
 pub fn escape(text: &str) -> Cow<'_, str> {
     let Some(first) = text.find(needs_escape) else {
         return Cow::Borrowed(text);

@@ -9,9 +9,11 @@
 //! else an instance sends (commits, acks, claims, timers, outbox writes,
 //! lease, cleanup, status reads) shares one multiplexed connection per
 //! [`RedisTarget`] ([`LazyConn`]), except the health check, which must not
-//! wait behind that traffic ([`watch_health`]). The connections an instance
-//! holds on a server are its blocking readers plus two, however many hash
-//! tags it works on (docs/scaling.md).
+//! wait behind that traffic ([`watch_health`]), and the two tasks that read
+//! the whole alert state, whose large replies must not hold that traffic up
+//! ([`LazyConn::own`]). The connections an instance holds on a server are
+//! its blocking readers plus four, however many hash tags it works on
+//! (docs/scaling.md).
 //!
 //! On Redis Cluster the shared connection ([`RedisConn::Cluster`]) holds one
 //! socket per node, routes each command by its key's hash slot, follows
@@ -650,40 +652,55 @@ fn node_info(seed: &ConnectionInfo, host: String, port: u16) -> Result<Connectio
     Ok(seed.clone().set_addr(addr))
 }
 
-/// Every field and value of hash `key`, by HSCAN a thousand fields at a
-/// time ([`scan_page`]): one HGETALL of a large hash (a deadman watch per
-/// router) holds Redis, and every client of it, for tens of milliseconds.
-/// A field may come twice if the hash changes meanwhile.
+/// Every field and value of hash `key`, by [`HashScan`].
 pub async fn scan_hash(
     conn: &mut RedisConn,
     key: &str,
 ) -> Result<Vec<(String, String)>, RedisError> {
-    let mut cursor = 0u64;
+    let mut scan = HashScan::new(key);
     let mut fields = Vec::new();
-    loop {
-        let (next, page) = scan_page(conn, key, cursor).await?;
+    while let Some(page) = scan.next(conn).await? {
         fields.extend(page);
-        if next == 0 {
-            return Ok(fields);
-        }
-        cursor = next;
     }
+    Ok(fields)
 }
 
-/// One HSCAN call of up to a thousand fields from `cursor` (0 to start);
-/// the next cursor is 0 at the end.
-pub async fn scan_page(
-    conn: &mut RedisConn,
-    key: &str,
-    cursor: u64,
-) -> Result<(u64, Vec<(String, String)>), RedisError> {
-    redis::cmd("HSCAN")
-        .arg(key)
-        .arg(cursor)
-        .arg("COUNT")
-        .arg(1000)
-        .query_async(conn)
-        .await
+/// The fields and values of a hash, a thousand at a time (HSCAN): one
+/// HGETALL of a large hash (a deadman watch per router) holds Redis, and
+/// every client of it, for tens of milliseconds. A field may come twice if
+/// the hash changes meanwhile.
+pub struct HashScan<'a> {
+    key: &'a str,
+    /// Where the next page starts; `None` once the last page was read.
+    cursor: Option<u64>,
+}
+
+impl<'a> HashScan<'a> {
+    pub fn new(key: &'a str) -> HashScan<'a> {
+        HashScan {
+            key,
+            cursor: Some(0),
+        }
+    }
+
+    /// The next page, `None` after the last.
+    pub async fn next(
+        &mut self,
+        conn: &mut RedisConn,
+    ) -> Result<Option<Vec<(String, String)>>, RedisError> {
+        let Some(cursor) = self.cursor else {
+            return Ok(None);
+        };
+        let (next, page): (u64, Vec<(String, String)>) = redis::cmd("HSCAN")
+            .arg(self.key)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        self.cursor = (next != 0).then_some(next);
+        Ok(Some(page))
+    }
 }
 
 pub async fn pause(backoff: &mut Backoff, shutdown: &CancellationToken) -> bool {

@@ -194,15 +194,9 @@ impl Rule {
     /// ([`kind::AlertKind::describe`]), in declaration order.
     pub fn alert_kinds(&self) -> Vec<String> {
         self.scope
-            .iter_raw()
-            .filter_map(|(_, _, v)| {
-                v.read_lock::<kind::AlertKind>()
-                    .map(|k| k.describe(&self.name))
-            })
-            .collect::<Vec<_>>()
-            .into_iter()
-            // The scope lists the latest declaration first.
-            .rev()
+            .iter()
+            .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
+            .map(|k| k.describe(&self.name))
             .collect()
     }
 

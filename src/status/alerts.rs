@@ -15,7 +15,7 @@ use crate::alert::Alert;
 use crate::alert::silence::{Matcher, Silence, Silences};
 use crate::clock::rfc3339;
 use crate::keys::state_key;
-use crate::redis_conn::{RedisConn, scan_page};
+use crate::redis_conn::{HashScan, RedisConn};
 
 /// The parts of a stored lifecycle entry the listing needs.
 #[derive(Debug, Deserialize)]
@@ -130,10 +130,9 @@ pub async fn count(conn: &mut RedisConn, streams: &[String]) -> redis::RedisResu
 }
 
 /// Hands `each` the pending and firing alerts of the state hashes of
-/// `streams`, a page of [`scan_page`] at a time, each page decoded on a
-/// blocking thread: the whole state at once (a deadman watch per router)
-/// held Redis for 40–100 ms in one HGETALL, and decoding it all at once
-/// stalled a reactor thread and doubled the process's peak memory.
+/// `streams`, a page of [`HashScan`] at a time, each page decoded on a
+/// blocking thread: decoding the whole state at once (a deadman watch per
+/// router) stalled a reactor thread and doubled the process's peak memory.
 async fn scan_views(
     conn: &mut RedisConn,
     streams: &[String],
@@ -145,9 +144,8 @@ async fn scan_views(
     for key in keys {
         // A field may come twice (while the hash grows).
         let mut seen: HashSet<String> = HashSet::new();
-        let mut cursor = 0;
-        loop {
-            let (next, page) = scan_page(conn, &key, cursor).await?;
+        let mut scan = HashScan::new(&key);
+        while let Some(page) = scan.next(conn).await? {
             let fresh: Vec<String> = page
                 .into_iter()
                 .filter_map(|(field, raw)| seen.insert(field).then_some(raw))
@@ -158,10 +156,6 @@ async fn scan_views(
             .await
             .unwrap_or_default();
             each(views);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
     }
     Ok(())
