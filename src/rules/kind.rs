@@ -319,7 +319,7 @@ pub fn register(engine: &mut Engine) {
             let after_ms = api::deadman_after(ctx, args[2])?;
             let values = k.values(ctx, "deadman", args[1])?;
             let fp = k.identity(&values);
-            let alert = DeadmanAlert::Kind(k, values);
+            let alert = DeadmanAlert::Kind(k.clone(), values);
             record(|acts| {
                 acts.deadmen.push(Deadman {
                     fp,
@@ -358,9 +358,12 @@ pub fn register(engine: &mut Engine) {
     }
 }
 
-/// The kind a method was called on.
-fn receiver(args: &[&mut Dynamic]) -> AlertKind {
-    args[0].clone_cast::<AlertKind>()
+/// The kind a method was called on, borrowed where it is (a copy would
+/// allocate on every call).
+fn receiver<'a>(args: &'a [&mut Dynamic]) -> impl std::ops::Deref<Target = AlertKind> + 'a {
+    args[0]
+        .read_lock::<AlertKind>()
+        .expect("registered for AlertKind")
 }
 
 /// A severity argument as text.
