@@ -186,9 +186,9 @@ pub(super) fn fail<T>(ctx: &NativeCallContext, text: String) -> Res<T> {
 const ALERT_KEYS: &str =
     "name, severity, labels, summary, description, annotations, value, for_duration, resolve_after";
 /// What `alert_kind` reads: an alert map's keys but `value`, which each
-/// reading gives.
+/// reading gives, and the `check` the engine runs itself.
 pub(super) const ALERT_KIND_KEYS: &str =
-    "name, severity, labels, summary, description, annotations, for_duration, resolve_after";
+    "name, severity, labels, summary, description, annotations, for_duration, resolve_after, check";
 
 /// A duration given as `"5m"`/`"30s"` or as a number of seconds.
 pub(super) fn duration_ms(func: &str, key: &str, v: &Dynamic) -> Result<u64, String> {

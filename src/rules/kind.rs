@@ -17,6 +17,7 @@
 //! it is needed: for a firing, or a watch that must be (re)written.
 
 use std::any::TypeId;
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -25,7 +26,9 @@ use rhai::{Array, Dynamic, Engine, ImmutableString, Map, NativeCallContext};
 use super::api::{
     self, ALERT_KIND_KEYS, Res, duration_ms, fail, number, record, running, text, typed, with_text,
 };
-use super::api::{Deadman, DeadmanAlert, RawAlert};
+use super::api::{Deadman, DeadmanAlert, LogLevel, RawAlert};
+use super::kind_check::{Check, Test};
+use super::state::RuleState;
 use crate::alert::{Fingerprint, Severity};
 
 /// A declared alert, as `alert_kind(…)` returns it. Cloned for every call
@@ -46,6 +49,42 @@ struct Declared {
     annotations: BTreeMap<String, String>,
     for_ms: u64,
     resolve_after_ms: Option<u64>,
+    /// What the engine checks on every message itself (`check:`), if
+    /// anything: such a kind is not only fired by the rule's code.
+    check: Option<Check>,
+}
+
+thread_local! {
+    /// While a rule file's top level runs: how many kinds with a `check`
+    /// it has declared so far. `None` otherwise, when declaring one is an
+    /// error: a check runs only if the kind is one of the rule's top-level
+    /// constants, and one declared per message would never run.
+    static LOADING: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Counts the checked kinds declared on this thread until dropped (see
+/// [`Loading::declared`]); the rule loader holds one while a file's top
+/// level runs.
+pub(crate) struct Loading;
+
+impl Loading {
+    pub(crate) fn start() -> Loading {
+        LOADING.set(Some(0));
+        Loading
+    }
+
+    /// Kinds with a `check` declared since [`Loading::start`]: if the rule's
+    /// top-level constants hold fewer, some are out of the engine's sight
+    /// (inside an array or a map) and their checks would never run.
+    pub(crate) fn declared(&self) -> usize {
+        LOADING.get().unwrap_or(0)
+    }
+}
+
+impl Drop for Loading {
+    fn drop(&mut self) {
+        LOADING.set(None);
+    }
 }
 
 impl AlertKind {
@@ -60,6 +99,7 @@ impl AlertKind {
             annotations: BTreeMap::new(),
             for_ms: 0,
             resolve_after_ms: None,
+            check: None,
         };
         for (key, value) in map {
             match key.as_str() {
@@ -87,6 +127,7 @@ impl AlertKind {
                 }
                 "for_duration" | "for" => d.for_ms = duration_ms(F, key, value)?,
                 "resolve_after" => d.resolve_after_ms = Some(duration_ms(F, key, value)?),
+                "check" => d.check = Some(Check::parse(value)?),
                 "value" => {
                     return Err(format!(
                         "{F}(): `value` is given per reading (`KIND.fire(msg, value)`), not declared"
@@ -99,7 +140,20 @@ impl AlertKind {
                 }
             }
         }
+        if d.check.is_some() {
+            let Some(n) = LOADING.get() else {
+                return Err(format!(
+                    "{F}(): a kind with a `check` must be declared as a top-level constant (`const K = alert_kind(…)`): the engine runs the check, and a kind declared while a message is judged would never be checked"
+                ));
+            };
+            LOADING.set(Some(n + 1));
+        }
         Ok(AlertKind(Arc::new(d)))
+    }
+
+    /// The check the engine runs for this kind on every message, if any.
+    pub fn check(&self) -> Option<&Check> {
+        self.0.check.as_ref()
     }
 
     /// `Name (severity; label, label)`, for `tripline check`; the name is
@@ -107,8 +161,13 @@ impl AlertKind {
     pub fn describe(&self, rule: &str) -> String {
         let d = &self.0;
         let labels: Vec<&str> = d.labels.iter().map(ImmutableString::as_str).collect();
+        let checked = d
+            .check
+            .as_ref()
+            .map(|c| format!("; checks {}", c.describe()))
+            .unwrap_or_default();
         format!(
-            "{} ({}; {})",
+            "{} ({}; {}{checked})",
             self.name(rule),
             d.severity.as_str(),
             if labels.is_empty() {
@@ -136,6 +195,11 @@ impl AlertKind {
                 ),
             );
         };
+        self.label_values(func, &m).or_else(|e| fail(ctx, e))
+    }
+
+    /// [`AlertKind::values`] of a message already read as a map.
+    fn label_values(&self, func: &str, m: &Map) -> Result<Vec<Dynamic>, String> {
         let mut values = Vec::with_capacity(self.0.labels.len());
         let mut missing = Vec::new();
         for field in &self.0.labels {
@@ -147,19 +211,16 @@ impl AlertKind {
         if missing.is_empty() {
             Ok(values)
         } else {
-            fail(
-                ctx,
-                format!(
-                    "{func}(): {} of alert {} missing from the message: {}",
-                    if missing.len() == 1 {
-                        "label field"
-                    } else {
-                        "label fields"
-                    },
-                    running(|rule, _| self.name(rule).to_string()),
-                    missing.join(", ")
-                ),
-            )
+            Err(format!(
+                "{func}(): {} of alert {} missing from the message: {}",
+                if missing.len() == 1 {
+                    "label field"
+                } else {
+                    "label fields"
+                },
+                running(|rule, _| self.name(rule).to_string()),
+                missing.join(", ")
+            ))
         }
     }
 
@@ -233,6 +294,117 @@ impl AlertKind {
         let fp = self.identity(&values);
         record(|acts| acts.resolves.push((fp, None)));
         Ok(())
+    }
+
+    /// Watches the series of these label values for `after_ms` of silence.
+    fn watch(&self, values: Vec<Dynamic>, after_ms: u64) {
+        let fp = self.identity(&values);
+        let alert = DeadmanAlert::Kind(self.clone(), values);
+        record(|acts| {
+            acts.deadmen.push(Deadman {
+                fp,
+                after_ms,
+                alert,
+            })
+        });
+    }
+
+    /// Runs this kind's check on `msg`, whose checked field holds `reading`
+    /// (the number `value`); rates keep their series in `state`.
+    fn run_check(
+        &self,
+        check: &Check,
+        msg: &Map,
+        reading: &Dynamic,
+        value: f64,
+        state: &RuleState,
+    ) -> Result<(), String> {
+        let values = self.label_values("check", msg)?;
+        let t = match &check.test {
+            Test::Silent { after_ms } => {
+                self.watch(values, *after_ms);
+                return Ok(());
+            }
+            Test::Threshold(t) => t,
+        };
+        let fp = self.identity(&values);
+        let (value, shown) = if t.rate {
+            // One series per alert: the fingerprint names the rule, the
+            // kind and the label values.
+            let key = format!("{fp:016x}");
+            let per_second = running(|rule, now| state.rate(rule, &key, value, now));
+            // To the hundredth: a rate is an estimate, and the summary
+            // should not print 17 digits of it.
+            let per_second = (per_second * 100.0).round() / 100.0;
+            (per_second, Dynamic::from_float(per_second))
+        } else {
+            (value, reading.clone())
+        };
+        if t.fires(value) {
+            let a = self.build(&values, Some(&shown), t.severity(value));
+            record(|acts| acts.alerts.push(a));
+        } else if t.clears(value) {
+            record(|acts| acts.resolves.push((fp, None)));
+        }
+        Ok(())
+    }
+}
+
+/// Runs the checks of `kinds` (the rule's checked kinds, in declaration
+/// order) on one message, recording their alerts, resolves and watches
+/// with the running rule's actions. A message whose checked field is
+/// missing or not a number is not a reading: the rule logs a warning (once
+/// per field) and that field's checks do nothing; a message without one
+/// of a kind's label fields fails the rule, as `KIND.fire(msg)` would.
+pub fn run_checks(kinds: &[AlertKind], msg: &Dynamic, state: &RuleState) -> Result<(), String> {
+    let Some(m) = msg.read_lock::<Map>() else {
+        return Err(format!(
+            "alert checks read the message as a map, got {}",
+            msg.type_name()
+        ));
+    };
+    let mut warned: Vec<&str> = Vec::new();
+    for kind in kinds {
+        let Some(check) = kind.check() else {
+            continue;
+        };
+        let reading = m.get(check.field.as_str());
+        let value = reading.and_then(|v| {
+            v.as_int()
+                .map(|i| i as f64)
+                .or_else(|_| v.as_float())
+                .ok()
+                .filter(|f| f.is_finite())
+        });
+        match (reading, value) {
+            (Some(reading), Some(value)) => kind.run_check(check, &m, reading, value, state)?,
+            _ if warned.contains(&check.field.as_str()) => {}
+            _ => {
+                warned.push(check.field.as_str());
+                let text = not_a_reading(&check.field, reading);
+                record(|acts| acts.logs.push((LogLevel::Warn, text)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The warning for a message whose checked `field` holds no number.
+fn not_a_reading(field: &str, got: Option<&Dynamic>) -> String {
+    /// Enough of a wrong value to recognise it; the rest would only make
+    /// the line longer.
+    const SHOWN: usize = 80;
+    match got {
+        None => format!("reading without a numeric {field}: the field is missing"),
+        Some(v) if v.is_unit() => format!("reading without a numeric {field}: the field is ()"),
+        Some(v) => with_text(v, |t| {
+            let cut = t.char_indices().nth(SHOWN).map_or(t, |(i, _)| &t[..i]);
+            let more = if cut.len() < t.len() { "…" } else { "" };
+            format!(
+                "reading without a numeric {field}: {cut}{more} ({})",
+                v.type_name()
+            )
+        }),
     }
 }
 
@@ -317,16 +489,7 @@ pub fn register(engine: &mut Engine) {
         |ctx, args| {
             let k = receiver(args);
             let after_ms = api::deadman_after(ctx, args[2])?;
-            let values = k.values(ctx, "deadman", args[1])?;
-            let fp = k.identity(&values);
-            let alert = DeadmanAlert::Kind(k.clone(), values);
-            record(|acts| {
-                acts.deadmen.push(Deadman {
-                    fp,
-                    after_ms,
-                    alert,
-                })
-            });
+            k.watch(k.values(ctx, "deadman", args[1])?, after_ms);
             Ok(())
         },
     );

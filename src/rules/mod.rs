@@ -8,6 +8,7 @@
 pub mod api;
 mod budget;
 pub mod kind;
+pub mod kind_check;
 pub mod lint;
 pub mod state;
 pub mod when;
@@ -88,6 +89,9 @@ pub struct RuleEngine {
     /// Where the per-rule handles ([`RuleMetrics`]) of every rule compiled
     /// with this engine are resolved, and shadowed alerts are counted.
     metrics: Arc<Metrics>,
+    /// The series the rules' `rate`/`delta` keep, which the alert checks
+    /// the engine runs itself ([`kind_check`]) share.
+    state: Arc<RuleState>,
 }
 
 impl RuleEngine {
@@ -140,6 +144,7 @@ pub fn build_engine(
     Arc::new(RuleEngine {
         engine,
         metrics: metrics.clone(),
+        state: rules.clone(),
     })
 }
 
@@ -157,6 +162,13 @@ pub struct Rule {
     /// The compiled file; `on_message` is called in it, and `check`'s lint
     /// ([`lint`]) reads its literals.
     pub(crate) ast: AST,
+    /// Whether the file defines `on_message`: a rule made only of checked
+    /// alert kinds need not, and is never called into.
+    has_entry: bool,
+    /// The alert kinds among its top-level constants that carry a `check`,
+    /// in declaration order: the engine runs them on every message the
+    /// rule handles, before `on_message`.
+    checks: Vec<kind::AlertKind>,
     /// Top-level `const`/`let` values, evaluated once at load and visible to
     /// `on_message` on every call.
     scope: Scope<'static>,
@@ -343,7 +355,12 @@ impl RuleSet {
     /// comes) is skipped and has no result. `selected` is ascending, as
     /// [`RuleSet::select`] returns it (the index finds candidates in it by
     /// binary search).
-    pub fn evaluate(&self, engine: &Engine, selected: &[usize], msg: Message) -> Vec<RuleResult> {
+    pub fn evaluate(
+        &self,
+        engine: &RuleEngine,
+        selected: &[usize],
+        msg: Message,
+    ) -> Vec<RuleResult> {
         debug_assert!(selected.is_sorted(), "selections are in path order");
         let Message {
             stream,
@@ -380,19 +397,18 @@ impl RuleSet {
             };
             let started = Instant::now();
             api::begin(&rule.name, now_ms);
-            let mut scope = self.borrow_scope(i);
-            let call = {
-                let _budget = budget::start();
-                let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
-                engine.call_fn_with_options::<Dynamic>(
-                    options,
-                    &mut scope,
-                    &rule.ast,
-                    ENTRY_POINT,
-                    (body.clone(), ctx),
-                )
+            let checked = if rule.checks.is_empty() {
+                Ok(())
+            } else {
+                kind::run_checks(&rule.checks, body, &engine.state)
+                    .map_err(|e| format!("{}: {e}", rule.rel_path))
             };
-            self.return_scope(i, scope);
+            let call = match checked {
+                Ok(()) if rule.has_entry => self
+                    .call_entry(engine, i, body, ctx)
+                    .map_err(|e| describe_eval_error(&rule.rel_path, &e)),
+                other => other,
+            };
             // The rule may have changed a field the index looks up.
             if !keys.is_empty() {
                 let now = self.index.keys(body);
@@ -404,9 +420,8 @@ impl RuleSet {
             }
             let actions = api::take();
             let outcome = match call {
-                Ok(_) => Ok(actions),
-                Err(e) => {
-                    let text = describe_eval_error(&rule.rel_path, &e);
+                Ok(()) => Ok(actions),
+                Err(text) => {
                     rule.metrics.rule_failed(msg_id, &text);
                     Err(text)
                 }
@@ -419,6 +434,30 @@ impl RuleSet {
             }
         }
         results
+    }
+
+    /// Calls rule `i`'s `on_message` on one message, within its budget.
+    fn call_entry(
+        &self,
+        engine: &Engine,
+        i: usize,
+        body: &Dynamic,
+        ctx: Dynamic,
+    ) -> Result<(), Box<EvalAltResult>> {
+        let mut scope = self.borrow_scope(i);
+        let call = {
+            let _budget = budget::start();
+            let options = CallFnOptions::new().eval_ast(false).rewind_scope(true);
+            engine.call_fn_with_options::<Dynamic>(
+                options,
+                &mut scope,
+                &self.rules[i].ast,
+                ENTRY_POINT,
+                (body.clone(), ctx),
+            )
+        };
+        self.return_scope(i, scope);
+        call.map(drop)
     }
 
     /// The scope for one call of rule `i`: this thread's kept copy, or a
@@ -570,21 +609,18 @@ fn compile_rule(
         .compile(source)
         .map_err(|e| error(e.position(), compile_message(source, &e)))?;
     ast.set_source(rel);
-    if !ast
+    let has_entry = ast
         .iter_functions()
-        .any(|f| f.name == ENTRY_POINT && f.params.len() == 2)
-    {
-        return Err(error(
-            rhai::Position::NONE,
-            format!("no `fn {ENTRY_POINT}(msg, ctx)` defined"),
-        ));
-    }
+        .any(|f| f.name == ENTRY_POINT && f.params.len() == 2);
     let mut scope = Scope::new();
     api::begin(rel, 0);
+    let loading = kind::Loading::start();
     let top = {
         let _budget = budget::start();
         engine.run_ast_with_scope(&mut scope, &ast)
     };
+    let declared_checks = loading.declared();
+    drop(loading);
     let stray = api::take();
     top.map_err(|e| {
         let text = describe_eval_error(rel, &e);
@@ -596,6 +632,25 @@ fn compile_rule(
             rhai::Position::NONE,
             "top-level code must not call alert/resolve/log/print/debug/drop; do it in on_message"
                 .into(),
+        ));
+    }
+    let checks: Vec<kind::AlertKind> = scope
+        .iter()
+        .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
+        .filter(|k| k.check().is_some())
+        .collect();
+    if checks.len() < declared_checks {
+        return Err(error(
+            rhai::Position::NONE,
+            "an alert kind with a `check` must be a top-level constant of its own (`const K = alert_kind(…)`), not inside an array or a map: the engine would never see it to run its check".into(),
+        ));
+    }
+    if !has_entry && checks.is_empty() {
+        return Err(error(
+            rhai::Position::NONE,
+            format!(
+                "no `fn {ENTRY_POINT}(msg, ctx)` defined, and no alert kind with a `check`: the rule would never do anything"
+            ),
         ));
     }
     let topics = match scope.get(TOPICS_CONST) {
@@ -637,6 +692,8 @@ fn compile_rule(
         path: path.to_path_buf(),
         source_hash: hash_source(source),
         ast,
+        has_entry,
+        checks,
         constants_only,
         reads_context,
         scope,
@@ -746,6 +803,10 @@ mod tests {
     }
 
     fn run(set: &RuleSet, stream: &str, body: &str) -> Vec<RuleResult> {
+        run_at(set, stream, body, 0)
+    }
+
+    fn run_at(set: &RuleSet, stream: &str, body: &str, now_ms: u64) -> Vec<RuleResult> {
         let engine = build_engine(&Limits::default());
         let msg: Dynamic = serde_json::from_str(body).unwrap();
         let all: Vec<usize> = (0..set.rules.len()).collect();
@@ -758,7 +819,7 @@ mod tests {
                 body: &msg,
                 ctx,
                 id: "1-0",
-                now_ms: 0,
+                now_ms,
             },
         )
     }
@@ -996,6 +1057,188 @@ mod tests {
         let held = band(70.0);
         assert!(held.alerts.is_empty() && held.resolves.is_empty());
         assert_eq!(band(10.0).resolves[0].0, fp);
+    }
+
+    const CHECKED: &str = r#"
+        const HOT = alert_kind(#{ name: "Hot", severity: "major", labels: ["host"],
+            summary: "{{host}}: {{value}}",
+            check: #{ field: "t", at_least: 80, clear: 70, escalate: #{ critical: 95 } } });
+        const GONE = alert_kind(#{ name: "Gone", labels: ["host"],
+            check: #{ field: "t", silent_after: "2m" } });
+        const COLD = alert_kind(#{ name: "Cold", labels: ["host"],
+            check: #{ field: "t", below: -10 } });
+        const MANUAL = alert_kind(#{ name: "Manual", labels: ["host"] });
+    "#;
+
+    #[test]
+    fn checked_alert_kinds_fire_escalate_and_resolve_without_on_message() {
+        let (_d, set) = set_of(&[("c.rhai", CHECKED)]);
+        let set = set.unwrap();
+        let acts = |t: &str| {
+            run(&set, "s", &format!(r#"{{"host": "r1", "t": {t}}}"#))
+                .remove(0)
+                .outcome
+                .unwrap()
+        };
+        let names = |a: &Actions| -> Vec<String> {
+            a.alerts
+                .iter()
+                .map(|a| {
+                    format!(
+                        "{}/{}",
+                        a.name.as_deref().unwrap_or("?"),
+                        a.severity.as_str()
+                    )
+                })
+                .collect()
+        };
+        let hot = acts("85");
+        assert_eq!(names(&hot), ["Hot/major"]);
+        assert_eq!(
+            hot.alerts[0].value.as_deref(),
+            Some("85"),
+            "the field as it came"
+        );
+        assert_eq!(hot.deadmen.len(), 1, "every reading confirms the watch");
+        assert_eq!(hot.deadmen[0].after_ms, 120_000);
+        assert_eq!(hot.resolves.len(), 1, "Cold: not below -10, resolved");
+        let hot_fp = crate::alert::fingerprint("c", "Hot", &hot.alerts[0].labels);
+        assert_eq!(names(&acts("96.5")), ["Hot/critical"]);
+        let held = acts("75");
+        assert!(held.alerts.is_empty());
+        assert!(
+            !held.resolves.iter().any(|(fp, _)| *fp == hot_fp),
+            "inside the band Hot holds"
+        );
+        assert!(acts("60").resolves.iter().any(|(fp, _)| *fp == hot_fp));
+        assert_eq!(names(&acts("-20")), ["Cold/warning"]);
+    }
+
+    #[test]
+    fn a_rate_check_compares_the_per_second_rate_of_a_counter() {
+        let (_d, set) = set_of(&[(
+            "r.rhai",
+            r#"const FAST = alert_kind(#{ name: "Fast", labels: ["host"], summary: "{{value}}/s",
+                check: #{ field: "n", rate: true, above: 10.0, clear: 2.0 } });"#,
+        )]);
+        let set = set.unwrap();
+        let at = |n: i64, ms: u64| {
+            run_at(&set, "s", &format!(r#"{{"host": "rate-1", "n": {n}}}"#), ms)
+                .remove(0)
+                .outcome
+                .unwrap()
+        };
+        let first = at(0, 1_000);
+        assert!(first.alerts.is_empty(), "no rate from one sample");
+        let fast = at(100, 4_000);
+        assert_eq!(
+            fast.alerts[0].value.as_deref(),
+            Some("33.33"),
+            "to the hundredth"
+        );
+        let held = at(115, 7_000);
+        assert!(
+            held.alerts.is_empty() && held.resolves.is_empty(),
+            "5/s: inside the band"
+        );
+        assert_eq!(at(118, 10_000).resolves.len(), 1, "1/s: below the band");
+        let reset = at(5, 13_000);
+        assert!(
+            reset.alerts.is_empty(),
+            "a reset counts from zero: 5 in 3 s"
+        );
+    }
+
+    #[test]
+    fn a_reading_without_a_number_is_logged_once_and_checks_nothing() {
+        let (_d, set) = set_of(&[("c.rhai", CHECKED)]);
+        let set = set.unwrap();
+        for (body, says) in [
+            (
+                r#"{"host": "r1", "t": "hot"}"#,
+                "reading without a numeric t: hot (string)",
+            ),
+            (
+                r#"{"host": "r1"}"#,
+                "reading without a numeric t: the field is missing",
+            ),
+        ] {
+            let a = run(&set, "s", body).remove(0).outcome.unwrap();
+            assert!(a.alerts.is_empty() && a.resolves.is_empty() && a.deadmen.is_empty());
+            assert_eq!(
+                a.logs.len(),
+                1,
+                "once, though three kinds check t: {:?}",
+                a.logs
+            );
+            assert_eq!(a.logs[0].0, LogLevel::Warn);
+            assert_eq!(a.logs[0].1, says);
+        }
+        let huge = format!(r#"{{"host": "r1", "t": "{}"}}"#, "x".repeat(10_000));
+        let a = run(&set, "s", &huge).remove(0).outcome.unwrap();
+        assert!(a.logs[0].1.len() < 200, "{}", a.logs[0].1);
+        assert!(a.logs[0].1.ends_with("x… (string)"));
+    }
+
+    #[test]
+    fn a_checked_kind_without_its_label_field_fails_the_rule_naming_it() {
+        let (_d, set) = set_of(&[("c.rhai", CHECKED)]);
+        let set = set.unwrap();
+        let e = run(&set, "s", r#"{"t": 85}"#)
+            .remove(0)
+            .outcome
+            .unwrap_err();
+        assert!(
+            e.contains(
+                "c.rhai: check(): label field of alert Hot missing from the message: `host`"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn checks_run_before_on_message_and_their_actions_add_up() {
+        let src = format!(
+            "{CHECKED}\nfn on_message(m, c) {{ log(\"warn\", `t=${{m.t}}`); MANUAL.fire(m); }}"
+        );
+        let (_d, set) = set_of(&[("c.rhai", &src)]);
+        let set = set.unwrap();
+        let a = run(&set, "s", r#"{"host": "r1", "t": 90}"#)
+            .remove(0)
+            .outcome
+            .unwrap();
+        let names: Vec<_> = a.alerts.iter().map(|a| a.name.clone().unwrap()).collect();
+        assert_eq!(names, ["Hot", "Manual"]);
+        assert_eq!(a.logs[0].1, "t=90");
+    }
+
+    #[test]
+    fn a_check_must_be_a_top_level_constant_of_its_own() {
+        let (_d, set) = set_of(&[(
+            "hidden.rhai",
+            r#"const KS = [alert_kind(#{ check: #{ field: "t", above: 1 } })];
+               fn on_message(m, c) {}"#,
+        )]);
+        let e = set.err().unwrap().to_string();
+        assert!(
+            e.contains("hidden.rhai: an alert kind with a `check` must be a top-level constant"),
+            "{e}"
+        );
+        let (_d, set) = set_of(&[(
+            "late.rhai",
+            r#"fn on_message(m, c) { let k = alert_kind(#{ check: #{ field: "t", above: 1 } }); }"#,
+        )]);
+        let e = run(&set.unwrap(), "s", r#"{"t": 2}"#)
+            .remove(0)
+            .outcome
+            .unwrap_err();
+        assert!(
+            e.contains("must be declared as a top-level constant"),
+            "{e}"
+        );
+        let (_d, set) = set_of(&[("idle.rhai", "const K = alert_kind(#{ name: \"K\" });")]);
+        let e = set.err().unwrap().to_string();
+        assert!(e.contains("no alert kind with a `check`"), "{e}");
     }
 
     #[test]
