@@ -26,7 +26,8 @@
 //!
 //! Offline (`test`, `replay`) the same code runs on the cache alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
 use super::Alert;
@@ -124,6 +125,41 @@ struct Partition {
     /// equal what Redis holds, if known: set by a full read, advanced by our
     /// own commits, cleared when anyone else wrote or a commit failed.
     synced: Option<u64>,
+    /// While a full read of the partition is under way: what this
+    /// instance's own commits wrote meanwhile (see [`Overlap`]).
+    reading: Option<Overlap>,
+}
+
+/// This instance's commits to a partition during a full read of it. A busy
+/// instance commits every few milliseconds, so its own commits nearly
+/// always land between the two generation reads around the hash's scan:
+/// the read could never be trusted, the partition stayed unsynced, and
+/// every commit checked a version per alert (a Lua script three times as
+/// dear, one `HGET` per alert decided on) until the next read, which was
+/// overlapped again. When these commits' steps of the generation chain
+/// from the first generation read to the second, nobody else wrote, and
+/// the snapshot with the fields they wrote taken from the cache is what
+/// Redis holds.
+#[derive(Debug, Default)]
+struct Overlap {
+    written: HashSet<u64>,
+    /// The generation each writing commit found and left, in commit order.
+    steps: Vec<(u64, u64)>,
+}
+
+impl Overlap {
+    /// Whether these commits alone took the generation from `before` to
+    /// `after`: each found what the one before it left.
+    fn explains(&self, before: u64, after: u64) -> bool {
+        let mut at = before;
+        for &(found, left) in &self.steps {
+            if found != at {
+                return false;
+            }
+            at = left;
+        }
+        at == after
+    }
 }
 
 #[derive(Debug)]
@@ -193,10 +229,42 @@ impl AlertBook {
         self.with_part(tag, |p| p.synced)
     }
 
-    /// After a commit to `tag` that found the generation at `based_on` and
-    /// left it at `generation`: the cache stays known-equal only if it was before.
-    pub fn committed(&self, tag: &str, based_on: Option<u64>, generation: u64) {
-        self.with_part(tag, |p| p.synced = based_on.map(|_| generation));
+    /// After a commit of `writes` to `tag` based on the generation
+    /// `based_on` (if it checked one), which took the generation from
+    /// `steps.start()` to `steps.end()`: the cache stays known-equal only if
+    /// it was before. A full read under way notes what the commit wrote.
+    pub fn committed(
+        &self,
+        tag: &str,
+        based_on: Option<u64>,
+        steps: RangeInclusive<u64>,
+        writes: &[Write],
+    ) {
+        self.with_part(tag, |p| {
+            p.synced = based_on.map(|_| *steps.end());
+            if let Some(o) = &mut p.reading {
+                // The commit script moves the generation when it writes.
+                let mut wrote = false;
+                for w in writes.iter().filter(|w| !w.check_only) {
+                    wrote = true;
+                    o.written.extend(parse_field(&w.field));
+                }
+                if wrote {
+                    o.steps.push(steps.into_inner());
+                }
+            }
+        });
+    }
+
+    /// A full read of `tag` begins: from now until [`Self::load_partition`]
+    /// (or [`Self::read_failed`]) this instance's commits there are noted.
+    pub fn begin_read(&self, tag: &str) {
+        self.with_part(tag, |p| p.reading = Some(Overlap::default()));
+    }
+
+    /// The full read of `tag` begun with [`Self::begin_read`] failed.
+    pub fn read_failed(&self, tag: &str) {
+        self.with_part(tag, |p| p.reading = None);
     }
 
     /// Someone else wrote `tag`, or a commit's outcome is unknown.
@@ -426,23 +494,42 @@ impl AlertBook {
 
     /// Replaces what is cached for partition `tag` with `snapshot`, what
     /// Redis holds there: picks up alerts other instances raised (so this
-    /// instance's timers cover them) and forgets deleted ones. `generation`
-    /// is the partition's generation if nothing wrote while it was read.
-    /// Without it the snapshot may predate a commit of this instance's (a
-    /// deadman watch created meanwhile would be forgotten, and fire only
-    /// after the next full read, 15 s late): a cached entry the snapshot
-    /// lacks or holds at a lower version is kept. The partition is then
-    /// unsynced, so every commit checks the versions of what it decided on
-    /// and a kept entry another instance deleted is corrected there.
-    /// Returns the replaced entries, for the caller to drop outside its locks.
+    /// instance's timers cover them) and forgets deleted ones. The
+    /// partition's generation was `before` when the read began ([`Self::begin_read`]) and
+    /// `after` once it ended (read under the gate, so no decision of ours
+    /// is in flight). If only this instance's own commits came between
+    /// ([`Overlap`]), the snapshot is brought up to date with the fields
+    /// they wrote and the partition is synced at `after`. Otherwise the
+    /// snapshot may predate a commit (a deadman watch created meanwhile
+    /// would be forgotten, and fire only after the next full read, 15 s
+    /// late): a cached entry the snapshot lacks or holds at a lower version
+    /// is kept. The partition is then unsynced, so every commit checks the
+    /// versions of what it decided on and a kept entry another instance
+    /// deleted is corrected there. Returns the replaced entries, for the
+    /// caller to drop outside its locks.
     pub fn load_partition(
         &self,
         tag: &str,
         snapshot: Snapshot,
-        generation: Option<u64>,
+        before: u64,
+        after: u64,
     ) -> Snapshot {
         let mut entries = snapshot.0;
         self.with_part(tag, |p| {
+            let overlap = p.reading.take();
+            let generation = if before == after {
+                Some(after)
+            } else if let Some(o) = overlap.filter(|o| o.explains(before, after)) {
+                for fp in &o.written {
+                    match p.entries.get(fp) {
+                        Some(c) => entries.insert(*fp, c.clone()),
+                        None => entries.remove(fp),
+                    };
+                }
+                Some(after)
+            } else {
+                None
+            };
             p.synced = generation;
             let mut replaced = HashMap::new();
             for (fp, old) in std::mem::take(&mut p.entries) {
@@ -613,13 +700,65 @@ mod tests {
         // Read before the watch was committed, generation moved meanwhile.
         let stale = Snapshot::default();
         notes(&book, watch(0));
-        drop(book.load_partition("s", stale, None));
+        drop(book.load_partition("s", stale, 6, 7));
         assert_eq!(book.due(10 * MIN).notifications[0].status, Status::Firing);
         // A read nothing raced is what Redis holds: the watch is gone there.
         let book = Runtime::new().alert_book(policy());
         notes(&book, watch(0));
-        drop(book.load_partition("s", Snapshot::default(), Some(7)));
+        drop(book.load_partition("s", Snapshot::default(), 7, 7));
         assert!(book.due(10 * MIN).notifications.is_empty());
+    }
+
+    #[test]
+    fn a_full_read_overlapped_by_its_own_commits_alone_is_synced_with_what_they_wrote() {
+        let book = Runtime::new().alert_book(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        book.begin_read("s");
+        // The scan read the partition empty; then this instance committed
+        // a new watch, which took the generation from 7 to 8.
+        let d = book.decide("s", &[watch(0)], true);
+        book.committed("s", None, 7..=8, &d.writes);
+        drop(book.load_partition("s", Snapshot::default(), 7, 8));
+        assert_eq!(book.synced("s"), Some(8), "nobody else wrote");
+        // The first write ever seeds the generation at random: from
+        // absent (0), any number is this commit's step.
+        let book = Runtime::new().alert_book(policy());
+        book.begin_read("s");
+        let d = book.decide("s", &[watch(0)], true);
+        book.committed("s", None, 0..=8_123_457, &d.writes);
+        drop(book.load_partition("s", Snapshot::default(), 0, 8_123_457));
+        assert_eq!(book.synced("s"), Some(8_123_457));
+        assert_eq!(book.due(10 * MIN).notifications[0].status, Status::Firing);
+    }
+
+    #[test]
+    fn a_full_read_that_another_writer_overlapped_stays_unsynced() {
+        let book = Runtime::new().alert_book(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        book.begin_read("s");
+        let d = book.decide("s", &[watch(0)], true);
+        book.committed("s", None, 8..=9, &d.writes);
+        // 7 -> 9: the step to 8 was somebody else's.
+        drop(book.load_partition("s", Snapshot::default(), 7, 9));
+        assert_eq!(book.synced("s"), None);
+        assert_eq!(
+            book.due(10 * MIN).notifications[0].status,
+            Status::Firing,
+            "the watch is kept all the same"
+        );
+        // A commit that only checked versions moved nothing: it does not
+        // count as a step.
+        book.begin_read("s");
+        let check = Write {
+            stream: "s".into(),
+            field: field(1),
+            expected: 1,
+            value: None,
+            check_only: true,
+        };
+        book.committed("s", None, 8..=8, &[check]);
+        drop(book.load_partition("s", Snapshot::default(), 8, 9));
+        assert_eq!(book.synced("s"), None);
     }
 
     #[test]
@@ -732,11 +871,11 @@ mod tests {
         let other = book.decide("t", &[fire(0, 1)], true);
         assert_eq!(other.notifications.len(), 1);
         assert_eq!(book.synced("s"), None);
-        book.load_partition("s", Snapshot::default(), Some(7));
+        book.load_partition("s", Snapshot::default(), 7, 7);
         assert_eq!(book.synced("s"), Some(7));
-        book.committed("s", Some(7), 8);
+        book.committed("s", Some(7), 7..=8, &[]);
         assert_eq!(book.synced("s"), Some(8));
-        book.committed("s", None, 9);
+        book.committed("s", None, 8..=9, &[]);
         assert_eq!(
             book.synced("s"),
             None,

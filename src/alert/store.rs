@@ -214,8 +214,8 @@ impl Store {
                 basis: synced.map_or(Basis::Versions, Basis::Generation),
             };
             match self.commit(c, &stream, group, &commit).await {
-                Ok(Committed::Done(generation)) => {
-                    book.committed(tag, synced, generation);
+                Ok(Committed::Done { found, generation }) => {
+                    book.committed(tag, synced, found..=generation, &decision.writes);
                     return Ok(Settled::Committed(decision.notifications));
                 }
                 Ok(Committed::Stale) => {
@@ -247,27 +247,51 @@ impl Store {
     pub async fn forget_here(&self, tag: &str, rules: &[String]) -> Vec<Alert> {
         let gate = self.book.gate(tag);
         let _decided = gate.lock().await;
-        self.book.forget_rules(tag, rules, now_ms()).notifications
+        let forgotten = self.book.forget_rules(tag, rules, now_ms()).notifications;
+        // The cache no longer equals Redis: the next full read must happen.
+        self.book.unsync(tag);
+        forgotten
     }
 
     /// Reads every partition of `streams` whole into the cache: picks up
     /// alerts other instances raised (so this instance's timers cover them)
-    /// and forgets deleted ones. The generation is read before and again
-    /// under the partition's gate after: equal, nothing wrote in between and
-    /// the cache is known to equal Redis from then on (see `alert::book`).
+    /// and forgets deleted ones. The generation is read under the
+    /// partition's gate before and again after: equal, or moved by this
+    /// instance's own commits alone, and the cache is known to equal Redis
+    /// from then on (see `alert::book`). A partition already known to equal
+    /// Redis at the generation Redis still holds is not read again.
     pub async fn load(&self, conn: &mut LazyConn, streams: &[String]) -> Result<(), RedisError> {
         let book = &self.book;
         for (tag, stream) in partitions(streams) {
-            let before = read_gen(conn.get().await?, &stream).await?;
-            let fields = scan_hash(conn.get().await?, &state_key(&stream)).await?;
-            let snapshot = Snapshot::decode(&fields);
-            drop(fields);
             let gate = book.gate(&tag);
-            let decided = gate.lock().await;
-            let after = read_gen(conn.get().await?, &stream).await?;
-            let stale = book.load_partition(&tag, snapshot, (before == after).then_some(before));
-            drop(decided);
-            drop(stale);
+            let before = {
+                let _decided = gate.lock().await;
+                let before = read_gen(conn.get().await?, &stream).await?;
+                if book.synced(&tag) == Some(before) {
+                    continue;
+                }
+                book.begin_read(&tag);
+                before
+            };
+            let read = async {
+                let fields = scan_hash(conn.get().await?, &state_key(&stream)).await?;
+                let snapshot = Snapshot::decode(&fields);
+                drop(fields);
+                let decided = gate.lock().await;
+                let after = read_gen(conn.get().await?, &stream).await?;
+                Ok::<_, RedisError>((snapshot, decided, after))
+            };
+            match read.await {
+                Ok((snapshot, decided, after)) => {
+                    let replaced = book.load_partition(&tag, snapshot, before, after);
+                    drop(decided);
+                    drop(replaced);
+                }
+                Err(e) => {
+                    book.read_failed(&tag);
+                    return Err(e);
+                }
+            }
         }
         Ok(())
     }
@@ -290,7 +314,10 @@ impl Store {
                     .query_async(conn)
                     .await?;
             }
-            return Ok(Committed::Done(0));
+            return Ok(Committed::Done {
+                found: 0,
+                generation: 0,
+            });
         }
         let based = match s.basis {
             Basis::Generation(g) => g.to_string(),
@@ -338,8 +365,14 @@ impl Store {
         match reply.split_first() {
             Some((tag, fields)) if tag == "conflict" => Ok(Committed::Conflict(fields.to_vec())),
             Some((tag, _)) if tag == "stale" => Ok(Committed::Stale),
-            Some((_, [generation])) => Ok(Committed::Done(generation.parse().unwrap_or(0))),
-            _ => Ok(Committed::Done(0)),
+            Some((_, [generation, found])) => Ok(Committed::Done {
+                found: found.parse().unwrap_or(0),
+                generation: generation.parse().unwrap_or(0),
+            }),
+            _ => Ok(Committed::Done {
+                found: 0,
+                generation: 0,
+            }),
         }
     }
 }
@@ -380,9 +413,12 @@ struct Commit<'a> {
 /// How a commit ended.
 #[derive(Debug, PartialEq)]
 enum Committed {
-    /// Written; the partition's generation is now this (0 when the commit
-    /// was a plain XACK that neither read nor wrote the alert state).
-    Done(u64),
+    /// Written; the partition's generation was `found` (0: absent) and is
+    /// now `generation` (both 0 when the commit was a plain XACK that
+    /// neither read nor wrote the alert state). A first write seeds the
+    /// generation at random: only `found` tells a full read under way
+    /// that the step from it was this commit's.
+    Done { found: u64, generation: u64 },
     /// Another instance changed these state fields since we read them;
     /// nothing was written.
     Conflict(Vec<String>),
@@ -399,6 +435,7 @@ const COMMIT_SCRIPT: &str = r"
 local state, outbox, dead, stream, gen_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local group, maxlen, based, seed = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local gen = redis.call('GET', gen_key) or '0'
+local found = gen
 if based ~= '' and based ~= gen then return {'stale'} end
 local i = 5
 local ncas = tonumber(ARGV[i]); i = i + 1
@@ -460,7 +497,7 @@ for a = 1, nacks do
     ids = {}
   end
 end
-return {'done', gen}
+return {'done', gen, found}
 ";
 
 fn script() -> &'static redis::Script {

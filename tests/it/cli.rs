@@ -431,7 +431,7 @@ fn config_without_subscriptions_gets_the_seeds_in_check_and_test() {
         "{out}"
     );
     assert!(
-        out.contains("rule packet_errors/alert declares alerts: RouterSilent (warning; hostname), HighInputErrors (major; hostname, interface), InputErrorRate (major; hostname, interface)"),
+        out.contains("rule packet_errors/alert declares alerts: RouterSilent (warning; hostname; checks silent_after 5m without input_errors), HighInputErrors (major; hostname, interface; checks input_errors at_least 10000, critical at 100000), InputErrorRate (major; hostname, interface; checks rate of input_errors above 50, clear 5)"),
         "{out}"
     );
     assert!(!err.contains("warning"), "{err}");
