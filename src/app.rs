@@ -12,6 +12,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::alert;
+use crate::alert::AlertBook;
 use crate::alert::store::Store;
 use crate::config::{Settings, Subscription};
 use crate::consume::{self, Shared};
@@ -103,7 +104,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         runtime.metrics.clone(),
         tail.stop.clone(),
     ));
-    let engine_handle = start_http(&settings, &runtime, &mut tail).await?;
+    // Before HTTP: the gauge of active alerts counts from its cache.
+    let book = Arc::new(runtime.alert_book(settings.alerts.policy));
+    let engine_handle = start_http(&settings, &runtime, &book, &mut tail).await?;
     let Some(instance) = take_instance(&settings, &mut tail, &shutdown).await else {
         return Ok(());
     };
@@ -122,7 +125,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         return Ok(());
     };
     let live_rules = Arc::new(ArcSwap::from_pointee(prepared.rules));
-    let book = Arc::new(runtime.alert_book(settings.alerts.policy));
     let store = Store::new(
         book.clone(),
         settings.outbox.prefix.clone(),
@@ -182,6 +184,7 @@ fn consumed_streams(subs: &[Subscription]) -> Vec<String> {
 async fn start_http(
     settings: &Settings,
     runtime: &Runtime,
+    book: &Arc<AlertBook>,
     tail: &mut Tail,
 ) -> Result<Arc<http::EngineHandle>, AppError> {
     let engine_handle = Arc::new(http::EngineHandle::default());
@@ -207,6 +210,7 @@ async fn start_http(
     ));
     tail.tasks.spawn(status::gauge_loop(
         status.clone(),
+        book.clone(),
         Duration::from_secs(5),
         tail.stop.clone(),
     ));

@@ -224,6 +224,25 @@ impl AlertBook {
         parts.keys().cloned().collect()
     }
 
+    /// The stored JSON of the pending and firing alerts of partition `tag`,
+    /// if the cache is known to equal what Redis holds at `generation`:
+    /// the gauge of active alerts counts these instead of reading the
+    /// whole state hash over the network every few seconds (with 50,000
+    /// alerts that took Redis and this process long enough to triple the
+    /// p99 latency of the readings judged meanwhile).
+    pub fn active(&self, tag: &str, generation: u64) -> Option<Vec<Arc<str>>> {
+        let parts = self.parts.lock().expect("alert book poisoned");
+        let p = parts.get(tag).filter(|p| p.synced == Some(generation))?;
+        Some(
+            p.entries
+                .values()
+                .filter_map(|c| c.entry.as_ref())
+                .filter(|s| matches!(s.head.phase, Phase::Pending | Phase::Firing))
+                .map(|s| s.json.clone())
+                .collect(),
+        )
+    }
+
     /// The generation at which the cache of `tag` is known to equal Redis.
     pub fn synced(&self, tag: &str) -> Option<u64> {
         self.with_part(tag, |p| p.synced)
@@ -759,6 +778,30 @@ mod tests {
         book.committed("s", None, 8..=8, &[check]);
         drop(book.load_partition("s", Snapshot::default(), 8, 9));
         assert_eq!(book.synced("s"), None);
+    }
+
+    #[test]
+    fn the_active_alerts_are_listed_only_from_a_cache_equal_to_redis() {
+        let book = Runtime::new().alert_book(policy());
+        notes(&book, fire(0, 0));
+        assert_eq!(book.active("s", 7), None, "never synced");
+        book.committed("s", Some(7), 7..=8, &[]);
+        let active = book.active("s", 8).expect("synced at 8");
+        assert_eq!(active.len(), 1);
+        assert!(
+            active[0].starts_with(r#"{"phase":"firing""#),
+            "{}",
+            active[0]
+        );
+        assert_eq!(book.active("s", 9), None, "Redis moved on");
+        // A deadman watch is not an alert.
+        book.decide(
+            "t",
+            &[act(ActionKind::Deadman { after_ms: 10 * MIN }, 0)],
+            true,
+        );
+        book.committed("t", Some(1), 1..=2, &[]);
+        assert_eq!(book.active("t", 2), Some(Vec::new()));
     }
 
     #[test]

@@ -14,7 +14,10 @@ pub(super) struct Stored {
     /// What deciding most assertions and finding due timers reads.
     pub(super) head: Head,
     /// The whole entry, as Redis holds it after the version.
-    pub(super) json: Box<str>,
+    /// Shared: the `tripline_alerts_active` gauge counts from the cache
+    /// ([`super::AlertBook::active`]), taking a reference to each
+    /// under the book's lock instead of a copy.
+    pub(super) json: std::sync::Arc<str>,
 }
 
 impl Stored {

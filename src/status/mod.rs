@@ -27,6 +27,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::AlertBook;
 use crate::alert::silence::{self, Silence};
 use crate::clock::now_ms;
 use crate::config::Settings;
@@ -326,17 +327,24 @@ async fn v1_status(State(api): State<Arc<StatusApi>>) -> Response {
 /// until `stop`: every instance exports the group's counts (aggregate them
 /// with `max`, not `sum`).
 ///
-/// The whole state is read (with a deadman watch per router, megabytes),
-/// so on a connection of its own: on the shared one its reply held up every
-/// commit and ack queued behind it, and decoding it on a reactor thread held
-/// up every task there (measured at 5,000 alerting readings/s with 50,000
-/// alerts: gaps of 100–250 ms every 5 s in the processing of both groups).
-/// [`alerts::count`] reads and decodes it a page at a time.
-pub async fn gauge_loop(api: Arc<StatusApi>, every: Duration, stop: CancellationToken) {
+/// A partition `book` (this instance's cache) holds as Redis does is
+/// counted from the cache; any other is read whole (with a deadman watch
+/// per router, megabytes), so on a connection of its own: on the shared one
+/// its reply held up every commit and ack queued behind it, and decoding it
+/// on a reactor thread held up every task there (measured at 5,000 alerting
+/// readings/s with 50,000 alerts: gaps of 100–250 ms every 5 s in the
+/// processing of both groups). [`alerts::count`] reads and decodes it a
+/// page at a time.
+pub async fn gauge_loop(
+    api: Arc<StatusApi>,
+    book: Arc<AlertBook>,
+    every: Duration,
+    stop: CancellationToken,
+) {
     let mut conn = LazyConn::own(api.target.clone(), Duration::from_secs(10));
     loop {
         let counted = match conn.get().await {
-            Ok(c) => alerts::count(c, &api.streams).await,
+            Ok(c) => alerts::count(c, &api.streams, Some(&book)).await,
             Err(e) => Err(e),
         };
         match counted {
