@@ -730,17 +730,18 @@ fn offending_text(source: &str, pos: Position) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
 
-/// False only when the name of `on_message`'s second parameter appears
-/// nowhere in the file but in its signature: then nothing can read the
-/// context (`eval` is disabled). Any other mention (a comment, a string,
-/// another function's parameter of the same name) counts as a read.
+/// False when the file has no `on_message` (only checked alert kinds,
+/// which never see the context), or when the name of its second parameter
+/// appears nowhere in the file but in its signature: then nothing can read
+/// the context (`eval` is disabled). Any other mention (a comment, a
+/// string, another function's parameter of the same name) counts as a read.
 fn reads_context(ast: &AST, source: &str) -> bool {
     let Some(name) = ast
         .iter_functions()
         .find(|f| f.name == ENTRY_POINT && f.params.len() == 2)
         .map(|f| f.params[1])
     else {
-        return true;
+        return false;
     };
     let is_ident = |c: char| c.is_alphanumeric() || c == '_';
     let mentions = source
@@ -1399,6 +1400,10 @@ mod tests {
         assert!(reads(
             "fn on_message(msg, ctx) { f(ctx) }\nfn f(c) { log(c.stream) }"
         ));
+        assert!(
+            !reads("const K = alert_kind(#{ name: \"ctx\" });"),
+            "no on_message: only checks, which never see it"
+        );
     }
 
     #[test]
