@@ -823,3 +823,102 @@ fn a_resolve_of_a_firing_withheld_by_a_silence_is_withheld_too() {
         "a resolve of a firing never sent: {c:?}"
     );
 }
+
+/// Checked alert kinds: the engine evaluates them without `on_message`.
+fn checks_rule(fire_at: i64) -> String {
+    format!(
+        r#"const HOT = alert_kind(#{{ name: "Hot", severity: "major", labels: ["host"],
+    summary: "{{{{host}}}} at {{{{value}}}}",
+    check: #{{ field: "t", at_least: {fire_at}, escalate: #{{ critical: 95 }} }} }});
+const GONE = alert_kind(#{{ name: "Gone", severity: "warning", labels: ["host"],
+    check: #{{ field: "t", silent_after: "1s" }} }});
+"#
+    )
+}
+
+#[test]
+fn checked_alert_kinds_fire_escalate_resolve_and_watch_through_redis_and_reload_with_their_file() {
+    let redis = RedisServer::start();
+    let project = Project::new(
+        "http:\n  enabled: false\nalerts:\n  timer_interval: 100ms\nsubscriptions:\n  - name: checks\n    streams: [s]\n",
+        &[
+            ("rules/checks.rhai", &checks_rule(80)),
+            ("plugins/file.yaml", FILE_SINK),
+        ],
+    );
+    let tl = project.start(&redis);
+    let mut con = redis.conn();
+    let notes = |name: &str| -> Vec<String> {
+        project
+            .json_lines("alerts.jsonl")
+            .into_iter()
+            .filter(|a| a["name"] == name)
+            .map(|a| {
+                format!(
+                    "{} {} {}",
+                    a["status"].as_str().unwrap(),
+                    a["severity"].as_str().unwrap(),
+                    a["annotations"]["summary"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let wait_for = |name: &str, want: &[&str]| {
+        assert!(
+            wait_until(Duration::from_secs(15), || notes(name) == want),
+            "{name}: {:?}\n{}",
+            notes(name),
+            tl.stderr()
+        );
+    };
+    xadd(&mut con, "s", &[("host", b"h1"), ("t", b"85")]);
+    wait_for("Hot", &["firing major h1 at 85"]);
+    xadd(&mut con, "s", &[("host", b"h1"), ("t", b"96")]);
+    wait_for(
+        "Hot",
+        &["firing major h1 at 85", "firing critical h1 at 96"],
+    );
+    xadd(&mut con, "s", &[("host", b"h1"), ("t", b"10")]);
+    wait_for(
+        "Hot",
+        &[
+            "firing major h1 at 85",
+            "firing critical h1 at 96",
+            "resolved critical h1 at 96",
+        ],
+    );
+    // No reading for 1 s: the watch fires; a reading resolves it.
+    wait_for("Gone", &["firing warning "]);
+    xadd(&mut con, "s", &[("host", b"h1"), ("t", b"11")]);
+    wait_for("Gone", &["firing warning ", "resolved warning "]);
+
+    // A bad check keeps the last good rules running, and says what is wrong.
+    project.write(
+        "rules/checks.rhai",
+        &checks_rule(80).replace("at_least: 80", "at_least: \"hot\""),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || tl
+            .stderr()
+            .contains("`check.at_least` must be a number")),
+        "{}",
+        tl.stderr()
+    );
+    // The threshold edited down to 5: the next reading of 12 fires.
+    project.write("rules/checks.rhai", &checks_rule(5));
+    assert!(
+        wait_until(Duration::from_secs(10), || tl
+            .stderr()
+            .contains("rules reloaded: changed checks")),
+        "{}",
+        tl.stderr()
+    );
+    xadd(&mut con, "s", &[("host", b"h1"), ("t", b"12")]);
+    assert!(
+        wait_until(Duration::from_secs(15), || notes("Hot").last()
+            == Some(&"firing major h1 at 12".to_string())),
+        "{:?}\n{}",
+        notes("Hot"),
+        tl.stderr()
+    );
+}
