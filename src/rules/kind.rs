@@ -151,6 +151,11 @@ impl AlertKind {
         Ok(AlertKind(Arc::new(d)))
     }
 
+    /// Whether `other` is this same declaration (under another name).
+    pub fn is(&self, other: &AlertKind) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// The check the engine runs for this kind on every message, if any.
     pub fn check(&self) -> Option<&Check> {
         self.0.check.as_ref()

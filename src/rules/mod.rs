@@ -634,11 +634,16 @@ fn compile_rule(
                 .into(),
         ));
     }
-    let checks: Vec<kind::AlertKind> = scope
+    let mut checks: Vec<kind::AlertKind> = Vec::new();
+    for k in scope
         .iter()
         .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
-        .filter(|k| k.check().is_some())
-        .collect();
+    {
+        // `const B = A;` names one kind twice: it is checked once.
+        if k.check().is_some() && !checks.iter().any(|c| c.is(&k)) {
+            checks.push(k);
+        }
+    }
     if checks.len() < declared_checks {
         return Err(error(
             rhai::Position::NONE,
@@ -1236,6 +1241,19 @@ mod tests {
         assert!(
             e.contains("must be declared as a top-level constant"),
             "{e}"
+        );
+        let (_d, set) = set_of(&[(
+            "twice.rhai",
+            r#"const A = alert_kind(#{ name: "A", check: #{ field: "t", above: 1 } }); const B = A;"#,
+        )]);
+        let a = run(&set.unwrap(), "s", r#"{"t": 2}"#)
+            .remove(0)
+            .outcome
+            .unwrap();
+        assert_eq!(
+            a.alerts.len(),
+            1,
+            "one kind under two names is checked once"
         );
         let (_d, set) = set_of(&[("idle.rhai", "const K = alert_kind(#{ name: \"K\" });")]);
         let e = set.err().unwrap().to_string();
