@@ -160,55 +160,7 @@ impl Check {
                 test: Test::Silent { after_ms },
             });
         }
-        let (op, fire) = match comparisons.as_slice() {
-            [(op, fire)] => (op.as_str(), *fire),
-            [] => {
-                return Err(format!(
-                    "{F} needs one of above, at_least, below, at_most (or silent_after)"
-                ));
-            }
-            _ => {
-                let ops: Vec<&str> = comparisons.iter().map(|(op, _)| op.as_str()).collect();
-                return Err(format!(
-                    "{F} takes one threshold, got {}",
-                    ops.join(" and ")
-                ));
-            }
-        };
-        let rising = matches!(op, "above" | "at_least");
-        escalate.sort_by(|a, b| {
-            if rising {
-                b.0.total_cmp(&a.0)
-            } else {
-                a.0.total_cmp(&b.0)
-            }
-        });
-        let t = Threshold {
-            rising,
-            inclusive: matches!(op, "at_least" | "at_most"),
-            fire,
-            clear,
-            escalate,
-            rate,
-        };
-        if let Some(c) = t.clear
-            && ((rising && c > fire) || (!rising && c < fire))
-        {
-            let side = if rising { "above" } else { "below" };
-            return Err(format!(
-                "{F}: clear {c} is {side} the threshold {fire}: it must be on the side that does not fire"
-            ));
-        }
-        if let Some((b, s)) = t.escalate.iter().find(|(b, _)| !t.reaches(*b, fire)) {
-            return Err(format!(
-                "{F}: escalate {} at {b} does not fire ({op} {fire}): an escalation is a more extreme value",
-                s.as_str()
-            ));
-        }
-        Ok(Check {
-            field,
-            test: Test::Threshold(t),
-        })
+        threshold(field, &comparisons, clear, escalate, rate)
     }
 
     /// `input_errors at_least 10000 (critical at 100000)`, for `tripline check`.
@@ -243,6 +195,67 @@ impl Check {
         }
         s
     }
+}
+
+/// The threshold of a `check`: exactly one comparison, a `clear` on the side
+/// that does not fire, escalations on the side that does.
+fn threshold(
+    field: ImmutableString,
+    comparisons: &[(String, f64)],
+    clear: Option<f64>,
+    mut escalate: Vec<(f64, Severity)>,
+    rate: bool,
+) -> Result<Check, String> {
+    const F: &str = "alert_kind(): `check`";
+    let (op, fire) = match comparisons {
+        [(op, fire)] => (op.as_str(), *fire),
+        [] => {
+            return Err(format!(
+                "{F} needs one of above, at_least, below, at_most (or silent_after)"
+            ));
+        }
+        _ => {
+            let ops: Vec<&str> = comparisons.iter().map(|(op, _)| op.as_str()).collect();
+            return Err(format!(
+                "{F} takes one threshold, got {}",
+                ops.join(" and ")
+            ));
+        }
+    };
+    let rising = matches!(op, "above" | "at_least");
+    escalate.sort_by(|a, b| {
+        if rising {
+            b.0.total_cmp(&a.0)
+        } else {
+            a.0.total_cmp(&b.0)
+        }
+    });
+    let t = Threshold {
+        rising,
+        inclusive: matches!(op, "at_least" | "at_most"),
+        fire,
+        clear,
+        escalate,
+        rate,
+    };
+    if let Some(c) = t.clear
+        && ((rising && c > fire) || (!rising && c < fire))
+    {
+        let side = if rising { "above" } else { "below" };
+        return Err(format!(
+            "{F}: clear {c} is {side} the threshold {fire}: it must be on the side that does not fire"
+        ));
+    }
+    if let Some((b, s)) = t.escalate.iter().find(|(b, _)| !t.reaches(*b, fire)) {
+        return Err(format!(
+            "{F}: escalate {} at {b} does not fire ({op} {fire}): an escalation is a more extreme value",
+            s.as_str()
+        ));
+    }
+    Ok(Check {
+        field,
+        test: Test::Threshold(t),
+    })
 }
 
 fn bound(key: &str, v: &Dynamic) -> Result<f64, String> {

@@ -503,6 +503,36 @@ impl RuleSet {
     }
 }
 
+/// The alert kinds with a `check` among a rule's top-level constants, in
+/// declaration order, each once (`const B = A;` names one kind twice).
+/// Fails if the top level declared more (some are inside an array or a
+/// map, where the engine would never see them), or if the rule would do
+/// nothing at all.
+fn checked_kinds(
+    scope: &Scope,
+    declared: usize,
+    has_entry: bool,
+) -> Result<Vec<kind::AlertKind>, String> {
+    let mut checks: Vec<kind::AlertKind> = Vec::new();
+    for k in scope
+        .iter()
+        .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
+    {
+        if k.check().is_some() && !checks.iter().any(|c| c.is(&k)) {
+            checks.push(k);
+        }
+    }
+    if checks.len() < declared {
+        return Err("an alert kind with a `check` must be a top-level constant of its own (`const K = alert_kind(…)`), not inside an array or a map: the engine would never see it to run its check".into());
+    }
+    if !has_entry && checks.is_empty() {
+        return Err(format!(
+            "no `fn {ENTRY_POINT}(msg, ctx)` defined, and no alert kind with a `check`: the rule would never do anything"
+        ));
+    }
+    Ok(checks)
+}
+
 /// `file:line:col: what happened`; a sandbox limit also names the config
 /// key that sets it.
 fn describe_eval_error(rel: &str, e: &EvalAltResult) -> String {
@@ -634,30 +664,8 @@ fn compile_rule(
                 .into(),
         ));
     }
-    let mut checks: Vec<kind::AlertKind> = Vec::new();
-    for k in scope
-        .iter()
-        .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
-    {
-        // `const B = A;` names one kind twice: it is checked once.
-        if k.check().is_some() && !checks.iter().any(|c| c.is(&k)) {
-            checks.push(k);
-        }
-    }
-    if checks.len() < declared_checks {
-        return Err(error(
-            rhai::Position::NONE,
-            "an alert kind with a `check` must be a top-level constant of its own (`const K = alert_kind(…)`), not inside an array or a map: the engine would never see it to run its check".into(),
-        ));
-    }
-    if !has_entry && checks.is_empty() {
-        return Err(error(
-            rhai::Position::NONE,
-            format!(
-                "no `fn {ENTRY_POINT}(msg, ctx)` defined, and no alert kind with a `check`: the rule would never do anything"
-            ),
-        ));
-    }
+    let checks = checked_kinds(&scope, declared_checks, has_entry)
+        .map_err(|e| error(rhai::Position::NONE, e))?;
     let topics = match scope.get(TOPICS_CONST) {
         None => None,
         Some(v) => {
