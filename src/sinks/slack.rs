@@ -30,9 +30,13 @@ pub struct SlackSink {
     poster: Poster,
 }
 
-/// Slack's mrkdwn treats `&`, `<` and `>` as markup.
+/// Slack's mrkdwn treats `&`, `<` and `>` as markup; and one alert is one
+/// line of the message, so a newline in a label (or ESC, or a bidirectional
+/// override) is shown escaped, as in the logs ([`crate::escape`]), instead
+/// of forging another alert's line.
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
+    crate::escape::escape(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
 }
@@ -89,6 +93,32 @@ mod tests {
         assert_eq!(
             line(&a),
             ":large_green_circle: *RESOLVED* [major] *A&lt;B&gt;* A&lt;B&gt; (h=x&amp;y)"
+        );
+    }
+
+    #[test]
+    fn a_hostile_label_cannot_forge_another_line_of_the_message() {
+        let a = Alert {
+            fingerprint: "f".into(),
+            rule: "r".into(),
+            name: "N".into(),
+            severity: crate::alert::Severity::Major,
+            status: Status::Firing,
+            labels: [(
+                "host".to_string(),
+                "r1\n:red_circle: *FIRING* [critical] *Fake*\u{1b}[2J\u{202e}".to_string(),
+            )]
+            .into(),
+            annotations: Default::default(),
+            starts_at: String::new(),
+            ends_at: None,
+            origin: Default::default(),
+        };
+        let text = text(&[a]);
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.contains(r"r1\n:red_circle:") && text.contains(r"\x1b[2J\u{202e}"),
+            "{text}"
         );
     }
 }
