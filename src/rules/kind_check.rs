@@ -163,7 +163,7 @@ impl Check {
         threshold(field, &comparisons, clear, escalate, rate)
     }
 
-    /// `input_errors at_least 10000 (critical at 100000)`, for `tripline check`.
+    /// `input_errors at_least 10000, critical at 100000`, for `tripline check`.
     pub fn describe(&self) -> String {
         let t = match &self.test {
             Test::Silent { after_ms } => {

@@ -34,10 +34,9 @@ struct Stored {
 }
 
 /// What the gauge counts an entry by, borrowed from its JSON: the gauge
-/// reads the whole state every few seconds, and decoding every label and
-/// annotation of every alert (and of every deadman watch, only to drop it)
-/// took the CPU away from judging in bursts, which showed as a p99 latency
-/// three times the budget (docs/performance.md).
+/// counts every alert every few seconds, and decoding every label and
+/// annotation of each (and every deadman watch, only to drop it) was a
+/// burst of CPU taken from judging each time.
 #[derive(Debug, Deserialize)]
 struct Counted<'a> {
     #[serde(borrow)]
