@@ -286,9 +286,14 @@ impl AlertBook {
         self.with_part(tag, |p| p.reading = None);
     }
 
-    /// Someone else wrote `tag`, or a commit's outcome is unknown.
+    /// Someone else wrote `tag`, a commit's outcome is unknown, or the
+    /// cache was changed without a commit: a full read under way can no
+    /// longer be explained by this instance's commits either.
     pub fn unsync(&self, tag: &str) {
-        self.with_part(tag, |p| p.synced = None);
+        self.with_part(tag, |p| {
+            p.synced = None;
+            p.reading = None;
+        });
     }
 
     /// True when a deadman assertion on `fp` at `now` would only confirm a
@@ -777,6 +782,19 @@ mod tests {
         };
         book.committed("s", None, 8..=8, &[check]);
         drop(book.load_partition("s", Snapshot::default(), 8, 9));
+        assert_eq!(book.synced("s"), None);
+    }
+
+    #[test]
+    fn a_cache_changed_without_a_commit_during_a_full_read_stays_unsynced() {
+        let book = Runtime::new().alert_book(policy());
+        let watch = |now| act(ActionKind::Deadman { after_ms: 10 * MIN }, now);
+        book.begin_read("s");
+        let d = book.decide("s", &[watch(0)], true);
+        book.committed("s", None, 7..=8, &d.writes);
+        // forget_here: the cache drops what Redis still holds.
+        book.unsync("s");
+        drop(book.load_partition("s", Snapshot::default(), 7, 8));
         assert_eq!(book.synced("s"), None);
     }
 

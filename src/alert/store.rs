@@ -259,15 +259,21 @@ impl Store {
     /// partition's gate before and again after: equal, or moved by this
     /// instance's own commits alone, and the cache is known to equal Redis
     /// from then on (see `alert::book`). A partition already known to equal
-    /// Redis at the generation Redis still holds is not read again.
-    pub async fn load(&self, conn: &mut LazyConn, streams: &[String]) -> Result<(), RedisError> {
+    /// Redis at the generation Redis still holds is not read again, unless
+    /// `every_partition`.
+    pub async fn load(
+        &self,
+        conn: &mut LazyConn,
+        streams: &[String],
+        every_partition: bool,
+    ) -> Result<(), RedisError> {
         let book = &self.book;
         for (tag, stream) in partitions(streams) {
             let gate = book.gate(&tag);
             let before = {
                 let _decided = gate.lock().await;
                 let before = read_gen(conn.get().await?, &stream).await?;
-                if book.synced(&tag) == Some(before) {
+                if !every_partition && book.synced(&tag) == Some(before) {
                     continue;
                 }
                 book.begin_read(&tag);

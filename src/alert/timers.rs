@@ -17,6 +17,12 @@ use crate::redis_conn::{LazyConn, RedisTarget, note_error};
 /// by other (possibly dead) instances are covered by this one's timers.
 const FULL_REFRESH: Duration = Duration::from_secs(15);
 
+/// Every this many full reads (5 minutes), even a partition the cache is
+/// known to equal is read: a failover that lost a write of ours and let
+/// another instance write the same generation would otherwise leave the
+/// cache wrong for good.
+const EVERY_PARTITION_EVERY: u32 = 20;
+
 /// Runs the timers of the partitions of `streams` every `every` until
 /// `shutdown`. `housekeeping` is called with the time after each full read
 /// (every 15 s), for work outside alert state that suits that slow pace
@@ -33,6 +39,7 @@ pub async fn run(
     // Its own connection: the full read is the largest reply tripline asks for.
     let mut conn = LazyConn::own(target, Duration::from_secs(5));
     let mut last_refresh: Option<Instant> = None;
+    let mut refreshes: u32 = 0;
     // The first full read happens at once: until it, every commit checks a
     // version per alert (see `alert::book`).
     let mut first = true;
@@ -45,8 +52,12 @@ pub async fn run(
         }
         first = false;
         if last_refresh.is_none_or(|t| t.elapsed() >= FULL_REFRESH) {
-            match store.load(&mut conn, &streams).await {
-                Ok(()) => last_refresh = Some(Instant::now()),
+            let every_partition = refreshes.is_multiple_of(EVERY_PARTITION_EVERY);
+            match store.load(&mut conn, &streams, every_partition).await {
+                Ok(()) => {
+                    last_refresh = Some(Instant::now());
+                    refreshes = refreshes.wrapping_add(1);
+                }
                 Err(e) => {
                     note_error("reading alert state", &e);
                     conn.reset();

@@ -156,6 +156,12 @@ impl AlertKind {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
+    /// Whether `other` raises the same alerts: same name (or both the
+    /// rule's) and the same label fields, so the same identities.
+    pub fn same_alerts(&self, other: &AlertKind) -> bool {
+        self.0.name == other.0.name && self.0.labels == other.0.labels
+    }
+
     /// The check the engine runs for this kind on every message, if any.
     pub fn check(&self) -> Option<&Check> {
         self.0.check.as_ref()
@@ -337,7 +343,10 @@ impl AlertKind {
             // One series per alert: the fingerprint names the rule, the
             // kind and the label values.
             let key = format!("{fp:016x}");
-            let per_second = running(|rule, now| state.rate(rule, &key, value, now));
+            let Some(per_second) = running(|rule, now| state.known_rate(rule, &key, value, now))
+            else {
+                return Ok(());
+            };
             // To the hundredth: a rate is an estimate, and the summary
             // should not print 17 digits of it.
             let per_second = (per_second * 100.0).round() / 100.0;

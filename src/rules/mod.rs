@@ -509,6 +509,7 @@ impl RuleSet {
 /// map, where the engine would never see them), or if the rule would do
 /// nothing at all.
 fn checked_kinds(
+    rule: &str,
     scope: &Scope,
     declared: usize,
     has_entry: bool,
@@ -518,9 +519,17 @@ fn checked_kinds(
         .iter()
         .filter_map(|(_, _, v)| v.try_cast::<kind::AlertKind>())
     {
-        if k.check().is_some() && !checks.iter().any(|c| c.is(&k)) {
-            checks.push(k);
+        if k.check().is_none() || checks.iter().any(|c| c.is(&k)) {
+            continue;
         }
+        if let Some(twin) = checks.iter().find(|c| c.same_alerts(&k)) {
+            return Err(format!(
+                "checked alert kinds {} and {} raise the same alerts (same name, same label fields): one check would resolve what the other fires; give each its own `name`",
+                twin.describe(rule),
+                k.describe(rule)
+            ));
+        }
+        checks.push(k);
     }
     if checks.len() < declared {
         return Err("an alert kind with a `check` must be a top-level constant of its own (`const K = alert_kind(…)`), not inside an array or a map: the engine would never see it to run its check".into());
@@ -664,7 +673,8 @@ fn compile_rule(
                 .into(),
         ));
     }
-    let checks = checked_kinds(&scope, declared_checks, has_entry)
+    let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
+    let checks = checked_kinds(&name, &scope, declared_checks, has_entry)
         .map_err(|e| error(rhai::Position::NONE, e))?;
     let topics = match scope.get(TOPICS_CONST) {
         None => None,
@@ -694,7 +704,6 @@ fn compile_rule(
         None => None,
         Some(v) => Some(when::When::parse(v).map_err(|e| error(rhai::Position::NONE, e))?),
     };
-    let name = rel.strip_suffix(".rhai").unwrap_or(rel).to_string();
     let constants_only = scope.iter_raw().all(|(_, constant, _)| constant);
     let reads_context = reads_context(&ast, source);
     Ok(Rule {
@@ -1143,7 +1152,10 @@ mod tests {
                 .unwrap()
         };
         let first = at(0, 1_000);
-        assert!(first.alerts.is_empty(), "no rate from one sample");
+        assert!(
+            first.alerts.is_empty() && first.resolves.is_empty(),
+            "one sample tells no rate: neither fire nor resolve"
+        );
         let fast = at(100, 4_000);
         assert_eq!(
             fast.alerts[0].value.as_deref(),
@@ -1154,6 +1166,11 @@ mod tests {
         assert!(
             held.alerts.is_empty() && held.resolves.is_empty(),
             "5/s: inside the band"
+        );
+        let redelivered = at(115, 7_000);
+        assert!(
+            redelivered.alerts.is_empty() && redelivered.resolves.is_empty(),
+            "the same moment again tells no rate"
         );
         assert_eq!(at(118, 10_000).resolves.len(), 1, "1/s: below the band");
         let reset = at(5, 13_000);
@@ -1224,6 +1241,19 @@ mod tests {
         let names: Vec<_> = a.alerts.iter().map(|a| a.name.clone().unwrap()).collect();
         assert_eq!(names, ["Hot", "Manual"]);
         assert_eq!(a.logs[0].1, "t=90");
+    }
+
+    /// Two checked kinds without names: both the rule's alert.
+    const SAME_ALERTS: &str = "const HIGH = alert_kind(#{ labels: [\"host\"], check: #{ field: \"t\", above: 80 } });\nconst LOW = alert_kind(#{ labels: [\"host\"], check: #{ field: \"t\", below: -10 } });";
+
+    #[test]
+    fn two_checked_kinds_raising_the_same_alerts_fail_the_load() {
+        let (_d, set) = set_of(&[("same.rhai", SAME_ALERTS)]);
+        let e = set.err().unwrap().to_string();
+        assert!(
+            e.contains("same.rhai: checked alert kinds same (warning; host; checks t above 80) and same (warning; host; checks t below -10) raise the same alerts"),
+            "{e}"
+        );
     }
 
     #[test]

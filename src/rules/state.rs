@@ -116,6 +116,18 @@ impl RuleState {
         Some((increase, (at_ms - prev.at_ms) as f64 / 1000.0))
     }
 
+    /// Per-second rate, or `None` when the sample tells none: the first of
+    /// its series (after a restart, or once another instance took the
+    /// series over), one older than the last, or one at the same moment (a
+    /// redelivered entry). A rate check must not act on these: taken as 0,
+    /// they resolved a firing rate alert after every restart, and fired a
+    /// falling one.
+    pub fn known_rate(&self, rule: &str, key: &str, value: f64, at_ms: u64) -> Option<f64> {
+        self.advance(rule, key, value, at_ms)
+            .filter(|(_, secs)| *secs > 0.0)
+            .map(|(inc, secs)| inc / secs.max(MIN_RATE_WINDOW_S))
+    }
+
     /// Per-second rate; 0.0 on the first sample and for out-of-order samples.
     pub fn rate(&self, rule: &str, key: &str, value: f64, at_ms: u64) -> f64 {
         self.advance(rule, key, value, at_ms)
