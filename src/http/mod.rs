@@ -40,6 +40,27 @@ pub use server::{ConnectionLimits, serve};
 use silences::SilenceApi;
 
 use crate::metrics::Metrics;
+use crate::redis_conn::{RedisConn, RedisTarget};
+
+/// Runs `f` on `target`'s shared connection
+/// ([`RedisTarget::with_shared`]) for a request: a Redis that does not
+/// answer within 2 s is a 503 naming the error, in the JSON shape every
+/// endpoint answers errors in.
+pub async fn with_redis<T>(
+    target: &RedisTarget,
+    f: impl AsyncFnOnce(&mut RedisConn) -> redis::RedisResult<T>,
+) -> Result<T, Response> {
+    target
+        .with_shared(std::time::Duration::from_secs(2), f)
+        .await
+        .map_err(|e| {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({ "error": format!("Redis unavailable: {e}") })),
+            )
+                .into_response()
+        })
+}
 
 /// Shared state of the handlers.
 #[derive(Clone)]

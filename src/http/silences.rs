@@ -10,7 +10,6 @@
 //! - `DELETE /api/silences/{id}` → 200, or 404 when there is no such silence
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -61,24 +60,13 @@ impl SilenceApi {
             .with_state(self)
     }
 
-    /// Runs `f` on the shared connection ([`RedisTarget::with_shared`]).
+    /// Runs `f` on the shared connection ([`super::with_redis`]).
     async fn redis<T>(
         &self,
         f: impl AsyncFnOnce(&mut RedisConn) -> redis::RedisResult<T>,
     ) -> Result<T, Response> {
-        self.target
-            .with_shared(Duration::from_secs(2), f)
-            .await
-            .map_err(|e| unavailable(&e))
+        super::with_redis(&self.target, f).await
     }
-}
-
-fn unavailable(e: &redis::RedisError) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        Json(json!({ "error": format!("Redis unavailable: {e}") })),
-    )
-        .into_response()
 }
 
 fn bad_request(message: String) -> Response {

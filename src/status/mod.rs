@@ -102,20 +102,12 @@ impl StatusApi {
     }
 
     /// Runs `f` on the instance's shared connection
-    /// ([`RedisTarget::with_shared`]).
+    /// ([`crate::http::with_redis`]).
     async fn redis<T>(
         &self,
         f: impl AsyncFnOnce(&mut RedisConn) -> redis::RedisResult<T>,
     ) -> Result<T, Response> {
-        self.target
-            .with_shared(Duration::from_secs(2), f)
-            .await
-            .map_err(|e| {
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("Redis unavailable: {e}"),
-                )
-            })
+        crate::http::with_redis(&self.target, f).await
     }
 
     /// Every pending and firing alert matching `filter`, with the silences
