@@ -196,6 +196,53 @@ fn hostile_hostname_forges_no_log_line_and_no_console_alert() {
 }
 
 #[test]
+fn a_hostile_value_in_a_checked_field_is_warned_about_escaped_on_one_line() {
+    let redis = RedisServer::start();
+    let project = Project::new(
+        &config(HOSTILE_SUBS),
+        &[(
+            "rules/checked.rhai",
+            r#"const HOT = alert_kind(#{ name: "Hot", labels: ["hostname"], check: #{ field: "t", above: 1 } });"#,
+        )],
+    );
+    let tl = project.start(&redis);
+    let hostile = hostile_hostname();
+    let mut con = redis.conn();
+    xadd(
+        &mut con,
+        "s",
+        &[("hostname", b"r1"), ("t", hostile.as_bytes())],
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || tl
+            .stderr()
+            .contains("reading without a numeric t: r1")),
+        "{}",
+        tl.stderr()
+    );
+    let stderr = tl.stderr();
+    assert_no_raw_controls("the text log", &stderr);
+    let warning: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("reading without a numeric t"))
+        .collect();
+    assert_eq!(warning.len(), 1, "{stderr}");
+    assert!(
+        warning[0].contains(&format!(
+            "reading without a numeric t: {}",
+            &ESCAPED_START[..60]
+        )),
+        "{}",
+        warning[0]
+    );
+    assert!(
+        warning[0].len() < 600 && !warning[0].contains("AAAA"),
+        "the value is cut: {}",
+        warning[0]
+    );
+}
+
+#[test]
 fn hostile_hostname_stays_on_one_line_in_replay() {
     let project = Project::new(
         &config(HOSTILE_SUBS),
