@@ -70,7 +70,7 @@ pub async fn run_worker(
                 }
             }
             Err(e) => {
-                note_error(&format!("subscription {}", worker.sub.name), &e);
+                note_error(&format!("subscription {}", worker.judge.sub.name), &e);
                 worker.reader.reset();
                 worker.write.reset();
                 worker.groups_ready = false;
@@ -81,28 +81,23 @@ pub async fn run_worker(
         }
     }
     if let Err(e) = worker.finish().await {
-        note_error(&format!("subscription {}", worker.sub.name), &e);
+        note_error(&format!("subscription {}", worker.judge.sub.name), &e);
     }
     tracing::debug!(
-        subscription = %worker.sub.name,
+        subscription = %worker.judge.sub.name,
         consumer = worker.reader.member().consumer,
         "worker stopped"
     );
 }
 
-/// One worker of a subscription: its reader, and what it commits with.
+/// One worker of a subscription: its reader, and what it judges and
+/// commits with.
 struct Worker {
-    /// The rules, the alert book and the outbox every worker commits to.
-    shared: Arc<Shared>,
-    /// The subscription, narrowed to the streams this worker reads.
-    sub: Arc<Subscription>,
+    judge: Judge,
     /// Our consumer of the subscription's group on those streams.
     reader: GroupReader,
     /// For the commits, which must not wait behind a blocking read.
     write: LazyConn,
-    /// What judging an entry has cost this worker lately: whether a batch
-    /// is judged in place or on the blocking pool.
-    cost: JudgeCost,
     /// Groups are (re)created after every (re)connect: a Redis that restarted
     /// without persistence has lost them.
     groups_ready: bool,
@@ -119,18 +114,17 @@ impl Worker {
                 sub.block,
             ),
             write: LazyConn::new(shared.target.clone()),
-            cost: JudgeCost::default(),
             groups_ready: false,
-            shared,
-            sub,
+            judge: Judge::new(shared, sub),
         }
     }
 
     async fn step(&mut self) -> Result<(), RedisError> {
         if !self.groups_ready {
             let conn = self.write.get().await?;
-            for stream in &self.sub.streams {
-                ensure_group(conn, stream, self.sub.group(), &self.sub.start_id).await?;
+            let sub = &self.judge.sub;
+            for stream in &sub.streams {
+                ensure_group(conn, stream, sub.group(), &sub.start_id).await?;
             }
             self.groups_ready = true;
             redis_conn::check_health_now();
@@ -144,32 +138,19 @@ impl Worker {
             && read
                 .batches
                 .iter()
-                .any(|(_, entries)| entries.len() >= self.sub.batch_size);
+                .any(|(_, entries)| entries.len() >= self.judge.sub.batch_size);
         let batches = self
             .reader
             .member()
             .deliveries(&mut self.write, read)
             .await?;
         if !backlog {
-            let left = settle_all(
-                &self.shared,
-                &self.sub,
-                batches,
-                &mut self.write,
-                &self.cost,
-            )
-            .await?;
+            let left = self.judge.settle_all(batches, &mut self.write).await?;
             left.into_iter().for_each(|s| self.reader.redrain(s));
             return Ok(());
         }
         let (settled, ahead) = tokio::join!(
-            settle_all(
-                &self.shared,
-                &self.sub,
-                batches,
-                &mut self.write,
-                &self.cost
-            ),
+            self.judge.settle_all(batches, &mut self.write),
             self.reader.read_ahead()
         );
         let left = settled?;
@@ -191,14 +172,7 @@ impl Worker {
             .member()
             .deliveries(&mut self.write, read)
             .await?;
-        settle_all(
-            &self.shared,
-            &self.sub,
-            batches,
-            &mut self.write,
-            &self.cost,
-        )
-        .await?;
+        self.judge.settle_all(batches, &mut self.write).await?;
         Ok(())
     }
 }
@@ -250,35 +224,54 @@ impl Default for JudgeCost {
     }
 }
 
-/// Judges and commits batches given with their delivery counts. Returns the
-/// streams whose batch was left pending after too many state conflicts: read
-/// again from our own pending list at once, not after `claim_min_idle`.
-async fn settle_all(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
-    batches: Vec<(String, Vec<Delivered>)>,
-    write: &mut LazyConn,
-    cost: &JudgeCost,
-) -> Result<Vec<String>, RedisError> {
-    let mut left = Vec::new();
-    for (stream, delivered) in batches {
-        if !settle(shared, sub, &stream, delivered, write, cost).await? {
-            left.push(stream);
+/// What one task that judges a subscription's batches (a worker, or the
+/// claimer) judges and commits them with.
+struct Judge {
+    /// The rules, the alert book and the outbox every task commits to.
+    shared: Arc<Shared>,
+    /// The subscription, narrowed to the streams this task reads.
+    sub: Arc<Subscription>,
+    /// What judging an entry has cost this task lately: whether a batch is
+    /// judged in place or on the blocking pool.
+    cost: JudgeCost,
+}
+
+impl Judge {
+    fn new(shared: Arc<Shared>, sub: Arc<Subscription>) -> Judge {
+        Judge {
+            shared,
+            sub,
+            cost: JudgeCost::default(),
         }
     }
-    Ok(left)
+
+    /// Judges and commits batches given with their delivery counts. Returns
+    /// the streams whose batch was left pending after too many state
+    /// conflicts: read again from our own pending list at once, not after
+    /// `claim_min_idle`.
+    async fn settle_all(
+        &self,
+        batches: Vec<(String, Vec<Delivered>)>,
+        write: &mut LazyConn,
+    ) -> Result<Vec<String>, RedisError> {
+        let mut left = Vec::new();
+        for (stream, delivered) in batches {
+            if !settle(self, &stream, delivered, write).await? {
+                left.push(stream);
+            }
+        }
+        Ok(left)
+    }
 }
 
 /// Judges a batch of one stream and commits its outcome; false when it was
 /// left pending because the alert state kept changing under it (see
 /// [`Store::settle`]).
 async fn settle(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
+    Judge { shared, sub, cost }: &Judge,
     stream: &str,
     batch: Vec<Delivered>,
     write: &mut LazyConn,
-    cost: &JudgeCost,
 ) -> Result<bool, RedisError> {
     // Held until the batch is committed or rolled back: a reload that
     // removes a rule waits for every batch judged with the old set to let go
@@ -448,13 +441,14 @@ pub async fn run_claimer(
 ) {
     let member = member_of(&sub, consumer);
     let mut write = LazyConn::new(shared.target.clone());
+    let judge = Judge::new(shared, sub);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(sub.claim_interval) => {}
+            _ = tokio::time::sleep(judge.sub.claim_interval) => {}
             _ = shutdown.cancelled() => break,
         }
-        for stream in &sub.streams {
-            if let Err(e) = claim_stream(&shared, &sub, &member, stream, &mut write).await {
+        for stream in &judge.sub.streams {
+            if let Err(e) = claim_stream(&judge, &member, stream, &mut write).await {
                 note_error(&format!("claiming on {stream}"), &e);
                 write.reset();
             }
@@ -466,12 +460,12 @@ pub async fn run_claimer(
 }
 
 async fn claim_stream(
-    shared: &Arc<Shared>,
-    sub: &Arc<Subscription>,
+    judge: &Judge,
     member: &Member,
     stream: &str,
     write: &mut LazyConn,
 ) -> Result<(), RedisError> {
+    let sub = &judge.sub;
     let min_idle = sub.claim_min_idle.as_millis() as u64;
     while let Some(claimed) = member
         .claim_idle(write, stream, min_idle, sub.batch_size)
@@ -484,15 +478,7 @@ async fn claim_stream(
             from = %claimed.from,
             "claimed entries idle longer than claim_min_idle"
         );
-        settle(
-            shared,
-            sub,
-            stream,
-            claimed.entries,
-            write,
-            &JudgeCost::default(),
-        )
-        .await?;
+        settle(judge, stream, claimed.entries, write).await?;
         if !claimed.full {
             break;
         }
